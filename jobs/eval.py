@@ -1,0 +1,58 @@
+"""Evaluate merges of fine-tuned models on Ray.
+
+    python jobs/eval.py                       # the default experiments on the embedded zoo (local Ray)
+    python jobs/eval.py --config FILE.yaml    # your experiment
+    python jobs/eval.py --config F --set methods.dawin.k=5 --force
+
+Works embedded (no cluster: Ray starts in-process) and under ``ray job submit`` (joins the job's cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from raymerge import config, pipeline, report
+
+DEFAULT_EXPERIMENTS = ["robust.yaml"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", help="experiment YAML (repeatable); default: the packaged experiments")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. methods.dawin.k=5")
+    parser.add_argument("--force", action="store_true", help="recompute rows already in the results store")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray in-process)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored when joining a cluster)")
+    parser.add_argument("--cache-dir", type=Path, help="logit cache and embedded zoo location (default: $RAYMERGE_CACHE)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if args.cache_dir:
+        os.environ["RAYMERGE_CACHE"] = str(args.cache_dir)
+    files = args.config or [str(Path(config.__file__).parent / "experiments" / f) for f in DEFAULT_EXPERIMENTS]
+    try:
+        # every experiment is validated before Ray starts, so a typo in the second file wastes no work on the first
+        experiments = [config.load(f, args.set) for f in files]
+        if args.num_cpus and not args.address:
+            pipeline.connect(None, args.num_cpus)
+        stores = [pipeline.run_experiment(exp, args.force, args.cache_dir, args.address) for exp in experiments]
+    except pipeline.INPUT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for exp, store in zip(experiments, stores):
+        rows = [r for r in store.rows() if r["experiment"] == exp.name]
+        print(f"\n== {exp.name} ({exp.setting}) — accuracy %, results in {exp.output_dir}\n")
+        print(report.format_table(rows))
+        print(f"\nreport: {report.write_report(exp.output_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

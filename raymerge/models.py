@@ -1,0 +1,252 @@
+"""open_clip image encoders, linear task heads, and safe checkpoint I/O.
+
+A *model* in raymerge is an open_clip image encoder (a ``VisionTransformer``, say) whose weights come from a
+state dict file, followed by a fixed linear head per task. Merges touch encoder weights only; heads stay fixed,
+as with CLIP's zero-shot text heads (task vectors, CART and DaWin all merge the encoder and keep each task's head).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from raymerge.statedict import StateDict, StateDictError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+# Prefixes under which an image encoder's weights appear in common checkpoints: a whole open_clip CLIP
+# (``visual.``) and the task_vectors / CART ``ImageEncoder`` wrapper (``model.visual.``).
+ENCODER_PREFIXES = ("model.visual.", "visual.")
+
+# OpenAI CLIP's normalization, which open_clip ViTs (and our tiny one) are trained with.
+DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
+DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read, or does not fit the architecture; the message names the file."""
+
+
+class ModelError(ValueError):
+    """An unknown model name or an inconsistent model/head pair."""
+
+
+def model_names() -> list[str]:
+    """Names accepted by :func:`build_encoder`: open_clip's registry plus raymerge's own configs."""
+    return open_clip.list_models()
+
+
+def encoder_config(model_name: str) -> dict:
+    """The open_clip config of ``model_name``; :class:`ModelError` listing close names if it is unknown."""
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        known = model_names()
+        close = [n for n in known if model_name.lower()[:5] in n.lower()][:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise ModelError(f"unknown model name {model_name!r} (not an open_clip config{hint})")
+    return cfg
+
+
+def build_encoder(model_name: str) -> nn.Module:
+    """Build the image tower of open_clip model ``model_name`` with random weights, in eval mode.
+
+    Only the vision tower is built (no text tower), since merges and evaluation need image features only.
+    """
+    cfg = encoder_config(model_name)
+    encoder = open_clip.model._build_vision_tower(
+        cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False)
+    )
+    return encoder.eval()
+
+
+def image_size(model_name: str) -> int:
+    """Square input side in pixels expected by ``model_name``."""
+    size = encoder_config(model_name)["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def embed_dim(model_name: str) -> int:
+    """Dimension of the image features ``model_name`` outputs."""
+    return int(encoder_config(model_name)["embed_dim"])
+
+
+def _strip_prefix(sd: StateDict) -> StateDict:
+    for prefix in ENCODER_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def load_state_dict_file(path: str | Path) -> StateDict:
+    """Read a state dict from ``.safetensors`` or, with ``weights_only=True``, a torch file.
+
+    Pickled modules (e.g. task_vectors' ``torch.save(image_encoder)``) are refused rather than unpickled:
+    convert them once with ``raymerge convert`` in a trusted environment.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any parse failure (truncated, not safetensors, unsafe pickle) is a bad file
+        raise CheckpointError(f"checkpoint {path} cannot be read safely: {type(err).__name__}: {err}") from err
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors (got {type(sd).__name__})")
+    if not sd:
+        raise CheckpointError(f"checkpoint {path} holds no tensors")
+    return _strip_prefix(dict(sd))
+
+
+def save_state_dict_file(sd: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``sd`` as safetensors through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def check_architecture(reference: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` unless ``sd`` has exactly ``reference``'s keys and shapes."""
+    for key, tensor in reference.items():
+        if key not in sd:
+            raise CheckpointError(f"{source} is missing key {key!r}: it is not a checkpoint of this architecture")
+        if tuple(sd[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: key {key!r} has shape {tuple(sd[key].shape)}, the architecture expects "
+                f"{tuple(tensor.shape)}: it is not a checkpoint of this architecture"
+            )
+    extra = [k for k in sd if k not in reference]
+    if extra:
+        raise CheckpointError(f"{source} has key {extra[0]!r} that the architecture does not have")
+
+
+def load_encoder_weights(model_name: str, path: str | Path) -> StateDict:
+    """Load the encoder state dict at ``path`` and check it against ``model_name``'s architecture."""
+    reference = build_encoder(model_name).state_dict()
+    sd = load_state_dict_file(path)
+    check_architecture(reference, sd, f"checkpoint {path} (model {model_name})")
+    return sd
+
+
+@dataclass(frozen=True)
+class Head:
+    """A fixed linear classifier over image features.
+
+    ``weight`` is (C, D), ``bias`` (C,) or None. With ``normalize`` the features are L2-normalized first,
+    as CLIP zero-shot heads (text embeddings times the logit scale) expect.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    class_names: tuple[str, ...]
+    normalize: bool = True
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weight.shape[0])
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) features → (N, C) logits."""
+        if self.normalize:
+            features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return nn.functional.linear(features, self.weight, self.bias)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"weight": self.weight.numpy()}
+        if self.bias is not None:
+            arrays["bias"] = self.bias.numpy()
+        return arrays
+
+
+def save_head(head: Head, path: str | Path) -> None:
+    """Write a head as safetensors; class names and the normalize flag go in the metadata."""
+    tensors = {"weight": head.weight}
+    if head.bias is not None:
+        tensors["bias"] = head.bias
+    meta = {"class_names": json.dumps(list(head.class_names)), "normalize": json.dumps(head.normalize)}
+    save_state_dict_file(tensors, path, metadata=meta)
+
+
+def load_head(path: str | Path) -> Head:
+    """Read a head written by :func:`save_head` (or any safetensors file with a (C, D) ``weight``)."""
+    path = Path(path)
+    sd = load_state_dict_file(path)
+    if "weight" not in sd or sd["weight"].ndim != 2:
+        raise CheckpointError(f"head {path} needs a 2-D 'weight' tensor of shape (classes, features)")
+    meta = {}
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    num_classes = sd["weight"].shape[0]
+    names = tuple(json.loads(meta["class_names"])) if "class_names" in meta else tuple(str(i) for i in range(num_classes))
+    if len(names) != num_classes:
+        raise CheckpointError(f"head {path} lists {len(names)} class names for {num_classes} rows of 'weight'")
+    normalize = json.loads(meta.get("normalize", "true"))
+    bias = sd.get("bias")
+    return Head(sd["weight"].float(), None if bias is None else bias.float(), names, bool(normalize))
+
+
+def check_head(head: Head, model_name: str, source: str) -> None:
+    """The head's feature dimension must match the encoder's output."""
+    dim = embed_dim(model_name)
+    if head.weight.shape[1] != dim:
+        raise ModelError(f"head {source} expects {head.weight.shape[1]}-d features but {model_name} outputs {dim}-d")
+
+
+def preprocess(images: np.ndarray, size: int, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> torch.Tensor:
+    """uint8 images (N, H, W) or (N, H, W, C) → float32 (N, 3, size, size), resized and normalized.
+
+    Grayscale is repeated to three channels; resizing is bilinear (antialiased) only when H, W != size.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    x = x.permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (size, size):
+        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x - mean_t) / std_t).contiguous()
+
+
+@torch.no_grad()
+def load_weights_in_place(module: nn.Module, arrays: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+    """Copy ``arrays`` into ``module``'s existing parameters and buffers (no new modules, no reallocation)."""
+    params = dict(module.state_dict(keep_vars=True))
+    for key, value in arrays.items():
+        target = params[key]
+        src = torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+        target.copy_(src)
+
+
+@torch.no_grad()
+def predict_logits(encoder: nn.Module, head: Head, images: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Preprocessed images (N, 3, S, S) → float32 logits (N, C), in batches of ``batch_size``.
+
+    Batches start at multiples of ``batch_size`` so that any caller using the same batch grid (a shard aligned
+    to it, say) computes bit-identical logits.
+    """
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        out.append(head.logits(encoder(images[start : start + batch_size])))
+    if not out:
+        return np.zeros((0, head.num_classes), dtype=np.float32)
+    return torch.cat(out).float().numpy()

@@ -1,0 +1,296 @@
+"""The driver: loads and checks an experiment, plans evaluations, runs them on the worker pool, writes results.
+
+Phases (each logged with its time):
+1. load: checkpoints, heads and datasets are read and checked against each other before any model runs;
+2. start: Ray actors are started and each receives its shard of every dataset and every head;
+3. methods: each method turns the pool into *candidates* (a weight set plus the tasks it is judged on, or, for
+   output-space methods, logits of other candidates); weights are put in the object store once and every
+   actor evaluates its shard;
+4. write: one row per (candidate, task, split) in the results store, per-sample outputs beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from raymerge import models
+from raymerge.config import ConfigError, Experiment
+from raymerge.data import DatasetError, ImageDataset, load_dataset
+from raymerge.results import ResultStore, row_key
+from raymerge.statedict import StateDict, StateDictError, check_compatible, state_dict_hash, to_numpy
+from raymerge.workers import Resources, WorkerPool
+
+log = logging.getLogger("raymerge")
+
+ID_SPLIT = "test"
+
+
+@dataclass
+class Candidate:
+    """One thing to evaluate: a weight set, built lazily by ``build`` (so resumed runs skip the merge itself),
+    judged on ``tasks`` (None: every task of the experiment)."""
+
+    method: str
+    params: dict[str, Any]
+    build: Callable[[], StateDict]
+    tasks: list[str] | None = None
+    merges: int = 1
+
+
+@dataclass
+class LoadedTask:
+    name: str
+    head: models.Head
+    head_hash: str
+    sets: dict[str, ImageDataset]  # split or shift name -> dataset; "validation" included when given
+    finetuned: str | None
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Log the start and the wall time of a phase of the job."""
+    log.info("phase %s: start", name)
+    start = time.perf_counter()
+    yield
+    log.info("phase %s: done in %.1f s", name, time.perf_counter() - start)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RAYMERGE_CACHE", Path.home() / ".cache" / "raymerge"))
+
+
+class LogitCache:
+    """Per-sample logits on disk, keyed by (architecture, weights hash, head hash, dataset hash, batch size)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, *parts: str) -> Path:
+        import hashlib
+
+        return self.root / (hashlib.sha256("|".join(parts).encode()).hexdigest()[:32] + ".npy")
+
+    def get(self, *parts: str) -> np.ndarray | None:
+        p = self.path(*parts)
+        return np.load(p) if p.exists() else None
+
+    def put(self, logits: np.ndarray, *parts: str) -> None:
+        p = self.path(*parts)
+        tmp = p.with_name(f".{p.stem}.{os.getpid()}.npy")
+        np.save(tmp, logits)
+        os.replace(tmp, p)
+
+
+def load_experiment_inputs(exp: Experiment) -> tuple[StateDict, dict[str, StateDict], dict[str, LoadedTask]]:
+    """Read every checkpoint, head and dataset and check them against each other; no model runs yet."""
+    base = models.load_encoder_weights(exp.architecture, exp.base)
+    finetuned = {name: models.load_encoder_weights(exp.architecture, p) for name, p in exp.finetuned.items()}
+    check_compatible([base, *finetuned.values()], [str(exp.base), *map(str, exp.finetuned.values())])
+    tasks = {}
+    for name, spec in exp.tasks.items():
+        head = models.load_head(spec.head)
+        models.check_head(head, exp.architecture, str(spec.head))
+        sets = {split: load_dataset(path, f"{name}/{split}") for split, path in spec.eval_sets().items()}
+        if spec.validation:
+            sets["validation"] = load_dataset(spec.validation, f"{name}/validation")
+        for ds in sets.values():
+            ds.check_labels(head.num_classes, str(spec.head))
+            if len(ds.class_names) != head.num_classes:
+                raise DatasetError(
+                    f"dataset {ds.source} has {len(ds.class_names)} classes but head {spec.head} has {head.num_classes}"
+                )
+        tasks[name] = LoadedTask(name, head, state_dict_hash(head.to_arrays()), sets, spec.finetuned)
+    return base, finetuned, tasks
+
+
+@dataclass
+class Run:
+    """One experiment being run: inputs, the worker pool, the logit cache and the results store."""
+
+    exp: Experiment
+    base: StateDict
+    finetuned: dict[str, StateDict]
+    tasks: dict[str, LoadedTask]
+    pool: WorkerPool
+    cache: LogitCache
+    store: ResultStore
+    force: bool = False
+    pool_hash: str = ""
+    skipped: int = 0
+    evaluated: int = 0
+    done: set[str] = field(default_factory=set)
+
+    def eval_sets(self, tasks: list[str] | None = None) -> list[tuple[str, str]]:
+        """(task, split) pairs a candidate is reported on: test and shifts of each task, never validation."""
+        names = tasks if tasks is not None else list(self.tasks)
+        return [(t, s) for t in names for s in self.tasks[t].sets if s != "validation"]
+
+    def logits(self, weights: Mapping[str, np.ndarray], pairs: list[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:
+        """Logits of ``weights`` on each (task, split), from the cache or the pool (all shards at once)."""
+        whash = state_dict_hash(weights)
+        out, pending, key = {}, {}, None
+        for task, split in pairs:
+            t = self.tasks[task]
+            parts = (self.exp.architecture, whash, t.head_hash, t.sets[split].hash, str(self.pool.resources.batch_size))
+            cached = self.cache.get(*parts)
+            if cached is not None:
+                out[(task, split)] = cached
+                continue
+            key = key or self.pool.put_weights(weights)
+            pending[(task, split)] = (parts, self.pool.submit(key, task, f"{task}/{split}"))
+        for (task, split), (parts, refs) in pending.items():
+            t = self.tasks[task]
+            logits = self.pool.gather(refs, len(t.sets[split]), t.head.num_classes)
+            self.cache.put(logits, *parts)
+            out[(task, split)] = logits
+        if key:
+            self.pool.drop_weights(key)
+        return out
+
+    def accuracy(self, weights: Mapping[str, np.ndarray], pairs: list[tuple[str, str]]) -> float:
+        """Mean accuracy over ``pairs`` (used for selection on validation splits)."""
+        logits = self.logits(weights, pairs)
+        return float(np.mean([np.mean(logits[p].argmax(1) == self.tasks[p[0]].sets[p[1]].labels) for p in pairs]))
+
+    def keys_for(self, method: str, params: Mapping[str, Any], pairs: list[tuple[str, str]]) -> list[str]:
+        return [row_key(method, dict(params), self.pool_hash, t, s) for t, s in pairs]
+
+    def is_done(self, method: str, params: Mapping[str, Any], tasks: list[str] | None = None) -> bool:
+        """True when every row of this (method, params) is stored already and ``--force`` is off."""
+        keys = self.keys_for(method, params, self.eval_sets(tasks))
+        if not self.force and all(k in self.done for k in keys):
+            self.skipped += len(keys)
+            return True
+        return False
+
+    def record(self, method: str, params: Mapping[str, Any], logits: Mapping[tuple[str, str], np.ndarray],
+               seconds: float, merges: int, extras: Mapping[tuple[str, str], Mapping[str, np.ndarray]] | None = None) -> None:
+        """Write one row per (task, split) of ``logits`` and its per-sample outputs."""
+        rows = []
+        for (task, split), lg in logits.items():
+            labels = self.tasks[task].sets[split].labels
+            pred = lg.argmax(1)
+            key = row_key(method, dict(params), self.pool_hash, task, split)
+            columns = {"prediction": pred, "label": labels, **((extras or {}).get((task, split), {}))}
+            self.store.write_samples(key, columns)
+            rows.append({
+                "key": key, "experiment": self.exp.name, "method": method, "params": dict(params),
+                "pool": self.pool_hash, "task": task, "split": split,
+                "accuracy": float(np.mean(pred == labels)), "n": int(len(labels)),
+                "seconds": seconds, "merges": merges,
+            })
+            self.done.add(key)
+        self.store.append(rows)
+        self.evaluated += len(rows)
+
+    def evaluate_candidate(self, c: Candidate) -> None:
+        if self.is_done(c.method, c.params, c.tasks):
+            return
+        start = time.perf_counter()
+        logits = self.logits(to_numpy(c.build()), self.eval_sets(c.tasks))
+        self.record(c.method, c.params, logits, time.perf_counter() - start, c.merges)
+
+
+MethodFn = Callable[[Run, dict[str, Any]], Iterator[Candidate]]
+METHODS: dict[str, MethodFn] = {}
+
+
+def method(name: str) -> Callable[[MethodFn], MethodFn]:
+    """Register a method generator under the experiment-file name ``name``."""
+
+    def register(fn: MethodFn) -> MethodFn:
+        METHODS[name] = fn
+        return fn
+
+    return register
+
+
+def _first_finetuned(run: Run) -> str:
+    return next(iter(run.finetuned))
+
+
+@method("zeroshot")
+def _zeroshot(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    yield Candidate("zeroshot", {}, lambda: run.base, merges=0)
+
+
+@method("finetuned")
+def _finetuned(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    if run.exp.setting == "multitask":
+        for task in run.tasks.values():
+            if task.finetuned:
+                # the individual fine-tuned model on its own task: the upper bound of multi-task tables
+                yield Candidate("individual", {"model": task.finetuned}, lambda sd=run.finetuned[task.finetuned]: sd, [task.name], 0)
+    else:
+        for name, sd in run.finetuned.items():
+            yield Candidate("finetuned", {"model": name}, lambda sd=sd: sd, merges=0)
+
+
+@method("wise_ft")
+def _wise_ft(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    from raymerge.merge import interpolate
+
+    ft = _first_finetuned(run)
+    for lam in params["lambdas"]:
+        yield Candidate("wise_ft", {"lam": float(lam), "model": ft},
+                        lambda lam=float(lam): interpolate(run.base, run.finetuned[ft], lam))
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start or join Ray: ``address`` (or RAY_ADDRESS, or a job submitted to a cluster) joins a cluster;
+    otherwise a local Ray starts in-process. ``num_cpus`` applies only to a local start (RAY-NOTES.md)."""
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+# Errors a user can fix in their files; jobs report them in one line instead of a traceback.
+INPUT_ERRORS = (models.CheckpointError, models.ModelError, DatasetError, StateDictError, ConfigError)
+
+
+def run_experiment(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> ResultStore:
+    """Run every method of ``exp`` and return the results store (rows already present are skipped).
+
+    All inputs are loaded and checked before Ray is started or joined, so bad input wastes no cluster time.
+    """
+    with phase("load"):
+        base, finetuned, tasks = load_experiment_inputs(exp)
+        unknown = [m for m in exp.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"{exp.source}: methods {unknown} are not implemented in this version")
+    connect(address)
+    store = ResultStore(exp.output_dir)
+    pool_hash = state_dict_hash({"base": np.frombuffer(state_dict_hash(base).encode(), np.uint8),
+                                 **{n: np.frombuffer(state_dict_hash(sd).encode(), np.uint8) for n, sd in finetuned.items()}})
+    with phase("start workers"):
+        pool = WorkerPool(exp.architecture, Resources(**exp.resources))
+        for name, task in tasks.items():
+            pool.add_head(name, task.head)
+            for split, ds in task.sets.items():
+                pool.add_dataset(f"{name}/{split}", ds)
+    run = Run(exp, base, finetuned, tasks, pool, LogitCache((cache_dir or default_cache_dir()) / "logits"), store,
+              force=force, pool_hash=pool_hash, done=set() if force else store.keys())
+    try:
+        for name, params in exp.methods.items():
+            with phase(f"method {name}"):
+                for cand in tqdm(list(METHODS[name](run, params)), desc=name, unit="model", leave=False):
+                    run.evaluate_candidate(cand)
+    finally:
+        pool.shutdown()
+    log.info("%d rows evaluated, %d rows already present skipped (use --force to recompute)", run.evaluated, run.skipped)
+    return store

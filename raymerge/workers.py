@@ -1,0 +1,171 @@
+"""Ray actors and tasks: the one evaluation primitive, and the distributed per-layer SVDs of CART.
+
+An :class:`EvalWorker` keeps one resident encoder, every head, and its shard of every dataset (preprocessed once).
+It is told *which weights* (an ObjectRef to a dict of numpy arrays, loaded in place into the resident model)
+go with *which samples*; it never knows which merge method it serves. :class:`WorkerPool` is the driver-side
+handle that shards datasets across the actors and gathers logits back in dataset order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from raymerge import models
+from raymerge.data import ImageDataset, shard_indices
+from raymerge.statedict import state_dict_hash
+
+log = logging.getLogger(__name__)
+
+Weights = Mapping[str, np.ndarray]
+
+
+class EvalWorker:
+    """Holds a resident model and dataset shards; returns logits for the weights it is handed.
+
+    Methods are idempotent (same inputs, same outputs) so that Ray may retry them after an actor restart.
+    """
+
+    def __init__(self, architecture: str, batch_size: int, num_threads: int = 1) -> None:
+        torch.set_num_threads(num_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder = models.build_encoder(architecture).to(self.device)
+        self.size = models.image_size(architecture)
+        self.batch_size = batch_size
+        self.heads: dict[str, models.Head] = {}
+        self.shards: dict[str, torch.Tensor] = {}
+        self.loaded: str | None = None
+
+    def add_head(self, name: str, arrays: Weights, class_names: Sequence[str], normalize: bool) -> None:
+        bias = arrays.get("bias")
+        self.heads[name] = models.Head(
+            torch.from_numpy(np.array(arrays["weight"])).to(self.device),
+            None if bias is None else torch.from_numpy(np.array(bias)).to(self.device),
+            tuple(class_names),
+            normalize,
+        )
+
+    def add_shard(self, key: str, images: np.ndarray, indices: np.ndarray) -> int:
+        """Preprocess rows ``indices`` of ``images`` (uint8, N×H×W[×C]) once and keep them; returns the count."""
+        self.shards[key] = models.preprocess(images[indices], self.size).to(self.device)
+        return len(indices)
+
+    def evaluate(self, weights_key: str, weights: Weights, head: str, shard: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 logits (n, C) of shard ``shard`` (or its local ``rows``) under ``weights`` and head ``head``."""
+        if self.loaded != weights_key:
+            models.load_weights_in_place(self.encoder, weights)
+            self.loaded = weights_key
+        images = self.shards[shard] if rows is None else self.shards[shard][torch.as_tensor(rows, dtype=torch.long)]
+        return models.predict_logits(self.encoder, self.heads[head], images, self.batch_size)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How many actors to start and what each asks Ray for."""
+
+    num_actors: int = 2
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    batch_size: int = 256
+
+
+class WorkerPool:
+    """Driver-side handle: starts the actors, shards datasets over them, and evaluates weight sets.
+
+    Shards are contiguous and aligned to the batch size, so a sharded evaluation is bit-identical to
+    :func:`evaluate_local` with the same batch size.
+    """
+
+    def __init__(self, architecture: str, resources: Resources, max_restarts: int = -1) -> None:
+        self.architecture = architecture
+        self.resources = resources
+        gpus = resources.num_gpus_per_actor if _cluster_has_gpus() else 0.0
+        if resources.num_gpus_per_actor and not gpus:
+            log.warning("the cluster has no GPUs: actors fall back to CPU")
+        actor = ray.remote(EvalWorker).options(
+            num_cpus=resources.num_cpus_per_actor,
+            num_gpus=gpus,
+            max_restarts=max_restarts,
+            max_task_retries=-1 if max_restarts else 0,
+        )
+        threads = max(1, int(resources.num_cpus_per_actor))
+        self.actors = [actor.remote(architecture, resources.batch_size, threads) for _ in range(resources.num_actors)]
+        self.shards: dict[str, list[np.ndarray]] = {}
+        self.head_classes: dict[str, int] = {}
+        self._weights: dict[str, ray.ObjectRef] = {}
+
+    def add_head(self, name: str, head: models.Head) -> None:
+        arrays = ray.put(head.to_arrays())
+        ray.get([a.add_head.remote(name, arrays, head.class_names, head.normalize) for a in self.actors])
+        self.head_classes[name] = head.num_classes
+
+    def add_dataset(self, key: str, dataset: ImageDataset) -> None:
+        """Put ``dataset``'s images in the object store once and give each actor its shard."""
+        images = ray.put(dataset.images)
+        parts = shard_indices(len(dataset), len(self.actors), align=self.resources.batch_size)
+        ray.get([a.add_shard.remote(key, images, idx) for a, idx in zip(self.actors, parts)])
+        self.shards[key] = parts
+
+    def put_weights(self, weights: Weights) -> str:
+        """Store ``weights`` (numpy arrays) once and return the key that names them in later calls."""
+        key = state_dict_hash(weights)
+        if key not in self._weights:
+            self._weights[key] = ray.put(dict(weights))
+        return key
+
+    def drop_weights(self, key: str) -> None:
+        self._weights.pop(key, None)
+
+    def submit(self, weights_key: str, head: str, dataset: str, rows: np.ndarray | None = None) -> list[tuple[np.ndarray, ray.ObjectRef]]:
+        """Start evaluating global ``rows`` (default: all) of ``dataset``; returns (rows, ref) per busy actor."""
+        ref = self._weights[weights_key]
+        pending = []
+        for actor, part in zip(self.actors, self.shards[dataset]):
+            if rows is None:
+                mine, local = part, None
+            else:
+                mine = rows[(rows >= part[0]) & (rows <= part[-1])] if len(part) else rows[:0]
+                local = mine - (part[0] if len(part) else 0)
+            if len(mine):
+                pending.append((mine, actor.evaluate.remote(weights_key, ref, head, dataset, local)))
+        return pending
+
+    def gather(self, pending: list[tuple[np.ndarray, ray.ObjectRef]], n: int, num_classes: int) -> np.ndarray:
+        """Assemble the logits of :meth:`submit` into an (n, C) array indexed by global row (unasked rows are NaN)."""
+        out = np.full((n, num_classes), np.nan, dtype=np.float32)
+        for mine, ref in pending:
+            out[mine] = ray.get(ref)
+        return out
+
+    def evaluate(self, weights_key: str, head: str, dataset: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Logits (len(rows) or N, C) of ``dataset`` under the stored weights and ``head``."""
+        n = int(sum(len(p) for p in self.shards[dataset]))
+        out = self.gather(self.submit(weights_key, head, dataset, rows), n, self.head_classes[head])
+        return out if rows is None else out[rows]
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        self._weights.clear()
+
+
+def _cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def evaluate_local(architecture: str, weights: Weights, head: models.Head, dataset: ImageDataset, batch_size: int) -> np.ndarray:
+    """Single-process reference for :meth:`WorkerPool.evaluate`: (N, C) float32 logits."""
+    encoder = models.build_encoder(architecture)
+    models.load_weights_in_place(encoder, weights)
+    images = models.preprocess(dataset.images, models.image_size(architecture))
+    return models.predict_logits(encoder, head, images, batch_size)

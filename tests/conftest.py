@@ -1,0 +1,67 @@
+"""Shared fixtures: one local Ray for the whole session, and a tiny random model/task pool on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from raymerge import models
+from raymerge.data import ImageDataset, write_parquet
+
+ARCH = "raymerge-tiny-vit"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance (never someone else's cluster: address='local', RAY-NOTES.md)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def random_encoder(seed: int, like: dict[str, torch.Tensor] | None = None, scale: float = 0.02) -> dict[str, torch.Tensor]:
+    """A tiny-ViT state dict: fresh random init, or ``like`` plus seeded noise (a stand-in fine-tune)."""
+    torch.manual_seed(seed)
+    if like is None:
+        return {k: v.clone() for k, v in models.build_encoder(ARCH).state_dict().items()}
+    return {k: v + scale * torch.randn_like(v) for k, v in like.items()}
+
+
+def random_dataset(seed: int, n: int, num_classes: int, name: str = "ds") -> ImageDataset:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 16, 16), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, size=n).astype(np.int64)
+    return ImageDataset(name, images, labels, tuple(str(i) for i in range(num_classes)))
+
+
+@pytest.fixture(scope="session")
+def mini_pool(tmp_path_factory) -> Path:
+    """A robust-setting pool (base, 2 fine-tuned, one head, test + 2 shifts) and its experiment file."""
+    root = tmp_path_factory.mktemp("pool")
+    base = random_encoder(0)
+    models.save_state_dict_file(base, root / "base.safetensors")
+    for i in (1, 2):
+        models.save_state_dict_file(random_encoder(i, base), root / f"ft{i}.safetensors")
+    torch.manual_seed(5)
+    head = models.Head(torch.randn(10, 64), torch.zeros(10), tuple(str(i) for i in range(10)))
+    models.save_head(head, root / "head.safetensors")
+    for split, seed, n in (("test", 10, 300), ("validation", 11, 100), ("rotate", 12, 150), ("noise", 13, 200)):
+        write_parquet(random_dataset(seed, n, 10, split), root / split)
+    exp = {
+        "name": "mini",
+        "model_pool": {"architecture": ARCH, "base": "base.safetensors",
+                       "finetuned": {"ft1": "ft1.safetensors", "ft2": "ft2.safetensors"}},
+        "task_pool": {"digits": {"head": "head.safetensors", "validation": "validation", "test": "test",
+                                 "shifts": {"rotate": "rotate", "noise": "noise"}}},
+        "methods": {"zeroshot": {}, "finetuned": {}, "wise_ft": {"lambdas": [0.0, 0.5, 1.0]}},
+        "resources": {"num_actors": 2, "num_cpus_per_actor": 0.5, "batch_size": 64},
+        "output_dir": str(root / "results"),
+    }
+    (root / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
+    return root

@@ -1,0 +1,139 @@
+"""Checkpoint, head and dataset loaders, and the bad inputs each must reject with a clear message."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ARCH, random_dataset, random_encoder
+from raymerge import models
+from raymerge.data import DatasetError, ImageDataset, load_dataset, shard_indices, write_parquet
+
+
+def test_safetensors_roundtrip_and_prefixes(tmp_path):
+    sd = random_encoder(0)
+    models.save_state_dict_file(sd, tmp_path / "a.safetensors")
+    loaded = models.load_encoder_weights(ARCH, tmp_path / "a.safetensors")
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    # a whole open_clip CLIP checkpoint stores the encoder under visual.; task_vectors under model.visual.
+    for prefix in ("visual.", "model.visual."):
+        wrapped = {f"{prefix}{k}": v for k, v in sd.items()} | {"text.token_embedding.weight": torch.zeros(2, 2)}
+        torch.save(wrapped, tmp_path / "b.pt")
+        loaded = models.load_encoder_weights(ARCH, tmp_path / "b.pt")
+        assert set(loaded) == set(sd)
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    with pytest.raises(models.CheckpointError, match="nope.safetensors does not exist"):
+        models.load_state_dict_file(tmp_path / "nope.safetensors")
+    good = tmp_path / "good.safetensors"
+    models.save_state_dict_file(random_encoder(0), good)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(models.CheckpointError, match="bad.safetensors cannot be read"):
+        models.load_state_dict_file(bad)
+
+
+def test_pickled_module_is_refused_not_unpickled(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), path)  # what task_vectors' torch.save(image_encoder) produces
+    with pytest.raises(models.CheckpointError, match="module.pt cannot be read safely"):
+        models.load_state_dict_file(path)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"weight": torch.zeros(1)}, protocol=2) + b"garbage")
+    with pytest.raises(models.CheckpointError, match="evil.pt"):
+        models.load_state_dict_file(evil)
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    other = models.build_encoder("ViT-B-32").state_dict()
+    small = {k: v for k, v in other.items() if not k.startswith("transformer.resblocks.1")}
+    models.save_state_dict_file(small, tmp_path / "b32.safetensors")
+    with pytest.raises(models.CheckpointError, match=r"b32.safetensors.*(shape|missing key)"):
+        models.load_encoder_weights(ARCH, tmp_path / "b32.safetensors")
+
+
+def test_unknown_model_name():
+    with pytest.raises(models.ModelError, match="unknown model name 'ViT-Q-99'"):
+        models.build_encoder("ViT-Q-99")
+
+
+def test_head_roundtrip_and_dimension_check(tmp_path):
+    head = models.Head(torch.randn(3, 64), torch.randn(3), ("a", "b", "c"), normalize=False)
+    models.save_head(head, tmp_path / "h.safetensors")
+    loaded = models.load_head(tmp_path / "h.safetensors")
+    assert loaded.class_names == ("a", "b", "c") and loaded.normalize is False
+    assert torch.equal(loaded.weight, head.weight) and torch.equal(loaded.bias, head.bias)
+    wide = models.Head(torch.randn(3, 32), None, ("a", "b", "c"))
+    with pytest.raises(models.ModelError, match="expects 32-d features but raymerge-tiny-vit outputs 64-d"):
+        models.check_head(wide, ARCH, "wide.safetensors")
+
+
+def test_head_logits_match_formula():
+    w, b = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    head = models.Head(w, b, tuple("abcd"), normalize=True)
+    expected = (x / torch.sqrt((x**2).sum(1, keepdim=True))) @ w.T + b
+    assert torch.allclose(head.logits(x), expected, atol=1e-12)
+
+
+def test_parquet_roundtrip_sharded(tmp_path):
+    ds = random_dataset(0, 50, 4)
+    write_parquet(ds, tmp_path / "d", shard_rows=16)
+    assert len(list((tmp_path / "d").glob("*.parquet"))) == 4
+    back = load_dataset(tmp_path / "d")
+    assert np.array_equal(back.images, ds.images) and np.array_equal(back.labels, ds.labels)
+    assert back.class_names == ds.class_names and back.hash == ds.hash
+
+
+def test_encoded_image_parquet_and_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    blobs = []
+    for im in imgs:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    table = pa.table({"image": blobs, "label": [0, 1, 0, 1, 0, 1]})
+    pq.write_table(table.replace_schema_metadata({"raymerge.class_names": '["cat", "dog"]'}), tmp_path / "enc.parquet")
+    ds = load_dataset(tmp_path / "enc.parquet")
+    assert np.array_equal(ds.images, imgs) and ds.class_names == ("cat", "dog")
+    for i, im in enumerate(imgs):
+        (tmp_path / "folder" / ("cat", "dog")[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "folder" / ("cat", "dog")[i % 2] / f"{i}.png")
+    folder = load_dataset(tmp_path / "folder")
+    assert folder.class_names == ("cat", "dog") and len(folder) == 6
+    assert np.array_equal(folder.images[folder.labels == 0], imgs[0::2])
+
+
+def test_empty_dataset_and_labels_out_of_range(tmp_path):
+    empty = ImageDataset("e", np.zeros((0, 16, 16), np.uint8), np.zeros(0, np.int64), ("a",))
+    write_parquet(empty, tmp_path / "empty")
+    with pytest.raises(DatasetError, match="empty is empty"):
+        load_dataset(tmp_path / "empty")
+    ds = random_dataset(0, 20, 12)
+    with pytest.raises(DatasetError, match=r"label 1[01] at row \d+ is out of range for head h.safetensors with 10 classes"):
+        ds.check_labels(10, "h.safetensors")
+
+
+def test_shard_indices_cover_and_align():
+    for n, shards, align in ((1000, 3, 64), (10, 4, 1), (5, 3, 64), (0, 2, 8)):
+        parts = shard_indices(n, shards, align)
+        assert len(parts) == shards
+        assert np.array_equal(np.concatenate(parts), np.arange(n))
+        assert all(len(p) == 0 or p[0] % align == 0 for p in parts)
+
+
+def test_preprocess_normalizes_known_pixels():
+    img = np.full((1, 16, 16), 255, np.uint8)
+    x = models.preprocess(img, 16)
+    expected = (1.0 - np.array(models.DEFAULT_MEAN)) / np.array(models.DEFAULT_STD)
+    assert x.shape == (1, 3, 16, 16)
+    assert np.allclose(x[0, :, 0, 0].numpy(), expected, atol=1e-6)
