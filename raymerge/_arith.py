@@ -25,10 +25,10 @@ def check_real(name: str, value: float) -> float:
     return float(value)
 
 
-def validate(models: Sequence[Mapping[str, torch.Tensor]], labels: Sequence[str]) -> None:
-    """Everything a merge checks before any work: keys, shapes, dtypes, finiteness, equal non-floating tensors."""
-    check_mergeable(models, labels)
-    check_nonfloating_equal(models, labels)
+def validate(models: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None = None) -> None:
+    """Everything a merge checks before any work: count (≥ 1), keys, shapes, dtypes, NaN/Inf, equal non-floating tensors."""
+    check_mergeable(models, names)
+    check_nonfloating_equal(models, names)
 
 
 def validate_with_base(

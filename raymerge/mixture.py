@@ -17,14 +17,15 @@ Numerical policy, shared by both classes (tests cover each case):
 - The precision ``s`` (``a + b``, or ``Σ α``) is capped at ``MAX_PRECISION`` = 1e8, so data with zero variance
   (all values equal, or a component whose members all coincide) gives a very peaked but finite density.
 - A component that is empty (total responsibility below ``EMPTY_MASS`` samples), at initialisation when there
-  are fewer distinct values than K, or later during EM, gets weight exactly 0, so it takes no samples. It is not
-  re-seeded, which keeps EM monotone-ish and deterministic. Its shape parameters are re-estimated from all
-  samples at every M-step, so they stay finite and meaningful (``means_`` is then the data mean).
+  are fewer distinct values than K, or later during EM, gets weight exactly 0, so it takes no samples from then
+  on. It is not re-seeded: moving a component mid-run changes the model being fitted and can make EM oscillate.
+  Its shape parameters are re-estimated from all samples at every M-step, so they stay finite (``means_`` is
+  then the mean of the data).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -39,6 +40,9 @@ _ROW_SUM_TOL = 1e-6
 _MLE_TOL = 1e-8
 _MLE_MAX_ITER = 1000
 _NEWTON_STEPS = 5
+
+
+_Mixture = TypeVar("_Mixture", bound="_EMMixture")
 
 
 class _Fit(NamedTuple):
@@ -81,7 +85,8 @@ def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 def _moment_precision(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     """Precision ``s`` (same shape as ``mean``) from a mean and variance of values in (0, 1).
 
-    The variance is capped at ``m(1 − m)/4`` (released code, so ``s ≥ 3``) and floored so that ``s ≤ MAX_PRECISION``.
+    The variance is capped at ``m(1 − m)/4`` (released code, so ``s ≥ 3``) and floored so that
+    ``s ≤ MAX_PRECISION``.
     """
     spread = mean * (1 - mean)
     var = np.clip(var, spread / (1 + MAX_PRECISION), spread / 4)
@@ -123,6 +128,12 @@ def _weighted_moments(values: np.ndarray, resp: np.ndarray, nk: np.ndarray) -> t
     return mean, var
 
 
+def _logsumexp_components(a: np.ndarray) -> np.ndarray:
+    """log Σk exp(a[k]) (N,) of ``a`` (K, N); every sample has a finite entry (some weight is positive)."""
+    top = a.max(0)
+    return top + np.log(np.exp(a - top).sum(0))
+
+
 def _finite_or_raise(x: np.ndarray, what: str) -> None:
     bad = np.argwhere(~np.isfinite(x))
     if len(bad):
@@ -133,9 +144,9 @@ def _finite_or_raise(x: np.ndarray, what: str) -> None:
 class _EMMixture:
     """EM driver shared by :class:`BetaMixture` and :class:`DirichletMixture`; subclasses supply the model.
 
-    A subclass implements ``_prepare`` (validate and clip, return the values (N, d) for K-means and moments and
-    the log sufficient statistics (P, N)), ``_log_normalizer`` and ``_estimate_params`` (the M-step for shape parameters),
-    and ``_publish`` (set the public fitted attributes).
+    A subclass implements ``_prepare`` (validate and clip; return the values (N, d) for K-means and moments and
+    the log sufficient statistics (P, N)), ``_log_normalizer`` (log B(α) per component), ``_estimate_params``
+    (the M-step for the shape parameters (K, P)) and ``_publish`` (set the public fitted attributes).
     """
 
     def __init__(
@@ -149,12 +160,12 @@ class _EMMixture:
         self.tol = tol
         self.max_iter = max_iter
 
-    def fit(self, x: ArrayLike) -> _EMMixture:
+    def fit(self: _Mixture, x: ArrayLike) -> _Mixture:
         """Fit by EM with ``n_init`` K-means-initialised restarts; keep the best mean log-likelihood."""
         values, log_stats = self._prepare(x)
         n, k = len(values), self.n_components
-        if not 1 <= k <= n:
-            raise ValueError(f"n_components K={k} must be between 1 and the number of samples N={n}")
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+            raise ValueError(f"n_components K={k!r} must be an integer between 1 and the number of samples N={n}")
         best, total_iter = None, 0
         for child in np.random.SeedSequence(self.seed).spawn(self.n_init):
             labels = _kmeans(values, k, np.random.default_rng(child))
@@ -247,12 +258,6 @@ class _EMMixture:
         raise NotImplementedError
 
 
-def _logsumexp_components(a: np.ndarray) -> np.ndarray:
-    """log Σk exp(a[k]) (N,) of ``a`` (K, N); every sample has a finite entry (some weight is positive)."""
-    top = a.max(0)
-    return top + np.log(np.exp(a - top).sum(0))
-
-
 class BetaMixture(_EMMixture):
     """K-component Beta mixture over coefficients λ ∈ [0, 1] (N,), EM as in METHODS §4 / DaWin App. A.1.
 
@@ -319,7 +324,7 @@ class DirichletMixture(_EMMixture):
     def _prepare(self, x: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         p = np.asarray(x, dtype=np.float64)
         if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] < 2:
-            raise ValueError(f"DirichletMixture takes coefficient vectors (N, M) with N ≥ 1, M ≥ 2, got shape {p.shape}")
+            raise ValueError(f"DirichletMixture takes coefficient vectors (N, M), N ≥ 1, M ≥ 2, not shape {p.shape}")
         _finite_or_raise(p, "the coefficient matrix")
         negative = np.argwhere(p < 0)
         if len(negative):

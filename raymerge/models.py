@@ -214,7 +214,7 @@ def preprocess(images: np.ndarray, size: int, mean=DEFAULT_MEAN, std=DEFAULT_STD
 
     Grayscale is repeated to three channels; resizing is bilinear (antialiased) only when H, W != size.
     """
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    x = torch.from_numpy(images.astype(np.float32)).div_(255.0)
     if x.ndim == 3:
         x = x.unsqueeze(-1)
     x = x.permute(0, 3, 1, 2)
@@ -229,24 +229,37 @@ def preprocess(images: np.ndarray, size: int, mean=DEFAULT_MEAN, std=DEFAULT_STD
 
 @torch.no_grad()
 def load_weights_in_place(module: nn.Module, arrays: Mapping[str, np.ndarray | torch.Tensor]) -> None:
-    """Copy ``arrays`` into ``module``'s existing parameters and buffers (no new modules, no reallocation)."""
-    params = dict(module.state_dict(keep_vars=True))
+    """Copy ``arrays`` into ``module``'s existing parameters and buffers (no new modules, no reallocation).
+
+    Object-store arrays are read-only; on the CPU they are copied straight into the parameter's memory through
+    a numpy view, on a GPU through one host-to-device copy.
+    """
+    params = module.state_dict(keep_vars=True)
     for key, value in arrays.items():
-        target = params[key]
-        src = torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
-        target.copy_(src)
+        target = params[key].detach()
+        if isinstance(value, torch.Tensor):
+            target.copy_(value)
+        elif target.device.type == "cpu":
+            target.numpy()[...] = value
+        else:
+            target.copy_(torch.from_numpy(np.array(value)))
 
 
 @torch.no_grad()
 def predict_logits(encoder: nn.Module, head: Head, images: torch.Tensor, batch_size: int) -> np.ndarray:
     """Preprocessed images (N, 3, S, S) → float32 logits (N, C), in batches of ``batch_size``.
 
-    Batches start at multiples of ``batch_size`` so that any caller using the same batch grid (a shard aligned
-    to it, say) computes bit-identical logits.
+    Every batch is zero-padded to exactly ``batch_size`` rows: BLAS kernels are chosen by matrix shape, so a
+    fixed shape makes each sample's logits independent of which other samples share its batch. That is what
+    lets a sharded run, or DaWin's per-component subsets, reproduce a single-process run bit for bit.
     """
     out = []
     for start in range(0, images.shape[0], batch_size):
-        out.append(head.logits(encoder(images[start : start + batch_size])))
+        batch = images[start : start + batch_size]
+        n = batch.shape[0]
+        if n < batch_size:
+            batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
+        out.append(head.logits(encoder(batch))[:n])
     if not out:
         return np.zeros((0, head.num_classes), dtype=np.float32)
-    return torch.cat(out).float().numpy()
+    return torch.cat(out).float().cpu().numpy()

@@ -1,0 +1,343 @@
+"""Static merges (raymerge.merge) against float64 references written independently here, and hand-worked examples."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raymerge.cart import LowRankRule
+from raymerge.merge import cart, interpolate, model_stock, task_arithmetic, ties, weight_average
+from raymerge.statedict import StateDictError
+
+SHAPES = {"enc.weight": (6, 5), "enc.bias": (6,), "conv": (3, 2, 2), "scale": ()}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_models(n_finetuned: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A base and ``n_finetuned`` perturbed copies, each with an integer buffer that all models share."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {key: torch.randn(shape, generator=gen).to(dtype) for key, shape in SHAPES.items()}
+    base["steps"] = torch.tensor([3, 1, 4])
+    finetuned = []
+    for _ in range(n_finetuned):
+        ft = {key: (t + 0.5 * torch.randn(t.shape, generator=gen)).to(dtype) for key, t in base.items() if key != "steps"}
+        ft["steps"] = base["steps"].clone()
+        finetuned.append(ft)
+    return base, finetuned
+
+
+def np64(t: torch.Tensor) -> np.ndarray:
+    return t.double().numpy()
+
+
+def assert_matches(merged: dict, reference: dict, like: dict) -> None:
+    """Same keys and checkpoint dtypes; floating values equal to the float64 reference at the dtype's tolerance."""
+    assert list(merged) == list(like)
+    for key, tensor in merged.items():
+        assert tensor.dtype == like[key].dtype, key
+        if tensor.is_floating_point():
+            torch.testing.assert_close(tensor, torch.from_numpy(np.asarray(reference[key])).to(tensor.dtype), msg=key)
+        else:
+            assert torch.equal(tensor, like[key]), key
+
+
+def snapshot(models):
+    return [{k: v.clone() for k, v in sd.items()} for sd in models]
+
+
+def assert_unchanged(models, before) -> None:
+    for sd, old in zip(models, before):
+        for key in old:
+            assert torch.equal(sd[key], old[key]), key
+
+
+# --- weight averaging, WiSE-FT, task arithmetic -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_average_matches_float64_mean(dtype):
+    _, fts = make_models(3, dtype)
+    ref = {k: sum(np64(ft[k]) for ft in fts) / 3 for k in SHAPES}
+    assert_matches(weight_average(fts), ref, fts[0])
+
+
+def test_weight_average_of_one_model_is_a_copy():
+    _, (ft,) = make_models(1)
+    out = weight_average([ft])
+    for key in ft:
+        assert torch.equal(out[key], ft[key])
+        assert out[key].data_ptr() != ft[key].data_ptr()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0, -0.5, 1.5])
+def test_interpolate_matches_float64(dtype, lam):
+    base, (ft,) = make_models(1, dtype)
+    ref = {k: (1 - lam) * np64(base[k]) + lam * np64(ft[k]) for k in SHAPES}
+    assert_matches(interpolate(base, ft, lam), ref, base)
+
+
+def test_interpolate_endpoints_are_exact():
+    base, (ft,) = make_models(1, torch.bfloat16)
+    for lam, expected in ((0.0, base), (1.0, ft)):
+        out = interpolate(base, ft, lam)
+        assert all(torch.equal(out[k], expected[k]) for k in base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_task_arithmetic_matches_float64(dtype):
+    base, fts = make_models(3, dtype)
+    for lam, lams in ((0.3, [0.3, 0.3, 0.3]), ([0.1, -0.2, 0.7], [0.1, -0.2, 0.7])):
+        ref = {k: np64(base[k]) + sum(l * (np64(ft[k]) - np64(base[k])) for l, ft in zip(lams, fts)) for k in SHAPES}
+        assert_matches(task_arithmetic(base, fts, lam), ref, base)
+
+
+def test_task_arithmetic_low_rank_matches_numpy_svd():
+    base, fts = make_models(2)
+    lams = [0.4, 0.8]
+    ref = {}
+    for key in SHAPES:
+        total = np.zeros(SHAPES[key])
+        for l, ft in zip(lams, fts):
+            tau = np64(ft[key]) - np64(base[key])
+            if key == "enc.weight":  # 6 × 5, rank_ratio 0.5: k = floor(2.5) = 2
+                u, s, vh = np.linalg.svd(tau, full_matrices=False)
+                tau = u[:, :2] @ np.diag(s[:2]) @ vh[:2]
+            total += l * tau
+        ref[key] = np64(base[key]) + total
+    out = task_arithmetic(base, fts, lams, rank_ratio=0.5, rule=LowRankRule((r"enc\.weight",)))
+    assert_matches(out, ref, base)
+
+
+def test_task_arithmetic_low_rank_endpoints():
+    base, fts = make_models(2)
+    rule = LowRankRule((r"enc\.weight",))
+    full = task_arithmetic(base, fts, 0.3, rank_ratio=1.0, rule=rule)
+    torch.testing.assert_close(full, task_arithmetic(base, fts, 0.3))
+    zero = task_arithmetic(base, fts, 0.3, rank_ratio=0.0, rule=rule)
+    assert torch.equal(zero["enc.weight"], base["enc.weight"])  # the rank-reduced matrix keeps θ0
+    assert torch.equal(zero["enc.bias"], full["enc.bias"])  # the others keep their full task vectors
+
+
+def test_task_arithmetic_lambda_length_mismatch():
+    base, fts = make_models(2)
+    with pytest.raises(ValueError, match="3 per-task coefficients for 2 fine-tuned models"):
+        task_arithmetic(base, fts, [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"lam\[1\].*nan"):
+        task_arithmetic(base, fts, [0.1, float("nan")])
+
+
+# --- TIES -----------------------------------------------------------------------------------------------------------
+
+
+def test_ties_hand_worked_example():
+    # base 1 everywhere; task vectors over keys a (4 entries) and b (2 entries), flattened a then b:
+    #   τ1 = [ 4, -3,  1, 2 | 0.5, -2]    τ2 = [-4, 3, -2, 2 | 0.5, 1]
+    base = {"a": torch.ones(4), "b": torch.ones(2)}
+    ft1 = {"a": 1 + torch.tensor([4.0, -3, 1, 2]), "b": 1 + torch.tensor([0.5, -2])}
+    ft2 = {"a": 1 + torch.tensor([-4.0, 3, -2, 2]), "b": 1 + torch.tensor([0.5, 1])}
+    # density 0.5 of 6 entries keeps 3 per task: the 3rd largest magnitude is 2 in both, and magnitude 2 occurs twice,
+    # so both tied entries stay (4 kept). Trimming is global: per tensor, τ1's a would have dropped its 2.
+    #   trimmed1 = [ 4, -3,  0, 2 | 0, -2]   trimmed2 = [-4, 3, -2, 2 | 0, 0]
+    #   sum      = [ 0,  0, -2, 4 | 0, -2]   sign = [0, 0, -1, +1, 0, -1], whose sum is -1: zero sums elect -1
+    #   elected  = [-1, -1, -1, +1 | -1, -1]
+    #   disjoint mean = [-4, -3, -2, 2 | 0 (no entry agrees), -2]
+    # θ = 1 + 0.5 · merged
+    out = ties(base, [ft1, ft2], lam=0.5, density=0.5)
+    torch.testing.assert_close(out["a"], torch.tensor([-1.0, -0.5, 0.0, 2.0]), rtol=0, atol=0)
+    torch.testing.assert_close(out["b"], torch.tensor([1.0, 0.0]), rtol=0, atol=0)
+
+
+def test_ties_all_zero_sums_and_zero_majority_give_base():
+    # both sums are 0 and so is the sum of the elected signs: no sign wins, the merged entries are 0
+    base = {"w": torch.zeros(2)}
+    out = ties(base, [{"w": torch.tensor([1.0, -1.0])}, {"w": torch.tensor([-1.0, 1.0])}], density=1.0)
+    assert torch.equal(out["w"], torch.zeros(2))
+
+
+def ties_reference(base, fts, lam, density):
+    keys = list(SHAPES)
+    taus = [np.concatenate([(np64(ft[k]) - np64(base[k])).ravel() for k in keys]) for ft in fts]
+    n = taus[0].size
+    keep = max(1, math.floor(round(density * n, 9)))
+    trimmed = []
+    for tau in taus:
+        threshold = np.sort(np.abs(tau))[::-1][keep - 1]
+        trimmed.append(np.where(np.abs(tau) >= threshold, tau, 0.0))
+    trimmed = np.array(trimmed)
+    elected = np.sign(trimmed.sum(axis=0))
+    elected[elected == 0] = np.sign(elected.sum())
+    merged = np.zeros(n)
+    for j in range(n):
+        agreeing = [v for v in trimmed[:, j] if v != 0 and np.sign(v) == elected[j]]
+        merged[j] = np.mean(agreeing) if agreeing else 0.0
+    ref, offset = {}, 0
+    for k in keys:
+        size = int(np.prod(SHAPES[k]))
+        ref[k] = np64(base[k]) + lam * merged[offset : offset + size].reshape(SHAPES[k])
+        offset += size
+    return ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_matches_float64_reference(dtype, density):
+    base, fts = make_models(4, dtype, seed=3)
+    assert_matches(ties(base, fts, lam=0.7, density=density), ties_reference(base, fts, 0.7, density), base)
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.01, float("nan")])
+def test_ties_rejects_density(density):
+    base, fts = make_models(2)
+    with pytest.raises(ValueError, match=f"density.*{density}"):
+        ties(base, fts, density=density)
+
+
+# --- Model Stock ----------------------------------------------------------------------------------------------------
+
+
+def test_model_stock_hand_computed_ratios():
+    s3 = math.sqrt(3)
+    base = {"sixty": torch.ones(2), "orthogonal": torch.zeros(2), "same": torch.zeros(2), "zero": torch.zeros(2),
+            "opposite": torch.zeros(2)}
+    ft1 = {"sixty": torch.tensor([3.0, 1.0]), "orthogonal": torch.tensor([1.0, 0.0]), "same": torch.tensor([1.0, 2.0]),
+           "zero": torch.tensor([0.0, 0.0]), "opposite": torch.tensor([1.0, 1.0])}
+    ft2 = {"sixty": torch.tensor([1.5, 1 + s3 / 2]), "orthogonal": torch.tensor([0.0, 2.0]),
+           "same": torch.tensor([2.0, 4.0]), "zero": torch.tensor([1.0, 1.0]), "opposite": torch.tensor([-1.0, -1.0])}
+    out = model_stock(base, [ft1, ft2])
+    # sixty: deltas [2, 0] and [0.5, √3/2] are 60° apart, cos φ = 1/2, t = 2·½ / (1 + ½) = 2/3;
+    # θ = θ0 + t·(mean delta) = 1 + 2/3·[1.25, √3/4]
+    torch.testing.assert_close(out["sixty"], torch.tensor([1 + 2 / 3 * 1.25, 1 + s3 / 6]))
+    torch.testing.assert_close(out["orthogonal"], base["orthogonal"])  # cos 0 → t 0 → θ0
+    torch.testing.assert_close(out["same"], torch.tensor([1.5, 3.0]))  # cos 1 → t 1 → mean of the fine-tuned
+    torch.testing.assert_close(out["zero"], base["zero"])  # a zero delta counts as cos 0 → θ0, no NaN
+    torch.testing.assert_close(out["opposite"], base["opposite"])  # cos −1 clamped to 0 → θ0, no pole
+
+
+def model_stock_reference(base, fts):
+    ref = {}
+    n = len(fts)
+    for k in SHAPES:
+        deltas = [(np64(ft[k]) - np64(base[k])).ravel() for ft in fts]
+        cosines = [
+            deltas[i] @ deltas[j] / (np.linalg.norm(deltas[i]) * np.linalg.norm(deltas[j]))
+            for i in range(n)
+            for j in range(i + 1, n)
+        ]
+        c = min(max(np.mean(cosines), 0.0), 1.0)
+        t = n * c / (1 + (n - 1) * c)
+        ref[k] = t * np.mean([np64(ft[k]) for ft in fts], axis=0) + (1 - t) * np64(base[k])
+    return ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_stock_matches_float64_reference(dtype):
+    base, fts = make_models(3, dtype, seed=5)
+    # a shared direction per key makes the cosines positive, as between real fine-tunes of one task
+    shared = {k: torch.randn(SHAPES[k], generator=torch.Generator().manual_seed(9)) for k in SHAPES}
+    fts = [{k: (v + shared[k]).to(dtype) if k in SHAPES else v for k, v in ft.items()} for ft in fts]
+    assert_matches(model_stock(base, fts), model_stock_reference(base, fts), base)
+
+
+# --- every merge: precision, inputs untouched, validation ---------------------------------------------------------
+
+MERGES = {
+    "weight_average": lambda base, fts, **kw: weight_average(fts, **kw),
+    "interpolate": lambda base, fts, **kw: interpolate(base, fts[0], 0.4, **kw),
+    "task_arithmetic": lambda base, fts, **kw: task_arithmetic(base, fts, 0.3, **kw),
+    "task_arithmetic_low_rank": lambda base, fts, **kw: task_arithmetic(
+        base, fts, 0.3, rank_ratio=0.4, rule=LowRankRule((r"enc\.weight",)), **kw
+    ),
+    "ties": lambda base, fts, **kw: ties(base, fts, **kw),
+    "model_stock": lambda base, fts, **kw: model_stock(base, fts, **kw),
+    "cart": lambda base, fts, **kw: cart(base, fts, 0.4, rule=LowRankRule((r"enc\.weight",)), **kw),
+}
+
+
+@pytest.mark.parametrize("name", MERGES)
+def test_inputs_unmodified_and_outputs_fresh(name):
+    base, fts = make_models(3)
+    before = snapshot([base, *fts])
+    out = MERGES[name](base, fts)
+    assert_unchanged([base, *fts], before)
+    inputs = {t.data_ptr() for sd in (base, *fts) for t in sd.values()}
+    assert not inputs & {t.data_ptr() for t in out.values()}
+
+
+@pytest.mark.parametrize("name", MERGES)
+def test_float64_precision_keeps_checkpoint_dtype(name):
+    base, fts = make_models(3, torch.bfloat16)
+    out32, out64 = MERGES[name](base, fts), MERGES[name](base, fts, precision=torch.float64)
+    for key in base:
+        assert out64[key].dtype == base[key].dtype
+    torch.testing.assert_close(out32, out64)
+    with pytest.raises(ValueError, match="precision"):
+        MERGES[name](base, fts, precision=torch.float16)
+
+
+def labelled(name, base, fts):
+    """Call a merge with the fine-tuned models named ft0, ft1, ... (weight_average and interpolate have their own)."""
+    if name == "weight_average":
+        return weight_average(fts, names=[f"ft{i}" for i in range(len(fts))])
+    if name == "interpolate":
+        return interpolate(base, fts[0], 0.4)
+    return MERGES[name](base, fts, names=[f"ft{i}" for i in range(len(fts))])
+
+
+def culprit(name):
+    return "theta1" if name == "interpolate" else "ft1" if name == "weight_average" else "ft0"
+
+
+def corrupt(name, fts):
+    """The model the error must name is fts[1] for weight_average, else fts[0] (interpolate's theta1)."""
+    return fts[1] if name == "weight_average" else fts[0]
+
+
+@pytest.mark.parametrize("name", MERGES)
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda sd: sd.pop("enc.bias"), "'enc.bias'"),
+        (lambda sd: sd.update(extra=torch.zeros(1)), "'extra'"),
+        (lambda sd: sd.update({"conv": torch.zeros(3, 4)}), r"'conv' has shape \(3, 4\)"),
+        (lambda sd: sd.update({"conv": sd["conv"].double()}), "'conv' has dtype torch.float64"),
+        (lambda sd: sd["enc.weight"].__setitem__((1, 2), float("nan")), "'enc.weight'.*NaN"),
+        (lambda sd: sd["scale"].fill_(float("inf")), "'scale'.*Inf"),
+        (lambda sd: sd.update(steps=torch.tensor([3, 1, 5])), "'steps'"),
+    ],
+    ids=["missing", "extra", "shape", "dtype", "nan", "inf", "nonfloat"],
+)
+def test_bad_checkpoints_name_key_and_model(name, change, message):
+    base, fts = make_models(2)
+    change(corrupt(name, fts))
+    with pytest.raises(StateDictError, match=message) as err:
+        labelled(name, base, fts)
+    assert culprit(name) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda base, fts: weight_average([]), "empty list"),
+        (lambda base, fts: task_arithmetic(base, []), "task_arithmetic needs at least 1 fine-tuned models, got none"),
+        (lambda base, fts: ties(base, []), "ties needs at least 1"),
+        (lambda base, fts: model_stock(base, fts[:1]), r"model_stock needs at least 2 fine-tuned models, got 1 \(finetuned 0\)"),
+        (lambda base, fts: cart(base, fts[:1]), r"cart needs at least 2 fine-tuned models, got 1 \(finetuned 0\)"),
+    ],
+    ids=["weight_average", "task_arithmetic", "ties", "model_stock", "cart"],
+)
+def test_too_few_models(call, message):
+    base, fts = make_models(2)
+    with pytest.raises(StateDictError, match=message):
+        call(base, fts)
+
+
+@pytest.mark.parametrize("lam", [float("nan"), float("inf"), "0.3", None])
+def test_coefficients_must_be_finite_reals(lam):
+    base, fts = make_models(2)
+    for call in (lambda: interpolate(base, fts[0], lam), lambda: ties(base, fts, lam=lam), lambda: cart(base, fts, lam=lam)):
+        with pytest.raises(ValueError, match=f"lam must be a finite real number, got {lam!r}"):
+            call()
