@@ -17,7 +17,7 @@ from pathlib import Path
 
 from raymerge import config, pipeline, report
 
-DEFAULT_EXPERIMENTS = ["robust.yaml"]
+DEFAULT_EXPERIMENTS = ["robust.yaml", "multitask.yaml"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

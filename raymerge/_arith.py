@@ -26,7 +26,7 @@ def check_real(name: str, value: float) -> float:
 
 
 def validate(models: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None = None) -> None:
-    """Everything a merge checks before any work: count (≥ 1), keys, shapes, dtypes, NaN/Inf, equal non-floating tensors."""
+    """All a merge checks before any work: count (≥ 1), keys, shapes, dtypes, NaN/Inf, equal non-floating tensors."""
     check_mergeable(models, names)
     check_nonfloating_equal(models, names)
 
@@ -37,10 +37,10 @@ def validate_with_base(
     finetuned: Sequence[Mapping[str, torch.Tensor]],
     names: Sequence[str] | None,
     min_finetuned: int,
-) -> list[Mapping[str, torch.Tensor]]:
-    """Validate ``base`` (skipped when ``None``) together with the fine-tuned models; return them as one list, base first.
+) -> None:
+    """Validate ``base`` (skipped when ``None``) together with at least ``min_finetuned`` fine-tuned models.
 
-    Error messages call the models ``base`` and ``names[i]`` (default ``finetuned i``).
+    Error messages call the models ``base`` and ``names[i]`` (default ``finetuned i``) and start with ``method``.
     """
     if names is None:
         labels = [f"finetuned {i}" for i in range(len(finetuned))]
@@ -51,9 +51,10 @@ def validate_with_base(
     if len(finetuned) < min_finetuned:
         got = "none" if not finetuned else f"{len(finetuned)} ({', '.join(labels)})"
         raise StateDictError(f"{method} needs at least {min_finetuned} fine-tuned models, got {got}")
-    models = list(finetuned) if base is None else [base, *finetuned]
-    validate(models, labels if base is None else ["base", *labels])
-    return models
+    if base is None:
+        validate(finetuned, labels)
+    else:
+        validate([base, *finetuned], ["base", *labels])
 
 
 def per_key(
@@ -85,7 +86,7 @@ def dtypes_of(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.dtype]:
 
 
 def cast_to(merged: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype]) -> StateDict:
-    """A new state dict with ``merged`` cast to ``dtypes``; always copies, so results never share storage with inputs."""
+    """``merged`` cast to ``dtypes`` in a new dict; always copies, so results never share storage with inputs."""
     return {key: tensor.to(dtypes[key], copy=True) for key, tensor in merged.items()}
 
 

@@ -106,9 +106,13 @@ METHODS: dict[str, dict[str, Param]] = {
     },
 }
 
+# Methods that combine several fine-tuned models *of one task* (or θ0 with θ1): meaningless across tasks.
+ROBUST_ONLY = ("wise_ft", "model_stock", "greedy_soup")
+
 RESOURCES: dict[str, Param] = {
     "num_actors": Param((int,), 2, check=_positive),
-    "num_cpus_per_actor": Param(NUM, 1.0, check=_non_negative),
+    # fractional by default: actors hold their CPUs while alive, and CART's SVD tasks need room beside them
+    "num_cpus_per_actor": Param(NUM, 0.5, check=_non_negative),
     "num_gpus_per_actor": Param(NUM, 0.0, check=_non_negative),
     "batch_size": Param((int,), 256, check=_positive),
 }
@@ -283,6 +287,9 @@ def validate(raw: Any, source: str = "<experiment>", base_dir: Path | None = Non
             continue
         methods[name] = _check_fields(params or {}, METHODS[name], f"methods.{name}", problems)
     resources = _check_fields(top.get("resources") or {}, RESOURCES, "resources", problems)
+    if any(t.finetuned for t in tasks.values()):
+        problems += [f"methods.{m}: applies to the robust setting only (one task, several fine-tuned models)"
+                     for m in methods if m in ROBUST_ONLY]
     if problems:
         raise ConfigError(source, problems)
     output = Path(top["output_dir"] or f"results/{top['name']}").expanduser()

@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-from raymerge.mixture import BetaMixture, DirichletMixture
+from raymerge.mixture import BetaMixture, DirichletMixture, check_finite_array
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 """Search range of :func:`fit_temperature`: well beyond the ~0.9–1.1 the authors report for CLIP ViT-B/32."""
@@ -39,9 +39,7 @@ def _as_logits(logits: ArrayLike | Sequence[ArrayLike]) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim not in (2, 3) or z.shape[0] == 0 or z.shape[-1] == 0:
         raise ValueError(f"logits must be (N, C) or (N, M, C) with N, C ≥ 1, got shape {z.shape}")
-    bad = np.argwhere(~np.isfinite(z))
-    if len(bad):
-        raise ValueError(f"logits have a non-finite value {z[tuple(bad[0])]} at index {tuple(int(i) for i in bad[0])}")
+    check_finite_array(z, "logits")
     return z
 
 
@@ -136,10 +134,7 @@ def _as_matrix(values: ArrayLike, what: str) -> np.ndarray:
         raise ValueError(f"{what} has no samples (N = 0)")
     if a.shape[1] < 2:
         raise ValueError(f"{what} needs at least 2 candidate models, got M = {a.shape[1]}")
-    bad = np.argwhere(~np.isfinite(a))
-    if len(bad):
-        i, j = bad[0]
-        raise ValueError(f"{what} has a non-finite value {a[i, j]} at row {i}, column {j}")
+    check_finite_array(a, what)
     return a
 
 

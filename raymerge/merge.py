@@ -107,13 +107,11 @@ def task_arithmetic(
     ρ = 0 drops those matrices' task vectors (they keep θ0); other tensors always keep their full τt.
     """
     coefficients = _task_coefficients(lam, len(finetuned))
-    ranks: dict[str, int] = {}
     if rank_ratio is not None:
-        rank_ratio = check_rank_ratio(rank_ratio)
+        check_rank_ratio(rank_ratio)
         check_svd(svd)
     validate_with_base("task_arithmetic", base, finetuned, names, min_finetuned=1)
-    if rank_ratio is not None:
-        ranks = select_low_rank(base, rank_ratio, rule)
+    ranks = {} if rank_ratio is None else select_low_rank(base, rank_ratio, rule)
 
     def merge_key(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         theta0 = tensors[0]

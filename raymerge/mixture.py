@@ -37,7 +37,7 @@ EMPTY_MASS = 1e-8
 
 _KMEANS_MAX_ITER = 100
 _ROW_SUM_TOL = 1e-6
-_MLE_TOL = 1e-8
+_MLE_TOL = 1e-6
 _MLE_MAX_ITER = 1000
 _NEWTON_STEPS = 5
 
@@ -134,11 +134,16 @@ def _logsumexp_components(a: np.ndarray) -> np.ndarray:
     return top + np.log(np.exp(a - top).sum(0))
 
 
-def _finite_or_raise(x: np.ndarray, what: str) -> None:
+def check_finite_array(x: np.ndarray, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` and the first NaN/Inf entry of ``x``.
+
+    The entry is named by its index (1-D), row and column (2-D), or index tuple (more dimensions).
+    """
     bad = np.argwhere(~np.isfinite(x))
     if len(bad):
-        where = ", ".join(f"{axis} {i}" for axis, i in zip(("row", "column"), bad[0]))
-        raise ValueError(f"{what} has a non-finite value {x[tuple(bad[0])]} at {where}")
+        i = tuple(int(v) for v in bad[0])
+        where = f"row {i[0]}, column {i[1]}" if x.ndim == 2 else f"index {i[0] if x.ndim == 1 else i}"
+        raise ValueError(f"{what} has a non-finite value {x[i]} at {where}")
 
 
 class _EMMixture:
@@ -278,7 +283,7 @@ class BetaMixture(_EMMixture):
         lam = np.asarray(x, dtype=np.float64)
         if lam.ndim != 1 or lam.size == 0:
             raise ValueError(f"BetaMixture takes a non-empty 1-D array of coefficients (N,), got shape {lam.shape}")
-        _finite_or_raise(lam, "the coefficient array")
+        check_finite_array(lam, "the coefficient array")
         outside = np.flatnonzero((lam < 0) | (lam > 1))
         if len(outside):
             raise ValueError(f"coefficient {lam[outside[0]]} at index {outside[0]} is outside [0, 1]")
@@ -309,7 +314,7 @@ class DirichletMixture(_EMMixture):
     component (all components at once, vectorised), the responsibility-weighted maximum-likelihood α by Minka's
     fixed point ``ψ(αj) = ψ(Σα) + Σi γik log xij / Nk`` (inverse digamma by Newton), started from moment
     matching (weighted means ``m``, precision ``s`` = geometric mean over j of ``mj(1−mj)/vj − 1``). The fixed
-    point stops at a relative change below 1e-8 or after 1000 steps. Initialisation: K-means on the vectors.
+    point stops at a relative change below 1e-6 or after 1000 steps. Initialisation: K-means on the vectors.
 
     How this differs from the authors' released "Dirichlet mixture": theirs is a mean-vector heuristic with no
     Dirichlet likelihood, in which the number of components silently becomes the number of models T and
@@ -324,15 +329,15 @@ class DirichletMixture(_EMMixture):
     def _prepare(self, x: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         p = np.asarray(x, dtype=np.float64)
         if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] < 2:
-            raise ValueError(f"DirichletMixture takes coefficient vectors (N, M), N ≥ 1, M ≥ 2, not shape {p.shape}")
-        _finite_or_raise(p, "the coefficient matrix")
+            raise ValueError(f"DirichletMixture takes vectors (N, M) with N ≥ 1, M ≥ 2, got shape {p.shape}")
+        check_finite_array(p, "the coefficient matrix")
         negative = np.argwhere(p < 0)
         if len(negative):
             i, j = negative[0]
             raise ValueError(f"coefficient {p[i, j]} at row {i}, column {j} is negative")
         off = np.flatnonzero(np.abs(p.sum(1) - 1) > _ROW_SUM_TOL)
         if len(off):
-            raise ValueError(f"coefficient rows must sum to 1; row {off[0]} sums to {p[off[0]].sum()!r}")
+            raise ValueError(f"coefficient rows must sum to 1; row {off[0]} sums to {float(p[off[0]].sum())}")
         p = np.maximum(p, EPS)
         p /= p.sum(1, keepdims=True)
         return p, np.log(p.T)

@@ -43,9 +43,11 @@ class Candidate:
 
     method: str
     params: dict[str, Any]
-    build: Callable[[], StateDict]
+    build: Callable[[], StateDict] | None
     tasks: list[str] | None = None
     merges: int = 1
+    # output-space methods (ensembles, DaWin) produce logits and per-sample extras themselves instead of weights
+    predict: Callable[[list[tuple[str, str]]], tuple[dict, dict]] | None = None
 
 
 @dataclass
@@ -199,8 +201,18 @@ class Run:
         if self.is_done(c.method, c.params, c.tasks):
             return
         start = time.perf_counter()
-        logits = self.logits(to_numpy(c.build()), self.eval_sets(c.tasks))
-        self.record(c.method, c.params, logits, time.perf_counter() - start, c.merges)
+        pairs = self.eval_sets(c.tasks)
+        if c.predict is not None:
+            logits, extras = c.predict(pairs)
+        else:
+            logits, extras = self.logits(to_numpy(c.build()), pairs), None
+        self.record(c.method, c.params, logits, time.perf_counter() - start, c.merges, extras)
+
+    def validation_pairs(self) -> list[tuple[str, str]]:
+        pairs = [(t, "validation") for t, task in self.tasks.items() if "validation" in task.sets]
+        if not pairs:
+            raise ConfigError(self.exp.source, ["task_pool: a method that selects on validation needs a validation split"])
+        return pairs
 
 
 MethodFn = Callable[[Run, dict[str, Any]], Iterator[Candidate]]
@@ -246,6 +258,115 @@ def _wise_ft(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
     for lam in params["lambdas"]:
         yield Candidate("wise_ft", {"lam": float(lam), "model": ft},
                         lambda lam=float(lam): interpolate(run.base, run.finetuned[ft], lam))
+
+
+@method("weight_average")
+def _weight_average(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    from raymerge.merge import weight_average
+
+    yield Candidate("weight_average", {}, lambda: weight_average(list(run.finetuned.values()), list(run.finetuned)))
+
+
+@method("task_arithmetic")
+def _task_arithmetic(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    from raymerge.merge import task_arithmetic
+
+    def build(lam: float) -> StateDict:
+        return task_arithmetic(run.base, list(run.finetuned.values()), lam, names=list(run.finetuned))
+
+    pairs = run.validation_pairs()
+    scores = {float(lam): run.accuracy(to_numpy(build(float(lam))), pairs) for lam in params["lambdas"]}
+    best = max(scores, key=lambda lam: (scores[lam], -lam))
+    log.info("task arithmetic: validation accuracy per lambda %s -> lambda %.2f", {k: round(v, 4) for k, v in scores.items()}, best)
+    yield Candidate("task_arithmetic", {"lam": best, "selected_on": "validation"}, lambda: build(best), merges=len(scores))
+
+
+@method("ties")
+def _ties(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    from raymerge.merge import ties
+
+    lam, density = float(params["lam"]), float(params["density"])
+    yield Candidate("ties", {"lam": lam, "density": density},
+                    lambda: ties(run.base, list(run.finetuned.values()), lam, density, names=list(run.finetuned)))
+
+
+@method("model_stock")
+def _model_stock(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    from raymerge.merge import model_stock
+
+    yield Candidate("model_stock", {}, lambda: model_stock(run.base, list(run.finetuned.values()), names=list(run.finetuned)))
+
+
+def greedy_soup(candidates: Mapping[str, StateDict], score: Callable[[StateDict], float]) -> tuple[StateDict, list[str]]:
+    """Greedy soup (METHODS §1): add models in order of held-out score, keeping each only if the score does not drop.
+
+    ``score`` evaluates a state dict on held-out data (higher is better). Returns the soup and the names kept.
+    """
+    from raymerge.merge import weight_average
+
+    ranked = sorted(candidates, key=lambda name: -score(candidates[name]))
+    kept = [ranked[0]]
+    best = score(candidates[ranked[0]])
+    for name in ranked[1:]:
+        trial = weight_average([candidates[n] for n in [*kept, name]])
+        value = score(trial)
+        if value >= best:
+            kept, best = [*kept, name], value
+    return weight_average([candidates[n] for n in kept]), kept
+
+
+@method("greedy_soup")
+def _greedy_soup(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    pairs = run.validation_pairs()
+    soup, kept = greedy_soup(run.finetuned, lambda sd: run.accuracy(to_numpy(sd), pairs))
+    yield Candidate("greedy_soup", {"models": kept, "selected_on": "validation"}, lambda: soup)
+
+
+@method("output_ensemble")
+def _output_ensemble(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    from raymerge.dawin import output_ensemble
+
+    if run.exp.setting == "multitask":
+        members = dict(run.finetuned)
+    else:
+        ft = _first_finetuned(run)
+        members = {"zeroshot": run.base, ft: run.finetuned[ft]}
+
+    def predict(pairs: list[tuple[str, str]]) -> tuple[dict, dict]:
+        per_model = [run.logits(to_numpy(sd), pairs) for sd in members.values()]
+        # the log of the averaged softmax keeps argmax (and a log-probability reading) of the ensemble
+        out = {p: np.log(output_ensemble([lg[p] for lg in per_model]).clip(1e-30)).astype(np.float32) for p in pairs}
+        return out, {}
+
+    yield Candidate("output_ensemble", {"models": list(members)}, None, merges=0, predict=predict)
+
+
+@method("cart")
+def _cart(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    from raymerge.workers import distributed_cart
+
+    for cfg in params["configs"]:
+        rho, lam = float(cfg["rank_ratio"]), float(cfg.get("lam", 1.0))
+        yield Candidate("cart", {"rank_ratio": rho, "lam": lam, "svd": params["svd"]},
+                        lambda rho=rho, lam=lam: distributed_cart(
+                            run.base, list(run.finetuned.values()), rho, lam, params["svd"], run.exp.seed,
+                            names=list(run.finetuned)))
+
+
+@method("rank_sweep")
+def _rank_sweep(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    """Accuracy versus rank ratio (cart-2025.md Fig. 1/5): CART and task arithmetic with rank-k task vectors."""
+    from raymerge.merge import task_arithmetic
+    from raymerge.workers import distributed_cart
+
+    ft, names, svd = list(run.finetuned.values()), list(run.finetuned), params["svd"]
+    for rho in params["rank_ratios"]:
+        rho = float(rho)
+        yield Candidate("rank_sweep/cart", {"rank_ratio": rho, "lam": float(params["cart_lam"])},
+                        lambda rho=rho: distributed_cart(run.base, ft, rho, float(params["cart_lam"]), svd, run.exp.seed, names=names))
+        yield Candidate("rank_sweep/task_arithmetic", {"rank_ratio": rho, "lam": float(params["task_arithmetic_lam"])},
+                        lambda rho=rho: task_arithmetic(run.base, ft, float(params["task_arithmetic_lam"]), rank_ratio=rho,
+                                                        svd=svd, seed=run.exp.seed, names=names))
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:

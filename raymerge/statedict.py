@@ -116,7 +116,7 @@ def from_numpy(arrays: Mapping[str, np.ndarray]) -> StateDict:
 
 
 def check_nonfloating_equal(models: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None = None) -> None:
-    """Raise :class:`StateDictError` naming the key and model where a non-floating tensor differs from the first model's.
+    """Raise :class:`StateDictError` naming the key and model where a non-floating tensor differs from the first's.
 
     Merges average floating tensors only; integer and boolean buffers are copied from the first model, which is
     only meaningful when every model holds the same values. Assumes :func:`check_compatible` has passed.
@@ -129,5 +129,6 @@ def check_nonfloating_equal(models: Sequence[Mapping[str, torch.Tensor]], names:
         for sd, name in zip(models[1:], labels[1:]):
             if not torch.equal(sd[key], tensor):
                 raise StateDictError(
-                    f"non-floating key {key!r} differs between {name} and {ref_name}: merges copy it, so it must be equal"
+                    f"non-floating key {key!r} differs between {name} and {ref_name}: "
+                    "merges copy it, so it must be equal"
                 )

@@ -169,3 +169,47 @@ def evaluate_local(architecture: str, weights: Weights, head: models.Head, datas
     models.load_weights_in_place(encoder, weights)
     images = models.preprocess(dataset.images, models.image_size(architecture))
     return models.predict_logits(encoder, head, images, batch_size)
+
+
+def _low_rank_job(theta_t: Weights, theta_avg: Weights, key: str, k: int, svd: str, seed: int) -> np.ndarray:
+    """One CART job in a Ray worker: the rank-k approximation of the centered matrix ``key`` of one task."""
+    from raymerge.cart import centered_matrix, low_rank_approx
+
+    matrix = centered_matrix(torch.from_numpy(np.array(theta_t[key])), torch.from_numpy(np.array(theta_avg[key])))
+    return low_rank_approx(matrix, k, svd, seed).numpy()
+
+
+def distributed_cart(
+    base: Mapping[str, torch.Tensor] | None,
+    finetuned: Sequence[Mapping[str, torch.Tensor]],
+    rank_ratio: float = 0.08,
+    lam: float = 1.0,
+    svd: str = "exact",
+    seed: int = 0,
+    rule=None,
+    names: Sequence[str] | None = None,
+    num_cpus: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """:func:`raymerge.cart.cart` with its per-(layer, task) SVDs run as Ray tasks over the cluster.
+
+    Each fine-tuned model and θavg go into the object store once; every task gets them by reference and
+    computes one centered matrix's low-rank approximation with the same pure function as the local merge,
+    so the result equals ``cart(...)`` bit for bit (same seed for the randomized SVD).
+    """
+    from raymerge.cart import assemble_cart, plan_cart
+    from raymerge.statedict import to_numpy
+
+    plan = plan_cart(base, finetuned, rank_ratio, svd, seed, rule, names=names)
+    if not plan.jobs:
+        return assemble_cart(plan, {}, lam)
+    avg_ref = ray.put(to_numpy(plan.theta_avg))
+    needed = sorted({job.task_index for job in plan.jobs})
+    ft_refs = {t: ray.put(to_numpy(finetuned[t])) for t in needed}
+    task = ray.remote(_low_rank_job).options(num_cpus=num_cpus)
+    refs = {
+        (job.key, job.task_index): task.remote(ft_refs[job.task_index], avg_ref, job.key, job.k, plan.svd, job.seed)
+        for job in plan.jobs
+    }
+    values = ray.get(list(refs.values()))
+    approximations = {name: torch.from_numpy(v) for name, v in zip(refs, values)}
+    return assemble_cart(plan, approximations, lam)

@@ -23,7 +23,7 @@ def make_models(n_finetuned: int, dtype: torch.dtype = torch.float32, seed: int 
     base["steps"] = torch.tensor([3, 1, 4])
     finetuned = []
     for _ in range(n_finetuned):
-        ft = {key: (t + 0.5 * torch.randn(t.shape, generator=gen)).to(dtype) for key, t in base.items() if key != "steps"}
+        ft = {key: (base[key] + 0.5 * torch.randn(shape, generator=gen)).to(dtype) for key, shape in SHAPES.items()}
         ft["steps"] = base["steps"].clone()
         finetuned.append(ft)
     return base, finetuned
@@ -279,21 +279,20 @@ def test_float64_precision_keeps_checkpoint_dtype(name):
 
 
 def labelled(name, base, fts):
-    """Call a merge with the fine-tuned models named ft0, ft1, ... (weight_average and interpolate have their own)."""
+    """Call a merge with the fine-tuned models named ft0, ft1, ... (interpolate names its own: theta0, theta1)."""
+    names = [f"ft{i}" for i in range(len(fts))]
     if name == "weight_average":
-        return weight_average(fts, names=[f"ft{i}" for i in range(len(fts))])
+        return weight_average(fts, names=names)
     if name == "interpolate":
         return interpolate(base, fts[0], 0.4)
-    return MERGES[name](base, fts, names=[f"ft{i}" for i in range(len(fts))])
+    return MERGES[name](base, fts, names=names)
 
 
-def culprit(name):
-    return "theta1" if name == "interpolate" else "ft1" if name == "weight_average" else "ft0"
-
-
-def corrupt(name, fts):
-    """The model the error must name is fts[1] for weight_average, else fts[0] (interpolate's theta1)."""
-    return fts[1] if name == "weight_average" else fts[0]
+def culprit(name, fts):
+    """The model to corrupt and the label the error must give it: never the reference model (the first one)."""
+    if name == "weight_average":
+        return fts[1], "ft1"
+    return fts[0], "theta1" if name == "interpolate" else "ft0"
 
 
 @pytest.mark.parametrize("name", MERGES)
@@ -312,10 +311,11 @@ def corrupt(name, fts):
 )
 def test_bad_checkpoints_name_key_and_model(name, change, message):
     base, fts = make_models(2)
-    change(corrupt(name, fts))
+    model, label = culprit(name, fts)
+    change(model)
     with pytest.raises(StateDictError, match=message) as err:
         labelled(name, base, fts)
-    assert culprit(name) in str(err.value)
+    assert label in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -324,7 +324,7 @@ def test_bad_checkpoints_name_key_and_model(name, change, message):
         (lambda base, fts: weight_average([]), "empty list"),
         (lambda base, fts: task_arithmetic(base, []), "task_arithmetic needs at least 1 fine-tuned models, got none"),
         (lambda base, fts: ties(base, []), "ties needs at least 1"),
-        (lambda base, fts: model_stock(base, fts[:1]), r"model_stock needs at least 2 fine-tuned models, got 1 \(finetuned 0\)"),
+        (lambda base, fts: model_stock(base, fts[:1]), r"model_stock needs at least 2 fine-tuned models, got 1 \("),
         (lambda base, fts: cart(base, fts[:1]), r"cart needs at least 2 fine-tuned models, got 1 \(finetuned 0\)"),
     ],
     ids=["weight_average", "task_arithmetic", "ties", "model_stock", "cart"],
@@ -338,6 +338,7 @@ def test_too_few_models(call, message):
 @pytest.mark.parametrize("lam", [float("nan"), float("inf"), "0.3", None])
 def test_coefficients_must_be_finite_reals(lam):
     base, fts = make_models(2)
-    for call in (lambda: interpolate(base, fts[0], lam), lambda: ties(base, fts, lam=lam), lambda: cart(base, fts, lam=lam)):
+    calls = (lambda: interpolate(base, fts[0], lam), lambda: ties(base, fts, lam=lam), lambda: cart(base, fts, lam=lam))
+    for call in calls:
         with pytest.raises(ValueError, match=f"lam must be a finite real number, got {lam!r}"):
             call()
