@@ -200,15 +200,11 @@ def ties(
 
 
 def _model_stock_ratio(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Model Stock's t (0-dim tensor) for one layer's N ≥ 2 fine-tuned deltas θi − θ0.
-
-    cos φ is the mean pairwise cosine of the deltas. A zero delta has no direction: its cosines count as 0 instead of
-    NaN (all deltas zero gives t = 0, and then θ̄ft = θ0 anyway). cos φ is clamped to [0, 1], the range the Model
-    Stock derivation assumes; this keeps t in [0, 1] and avoids the pole at cos φ = −1/(N−1).
-    """
+    """Model Stock's t (0-dim tensor) for one layer's N ≥ 2 fine-tuned deltas θi − θ0 (rules in :func:`model_stock`)."""
     n = len(deltas)
     flat = torch.stack([delta.flatten() for delta in deltas])
     norms = flat.norm(dim=1, keepdim=True)
+    # a zero delta has no direction: a zero unit vector makes its cosines 0 rather than NaN
     unit = torch.where(norms > 0, flat / norms, torch.zeros_like(flat))
     rows, cols = torch.triu_indices(n, n, offset=1)
     cos_phi = (unit @ unit.T)[rows, cols].mean().clamp(0, 1)
@@ -225,8 +221,13 @@ def model_stock(
 ) -> StateDict:
     """Model Stock over N ≥ 2 fine-tuned models of one task (METHODS §1): per tensor, ``θ = t·θ̄ft + (1−t)·θ0``.
 
-    Each floating tensor (layer) gets its own ``t = N cosφ / (1 + (N−1) cosφ)`` from the mean pairwise cosine of its
-    deltas θi − θ0 (see :func:`_model_stock_ratio` for zero deltas and negative cosines).
+    Each floating tensor (layer) gets its own ``t = N cosφ / (1 + (N−1) cosφ)``, cos φ being the mean pairwise
+    cosine of its N deltas θi − θ0 (METHODS' "angle between fine-tuned deltas", generalized from the paper's N = 2).
+
+    - A zero-norm delta has no direction: its cosines with the others count as 0 (no NaN). If all deltas are zero,
+      t = 0 and θ = θ0, which is also θ̄ft.
+    - cos φ is clamped to [0, 1], the range Model Stock's derivation assumes: t stays in [0, 1] (negatively
+      correlated deltas give θ0) and the pole at cos φ = −1/(N−1) is never reached.
     """
     validate_with_base("model_stock", base, finetuned, names, min_finetuned=2)
 

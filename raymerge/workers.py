@@ -211,5 +211,5 @@ def distributed_cart(
         for job in plan.jobs
     }
     values = ray.get(list(refs.values()))
-    approximations = {name: torch.from_numpy(v) for name, v in zip(refs, values)}
+    approximations = {name: torch.from_numpy(np.array(v)) for name, v in zip(refs, values)}  # writable copies
     return assemble_cart(plan, approximations, lam)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from raymerge.cart import (
-    LowRankJob,
     LowRankRule,
     assemble_cart,
     cart,
@@ -255,7 +254,6 @@ def test_job_seeds_are_deterministic_and_distinct():
     assert job_seed(0, "a", 0) == job_seed(0, "a", 0)
     assert len({job_seed(s, k, t) for s in (0, 1) for k in ("a", "b") for t in (0, 1)}) == 8
     assert 0 <= job_seed(-3, "a", 0) < 2**63
-    assert LowRankJob("a", 0, 1, 2) == LowRankJob("a", 0, 1, 2)
 
 
 # --- inputs -------------------------------------------------------------------------------------------------------
