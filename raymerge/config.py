@@ -103,6 +103,8 @@ METHODS: dict[str, dict[str, Param]] = {
         "offset": Param((bool,), True),
         "mixture": Param((str,), "auto", check=lambda v: None if v in ("auto", "beta", "dirichlet", "none") else f"must be auto, beta, dirichlet or none, got {v!r}"),
         "lam0": Param(NUM, 0.3),
+        "samplewise": Param((bool,), True),
+        "oracle": Param((bool,), True),
     },
 }
 

@@ -46,8 +46,9 @@ class Candidate:
     build: Callable[[], StateDict] | None
     tasks: list[str] | None = None
     merges: int = 1
-    # output-space methods (ensembles, DaWin) produce logits and per-sample extras themselves instead of weights
-    predict: Callable[[list[tuple[str, str]]], tuple[dict, dict]] | None = None
+    # output-space methods (ensembles, DaWin) produce predictions, per-sample extras and their merge count
+    # themselves instead of one weight set
+    predict: Callable[[list[tuple[str, str]]], tuple[dict, dict, Mapping[tuple[str, str], int]]] | None = None
 
 
 @dataclass
@@ -161,6 +162,26 @@ class Run:
             self.pool.drop_weights(key)
         return out
 
+    def logits_rows(self, assignments: list[tuple[Mapping[str, np.ndarray], np.ndarray]], pair: tuple[str, str]) -> np.ndarray:
+        """Phase 2 of DaWin: every (weights, rows) assignment at once, each actor evaluating its rows only."""
+        task, split = pair
+        t = self.tasks[task]
+        keys, pending = [], []
+        for weights, rows in assignments:
+            keys.append(self.pool.put_weights(weights))
+            pending += self.pool.submit(keys[-1], task, f"{task}/{split}", rows)
+        out = self.pool.gather(pending, len(t.sets[split]), t.head.num_classes)
+        for key in keys:
+            self.pool.drop_weights(key)
+        return out
+
+    def central(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Central statistics (coefficients, mixture fit) as one Ray task beside the actors."""
+        return ray.get(ray.remote(fn).options(num_cpus=0.5).remote(*args))
+
+    def labels(self, pair: tuple[str, str]) -> np.ndarray:
+        return self.tasks[pair[0]].sets[pair[1]].labels
+
     def accuracy(self, weights: Mapping[str, np.ndarray], pairs: list[tuple[str, str]]) -> float:
         """Mean accuracy over ``pairs`` (used for selection on validation splits)."""
         logits = self.logits(weights, pairs)
@@ -178,12 +199,13 @@ class Run:
         return False
 
     def record(self, method: str, params: Mapping[str, Any], logits: Mapping[tuple[str, str], np.ndarray],
-               seconds: float, merges: int, extras: Mapping[tuple[str, str], Mapping[str, np.ndarray]] | None = None) -> None:
-        """Write one row per (task, split) of ``logits`` and its per-sample outputs."""
+               seconds: float, merges: Mapping[tuple[str, str], int], extras: Mapping[tuple[str, str], Mapping[str, np.ndarray]] | None = None) -> None:
+        """Write one row per (task, split) of ``logits`` and its per-sample outputs; ``merges`` counts the merged
+        weight sets each (task, split) was evaluated with."""
         rows = []
         for (task, split), lg in logits.items():
             labels = self.tasks[task].sets[split].labels
-            pred = lg.argmax(1)
+            pred = lg.argmax(1) if lg.ndim == 2 else lg  # output-space methods hand over predictions
             key = row_key(method, dict(params), self.pool_hash, task, split)
             columns = {"prediction": pred, "label": labels, **((extras or {}).get((task, split), {}))}
             self.store.write_samples(key, columns)
@@ -191,7 +213,7 @@ class Run:
                 "key": key, "experiment": self.exp.name, "method": method, "params": dict(params),
                 "pool": self.pool_hash, "task": task, "split": split,
                 "accuracy": float(np.mean(pred == labels)), "n": int(len(labels)),
-                "seconds": seconds, "merges": merges,
+                "seconds": seconds, "merges": int(merges.get((task, split), 0)),
             })
             self.done.add(key)
         self.store.append(rows)
@@ -203,10 +225,10 @@ class Run:
         start = time.perf_counter()
         pairs = self.eval_sets(c.tasks)
         if c.predict is not None:
-            logits, extras = c.predict(pairs)
+            logits, extras, merges = c.predict(pairs)
         else:
-            logits, extras = self.logits(to_numpy(c.build()), pairs), None
-        self.record(c.method, c.params, logits, time.perf_counter() - start, c.merges, extras)
+            logits, extras, merges = self.logits(to_numpy(c.build()), pairs), None, dict.fromkeys(pairs, c.merges)
+        self.record(c.method, c.params, logits, time.perf_counter() - start, merges, extras)
 
     def validation_pairs(self) -> list[tuple[str, str]]:
         pairs = [(t, "validation") for t, task in self.tasks.items() if "validation" in task.sets]
@@ -334,9 +356,7 @@ def _output_ensemble(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
 
     def predict(pairs: list[tuple[str, str]]) -> tuple[dict, dict]:
         per_model = [run.logits(to_numpy(sd), pairs) for sd in members.values()]
-        # the log of the averaged softmax keeps argmax (and a log-probability reading) of the ensemble
-        out = {p: np.log(output_ensemble([lg[p] for lg in per_model]).clip(1e-30)).astype(np.float32) for p in pairs}
-        return out, {}
+        return {p: output_ensemble([lg[p] for lg in per_model]) for p in pairs}, {}, {}
 
     yield Candidate("output_ensemble", {"models": list(members)}, None, merges=0, predict=predict)
 
@@ -367,6 +387,59 @@ def _rank_sweep(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
         yield Candidate("rank_sweep/task_arithmetic", {"rank_ratio": rho, "lam": float(params["task_arithmetic_lam"])},
                         lambda rho=rho: task_arithmetic(run.base, ft, float(params["task_arithmetic_lam"]), rank_ratio=rho,
                                                         svd=svd, seed=run.exp.seed, names=names))
+
+
+def dawin_candidates(run: Run) -> tuple[list[str], Callable[[np.ndarray], StateDict]]:
+    """DaWin's candidate models and the merge a coefficient row (M,) stands for (METHODS §4).
+
+    Robust: θ0 and θ1, merged as ``(1−λ) θ0 + λ θ1``. Multi-task: the T fine-tuned models, merged as
+    ``θ0 + λ0·T·Σt λt τt`` (uniform λt is task arithmetic at λ0).
+    """
+    from raymerge.merge import interpolate, task_arithmetic
+
+    if run.exp.setting == "multitask":
+        names = list(run.finetuned)
+        lam0 = float(run.exp.methods["dawin"]["lam0"])
+        fts = list(run.finetuned.values())
+        return names, lambda c: task_arithmetic(run.base, fts, [lam0 * len(fts) * float(x) for x in c], names=names)
+    ft = _first_finetuned(run)
+    return ["zeroshot", ft], lambda c: interpolate(run.base, run.finetuned[ft], float(c[1]))
+
+
+@method("dawin")
+def _dawin(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
+    from raymerge.dawin_pipeline import DawinRunner, phase1
+
+    names, merge = dawin_candidates(run)
+    weights = {"zeroshot": run.base, **run.finetuned}
+    state: dict[str, DawinRunner] = {}
+
+    def runner(pairs: list[tuple[str, str]]) -> DawinRunner:
+        if "r" not in state:
+            validation = {t: (t, "validation") if "validation" in task.sets else None for t, task in run.tasks.items()}
+            with phase("dawin phase 1 (candidate logits, temperatures, entropies)"):
+                p1 = phase1(run, [to_numpy(weights[n]) for n in names], pairs, validation)
+            log.info("dawin temperatures per task: %s", p1.temperatures)
+            state["r"] = DawinRunner(run, p1, merge, run.exp.seed)
+        return state["r"]
+
+    def variant(label: str, extra: dict[str, Any], fn: Callable[[DawinRunner, list], Any]) -> Candidate:
+        def predict(pairs: list[tuple[str, str]]) -> tuple[dict, dict, int]:
+            outcome = fn(runner(pairs), pairs)
+            return outcome.predictions, outcome.extras, outcome.merges
+        return Candidate(label, {"models": names, **extra}, None, predict=predict)
+
+    k, robust = int(params["k"]), run.exp.setting != "multitask"
+    offsets = [True, False] if robust else [False]
+    for offset in offsets:
+        yield variant("dawin", {"k": k, "offset": offset}, lambda r, p, o=offset: r.mixture(p, k, o))
+    if params["samplewise"]:
+        yield variant("dawin/samplewise", {"offset": offsets[0]}, lambda r, p: r.samplewise(p, offsets[0]))
+    if robust:
+        yield variant("dawin/dcs", {"offset": True}, lambda r, p: r.selection(p, True)[0])
+        yield variant("dawin/doe", {"offset": True}, lambda r, p: r.selection(p, True)[1])
+        if params["oracle"]:
+            yield variant("dawin/oracle (upper bound)", {}, lambda r, p: r.oracle(p))
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -16,10 +16,16 @@ import numpy as np
 from raymerge.results import ResultStore
 
 
+# Parameters that identify a row but would only clutter its label (they are in the Parquet rows).
+HIDDEN_PARAMS = {"models", "model", "selected_on", "svd"}
+SHOWN_ALWAYS = {"finetuned": {"model"}, "individual": {"model"}, "greedy_soup": {"models"}}
+
+
 def method_label(method: str, params: str | dict[str, Any]) -> str:
-    """Row label: the method and its parameters, e.g. ``wise_ft lam=0.5``."""
+    """Row label: the method and its distinguishing parameters, e.g. ``wise_ft lam=0.5``."""
     p = json.loads(params) if isinstance(params, str) else params
-    shown = " ".join(f"{k}={v}" for k, v in sorted(p.items()) if k not in ("model",) or method in ("finetuned", "individual"))
+    keep = SHOWN_ALWAYS.get(method, set())
+    shown = " ".join(f"{k}={v}" for k, v in sorted(p.items()) if k not in HIDDEN_PARAMS or k in keep)
     return f"{method} {shown}".strip()
 
 
@@ -40,14 +46,14 @@ def build_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[An
         extra[label] = (secs + float(r.get("seconds") or 0.0), max(merges, int(r.get("merges") or 0)))
     if robust:
         shifts = sorted({r["split"] for r in rows} - {"test"})
-        header = ["method", "ID", *shifts, "OOD avg", "seconds", "merges"]
+        header = ["method", "ID", *shifts, "OOD avg", "seconds", "merges/set"]
         body = []
         for label, c in cells.items():
             ood = [c[s] for s in shifts if s in c]
             body.append([label, c.get("test"), *[c.get(s) for s in shifts], np.mean(ood) if ood else None, *extra[label]])
     else:
         tasks = list(dict.fromkeys(r["task"] for r in rows))
-        header = ["method", *tasks, "avg", "seconds", "merges"]
+        header = ["method", *tasks, "avg", "seconds", "merges/set"]
         body = []
         for label, c in cells.items():
             vals = [c[t] for t in tasks if t in c]

@@ -92,9 +92,10 @@ def test_zero_rank_is_theta_avg_exactly(lam):
     assert all(torch.equal(out[key], average[key]) for key in SHAPES)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
-def test_mid_rank_matches_numpy_svd_reference(svd):
-    base, fts = make_models(3, seed=1)
+def test_mid_rank_matches_numpy_svd_reference(svd, dtype):
+    base, fts = make_models(3, dtype, seed=1)
     lam = 1.5
     avg = {key: np.mean([np64(ft[key]) for ft in fts], axis=0) for key in SHAPES}
     ref = dict(avg)
@@ -104,7 +105,8 @@ def test_mid_rank_matches_numpy_svd_reference(svd):
     out = cart(base, fts, rank_ratio=0.4, lam=lam, svd=svd, rule=MATRICES)
     # randomized: min(m, n) ≤ 2k + 10 here, so the sketch spans the whole space and the result is exact too
     for key in SHAPES:
-        torch.testing.assert_close(out[key], torch.from_numpy(ref[key]).float(), rtol=1e-5, atol=1e-5, msg=key)
+        assert out[key].dtype == dtype
+        torch.testing.assert_close(out[key], torch.from_numpy(ref[key]).to(dtype), msg=key)
 
 
 def test_base_is_optional_and_only_validated():
