@@ -477,6 +477,7 @@ def run_experiment(exp: Experiment, force: bool = False, cache_dir: Path | None 
             pool.add_head(name, task.head)
             for split, ds in task.sets.items():
                 pool.add_dataset(f"{name}/{split}", ds)
+        pool.prepare()
     run = Run(exp, base, finetuned, tasks, pool, LogitCache((cache_dir or default_cache_dir()) / "logits"), store,
               force=force, pool_hash=pool_hash, done=set() if force else store.keys())
     try:

@@ -1,20 +1,45 @@
 """Results → tables (terminal and Markdown) and PNG plots; ``python -m raymerge.report RESULTS_DIR``.
 
 Two table shapes, as in the papers: robust fine-tuning (one task; columns ID, each shift, OOD average; DaWin
-Table 1) and multi-task (columns one per task and their average; CART Table 1/3, DaWin Table 3).
+Table 1) and multi-task (columns one per task and their average; CART Table 1/3, DaWin Table 3). Sweep rows
+(``rank_sweep/*``, ``sweep/*``) are left out of those tables: they get their own plots and small tables.
+
+Plots, written next to ``REPORT.md`` when their rows are present (accuracy always in percent):
+
+- ID versus OOD accuracy: WiSE-FT curve, ZS/FT endpoints, DaWin variants, ensembles and soups (DaWin Fig. 3);
+- average accuracy versus rank ratio ρ from the ``rank_sweep/*`` rows (CART Fig. 1/5);
+- DaWin's per-sample λ(x) histogram per test set, robust setting;
+- DaWin's mean coefficient per (evaluated task, candidate model), multi-task setting (DaWin Fig. 4);
+- average accuracy versus number of merged tasks from the ``sweep/*`` rows (CART Fig. 6).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+import os
+import re
+from itertools import cycle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from raymerge.results import ResultStore
 
+Row = dict[str, Any]
+
+ID_SPLIT = "test"
+# Sweep methods: many configurations of one method, reported as curves rather than table rows.
+SWEEP_PREFIXES = ("rank_sweep/", "sweep/")
+LINE_MARKERS = ["o", "s", "^", "v", "D", "P"]
 
 # Parameters that identify a row but would only clutter its label (they are in the Parquet rows).
 HIDDEN_PARAMS = {"models", "model", "selected_on", "svd"}
@@ -29,13 +54,19 @@ def method_label(method: str, params: str | dict[str, Any]) -> str:
     return f"{method} {shown}".strip()
 
 
-def build_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Pivot result rows into (header, table rows) with accuracy in percent.
+def table_rows(rows: Sequence[Row]) -> list[Row]:
+    """The rows of the main tables: every row except the sweeps (``rank_sweep/*``, ``sweep/*``)."""
+    return [r for r in rows if not r["method"].startswith(SWEEP_PREFIXES)]
+
+
+def build_table(rows: Sequence[Row]) -> tuple[list[str], list[list[Any]]]:
+    """Pivot result rows into (header, table rows) with accuracy in percent; sweep rows are left out.
 
     Robust shape when any split other than ``test`` is present (columns ID, shifts, OOD avg); multi-task shape
     otherwise (columns tasks, avg over the tasks a method was evaluated on).
     """
-    robust = any(r["split"] != "test" for r in rows)
+    rows = table_rows(rows)
+    robust = any(r["split"] != ID_SPLIT for r in rows)
     cells: dict[str, dict[str, float]] = {}
     extra: dict[str, tuple[float, int]] = {}
     for r in rows:
@@ -45,12 +76,12 @@ def build_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[An
         secs, merges = extra.get(label, (0.0, 0))
         extra[label] = (secs + float(r.get("seconds") or 0.0), max(merges, int(r.get("merges") or 0)))
     if robust:
-        shifts = sorted({r["split"] for r in rows} - {"test"})
+        shifts = sorted({r["split"] for r in rows} - {ID_SPLIT})
         header = ["method", "ID", *shifts, "OOD avg", "seconds", "merges/set"]
         body = []
         for label, c in cells.items():
             ood = [c[s] for s in shifts if s in c]
-            body.append([label, c.get("test"), *[c.get(s) for s in shifts], np.mean(ood) if ood else None, *extra[label]])
+            body.append([label, c.get(ID_SPLIT), *[c.get(s) for s in shifts], np.mean(ood) if ood else None, *extra[label]])
     else:
         tasks = list(dict.fromkeys(r["task"] for r in rows))
         header = ["method", *tasks, "avg", "seconds", "merges/set"]
@@ -71,34 +102,501 @@ def _fmt(v: Any, column: str) -> str:
     return str(v)
 
 
-def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    """Render :func:`build_table` as aligned text (terminal) or a Markdown table."""
+def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
+    """Render :func:`build_table` as aligned text (terminal) or a Markdown table; sweep rows are left out."""
     header, body = build_table(rows)
     text = [[_fmt(v, header[i]) for i, v in enumerate(r)] for r in body]
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in text]
-        return "\n".join(lines)
+        return _markdown_table(header, text)
     widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(header)]
     line = lambda cols: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in text)])
 
 
-def write_report(results_dir: str | Path) -> Path:
-    """Write ``REPORT.md`` (tables and plots) into ``results_dir``; returns its path."""
-    root = Path(results_dir)
-    rows = ResultStore(root).rows()
-    by_exp: dict[str, list[dict[str, Any]]] = {}
+# ---------------------------------------------------------------------------------------------------------------
+# Data behind the plots: pure functions of rows (and per-sample columns), tested on their own.
+
+
+def _params(row: Row) -> dict[str, Any]:
+    return json.loads(row["params"]) if isinstance(row["params"], str) else dict(row["params"])
+
+
+def _configs(rows: Sequence[Row]) -> dict[tuple[str, str], list[Row]]:
+    """Rows of each evaluated configuration, keyed by (method, params as sorted JSON), in store order."""
+    out: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
+        out.setdefault((r["method"], json.dumps(_params(r), sort_keys=True)), []).append(r)
+    return out
+
+
+def _mean_percent(rows: Sequence[Row]) -> float:
+    return float(100.0 * np.mean([r["accuracy"] for r in rows]))
+
+
+def _curve_label(method: str, params: dict[str, Any], varied: str) -> str:
+    """Legend label of one curve of a sweep: the method without its sweep prefix, and its fixed parameters."""
+    for prefix in SWEEP_PREFIXES:
+        method = method.removeprefix(prefix)
+    return method_label(method, {k: v for k, v in params.items() if k != varied})
+
+
+@dataclass(frozen=True)
+class Point:
+    """One robust-setting configuration: ID test accuracy and mean accuracy over the shifts, in percent."""
+
+    method: str
+    params: dict[str, Any]
+    id_acc: float | None
+    ood_acc: float | None
+
+
+def id_ood_points(rows: Sequence[Row]) -> list[Point]:
+    """ID accuracy and OOD average (mean over the shifts a configuration was evaluated on) per configuration."""
+    points = []
+    for (method, params), group in _configs(table_rows(rows)).items():
+        shifts = [r for r in group if r["split"] != ID_SPLIT]
+        ids = [r for r in group if r["split"] == ID_SPLIT]
+        points.append(Point(method, json.loads(params), _mean_percent(ids) if ids else None,
+                            _mean_percent(shifts) if shifts else None))
+    return points
+
+
+def rank_sweep_curves(rows: Sequence[Row]) -> dict[str, list[tuple[float, float]]]:
+    """Per ``rank_sweep/*`` curve: (rank ratio ρ, accuracy averaged over the tasks in percent), sorted by ρ."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for (method, params), group in _configs(rows).items():
+        p = json.loads(params)
+        if method.startswith("rank_sweep/") and "rank_ratio" in p:
+            curves.setdefault(_curve_label(method, p, "rank_ratio"), []).append((float(p["rank_ratio"]), _mean_percent(group)))
+    return {label: sorted(points) for label, points in curves.items()}
+
+
+def reference_accuracies(rows: Sequence[Row]) -> dict[str, float]:
+    """Horizontal references of the rank sweep, accuracy averaged over tasks in percent: weight averaging and
+    task arithmetic (each configuration present), and the individual models each on its own task."""
+    refs = {method_label(m, p): _mean_percent(g) for (m, p), g in _configs(rows).items()
+            if m in ("weight_average", "task_arithmetic")}
+    individual = [r for r in rows if r["method"] == "individual"]
+    if individual:
+        refs["individual (upper bound)"] = _mean_percent(individual)
+    return refs
+
+
+class TaskCountPoint(NamedTuple):
+    """Mean and standard error (percent) of the per-subset average accuracy over the subsets of one size."""
+
+    size: int
+    mean: float
+    sem: float  # nan when only one subset has this size: no spread to estimate
+    subsets: int
+
+
+def accuracy_by_task_count(rows: Sequence[Row]) -> dict[str, list[TaskCountPoint]]:
+    """Accuracy versus number of merged tasks (CART Fig. 6) from ``sweep/*`` rows with a ``subset`` parameter.
+
+    A subset's accuracy is its merged model's accuracy averaged over the subset's own tasks (rows of other tasks
+    are ignored); per curve and subset size, the mean over subsets and its standard error std(ddof=1)/√n.
+    """
+    per_size: dict[str, dict[int, list[float]]] = {}
+    for (method, params), group in _configs(rows).items():
+        p = json.loads(params)
+        if not method.startswith("sweep/") or not p.get("subset"):
+            continue
+        own = [r for r in group if r["task"] in p["subset"]]
+        if own:
+            label = _curve_label(method, p, "subset")
+            per_size.setdefault(label, {}).setdefault(len(p["subset"]), []).append(_mean_percent(own))
+    out = {}
+    for label, sizes in per_size.items():
+        out[label] = []
+        for size, accs in sorted(sizes.items()):
+            sem = float(np.std(accs, ddof=1) / math.sqrt(len(accs))) if len(accs) > 1 else math.nan
+            out[label].append(TaskCountPoint(size, float(np.mean(accs)), sem, len(accs)))
+    return out
+
+
+def _coefficients(store: ResultStore, row: Row) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A DaWin row's per-sample coefficients (N, M) and mixture component (N,) if stored; None when its samples
+    file or coefficient column is absent (the plot then leaves the row out instead of failing the report)."""
+    try:
+        table = store.samples(row["key"])
+    except (OSError, pa.ArrowException):
+        return None
+    if "coefficients" not in table.column_names:
+        return None
+    coefficients = np.asarray(table.column("coefficients").to_pylist(), dtype=np.float64)
+    component = table.column("component").to_numpy() if "component" in table.column_names else None
+    return coefficients, component
+
+
+def coefficient_matrix(store: ResultStore, rows: Sequence[Row]) -> tuple[list[str], list[str], np.ndarray]:
+    """Multi-task DaWin's mean coefficient per (evaluated task, candidate model) (DaWin Fig. 4).
+
+    ``rows``: the DaWin rows of one configuration, one per task. Returns (tasks, models, matrix (T, M)), models in
+    the ``models`` parameter's order and tasks in that order first, so that when the method works (each task
+    weights its own fine-tuned model most) the diagonal stands out. Tasks without stored coefficients are left out.
+    """
+    models = list(_params(rows[0])["models"]) if rows else []
+    ordered = sorted(rows, key=lambda r: models.index(r["task"]) if r["task"] in models else len(models))
+    tasks, means = [], []
+    for r in ordered:
+        stored = _coefficients(store, r)
+        if stored is not None:
+            tasks.append(r["task"])
+            means.append(stored[0].mean(axis=0))
+    return tasks, models, np.array(means).reshape(len(tasks), len(models))
+
+
+@dataclass(frozen=True)
+class LambdaSet:
+    """DaWin's λ(x) (weight of the fine-tuned model θ1) on one test set, and its mixture components."""
+
+    split: str
+    lambdas: np.ndarray  # (N,)
+    components: list[tuple[float, int]]  # (mean λ of the component's members, member count), by mean λ
+
+
+def lambda_by_set(store: ResultStore, rows: Sequence[Row]) -> list[LambdaSet]:
+    """Per test set of robust DaWin rows (ID first, then the shifts by name): λ(x) = coefficient column 1 and
+    each mixture component's mean λ over its members. Sets without stored coefficients are left out."""
+    out = []
+    for r in sorted(rows, key=lambda r: (r["split"] != ID_SPLIT, r["split"])):
+        stored = _coefficients(store, r)
+        if stored is None:
+            continue
+        lam, component = stored[0][:, 1], stored[1]
+        comps = [] if component is None else sorted(
+            (float(lam[component == j].mean()), int((component == j).sum())) for j in np.unique(component))
+        out.append(LambdaSet(r["split"], lam, comps))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures: built on the Agg canvas directly (no pyplot, no display, no global figure state), saved atomically.
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary sibling renamed into place: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig: Figure, path: Path) -> Path:
+    # bbox "tight" keeps legends placed outside the axes inside the image
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    return path
+
+
+def _legend_outside(ax: Axes) -> None:
+    """Legend to the right of the axes, so it never covers data points."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+
+
+def _theta1(points: Sequence[Point]) -> str | None:
+    """Name of θ1, the fine-tuned endpoint: WiSE-FT's ``model``, else DaWin's second candidate, else the first
+    fine-tuned model."""
+    for p in points:
+        if p.method == "wise_ft" and "model" in p.params:
+            return p.params["model"]
+    for p in points:
+        if p.method.startswith("dawin") and len(p.params.get("models", [])) > 1:
+            return p.params["models"][1]
+    return next((p.params.get("model") for p in points if p.method == "finetuned"), None)
+
+
+def plot_id_ood(points: Sequence[Point], path: Path, title: str) -> Path | None:
+    """ID versus OOD (DaWin Fig. 3): x = ID test accuracy (%), y = mean accuracy over the shifts (%).
+
+    The WiSE-FT curve (λ annotated at a few points), ZS and FT endpoints, DaWin variants (one marker each, the
+    oracle hollow as an upper bound), other fine-tuned models, the output ensemble and soups. None when no
+    configuration has both an ID and an OOD accuracy (e.g. a multi-task experiment).
+    """
+    pts = [p for p in points if p.id_acc is not None and p.ood_acc is not None]
+    if not pts:
+        return None
+    fig = _new_figure(7.5, 5.0)
+    ax = fig.add_subplot()
+    theta1 = _theta1(pts)
+
+    wise = sorted((p for p in pts if p.method == "wise_ft"), key=lambda p: p.params["lam"])
+    if wise:
+        ax.plot([p.id_acc for p in wise], [p.ood_acc for p in wise], "-o", color="tab:blue", ms=4, lw=1.5,
+                label="WiSE-FT (λ from 0 to 1)", zorder=2)
+        # λ on about five points: the whole grid would overlap
+        for i in sorted({int(round(i)) for i in np.linspace(0, len(wise) - 1, min(len(wise), 5))}):
+            ax.annotate(f"λ={wise[i].params['lam']:g}", (wise[i].id_acc, wise[i].ood_acc), textcoords="offset points",
+                        xytext=(6, -12), fontsize=8, color="tab:blue")
+
+    others = cycle(zip(["s", "^", "v", "p", "h", "<", ">", "8"],
+                       ["tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink", "tab:orange", "0.4"]))
+    dawin_markers = cycle(["D", "P", "X", "v", "^", "<", ">", "d"])
+    for p in pts:
+        label = method_label(p.method, p.params)
+        xy = (p.id_acc, p.ood_acc)
+        if p.method == "wise_ft":
+            continue
+        if p.method == "zeroshot":
+            ax.scatter(*xy, marker="*", s=260, color="black", label="ZS (zero-shot θ0)", zorder=4)
+            ax.annotate("ZS", xy, textcoords="offset points", xytext=(8, 4), fontsize=10, weight="bold")
+        elif p.method == "finetuned" and p.params.get("model") == theta1:
+            ax.scatter(*xy, marker="s", s=110, color="black", label=f"FT (fine-tuned θ1: {theta1})", zorder=4)
+            ax.annotate("FT", xy, textcoords="offset points", xytext=(8, 4), fontsize=10, weight="bold")
+        elif p.method == "finetuned":
+            ax.scatter(*xy, marker="o", s=30, color="0.6", label=label, zorder=3)
+        elif p.method.startswith("dawin/oracle"):
+            ax.scatter(*xy, marker="o", s=110, facecolors="none", edgecolors="tab:red", linewidths=1.8,
+                       label=label, zorder=4)
+            ax.annotate("upper bound", xy, textcoords="offset points", xytext=(8, -4), fontsize=8, color="tab:red")
+        elif p.method.startswith("dawin"):
+            ax.scatter(*xy, marker=next(dawin_markers), s=70, color="tab:red", edgecolors="white", linewidths=0.5,
+                       label=label, zorder=4)
+        else:
+            marker, color = next(others)
+            ax.scatter(*xy, marker=marker, s=60, color=color, label=label, zorder=3)
+
+    ax.margins(0.08)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("ID accuracy (%)")
+    ax.set_ylabel("OOD average accuracy (%)")
+    ax.set_title(title)
+    _legend_outside(ax)
+    return _save_figure(fig, path)
+
+
+def plot_rank_sweep(curves: dict[str, list[tuple[float, float]]], refs: dict[str, float], path: Path,
+                    title: str) -> Path | None:
+    """Accuracy versus rank ratio (CART Fig. 1/5): x = ρ in [0, 1], y = accuracy averaged over tasks (%), one
+    line per method; horizontal references for weight averaging, task arithmetic and the individual models
+    (dashed, upper bound). None without curves."""
+    if not curves:
+        return None
+    fig = _new_figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    for (label, points), marker in zip(curves.items(), cycle(LINE_MARKERS)):
+        ax.plot(*zip(*points), marker=marker, ms=5, lw=1.8, label=label)
+    ref_styles = {"weight_average": ("tab:gray", ":"), "task_arithmetic": ("tab:brown", "-.")}
+    for label, value in refs.items():
+        color, style = ("black", "--") if label.startswith("individual") else ref_styles.get(label.split()[0], ("0.5", ":"))
+        ax.axhline(value, color=color, ls=style, lw=1.3, label=f"{label} ({value:.1f}%)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("rank ratio ρ (fraction of singular values kept)")
+    ax.set_ylabel("average accuracy over tasks (%)")
+    ax.set_title(title)
+    _legend_outside(ax)
+    return _save_figure(fig, path)
+
+
+def plot_lambda_histograms(sets: Sequence[LambdaSet], path: Path, title: str) -> Path | None:
+    """Robust DaWin: histogram of the per-sample λ(x) (weight of θ1, in [0, 1]) on each test set, one panel per
+    set, y in percent of that set's samples; dashed vertical lines at each mixture component's mean λ. None
+    without sets."""
+    if not sets:
+        return None
+    cols = min(len(sets), 3)
+    nrows = math.ceil(len(sets) / cols)
+    fig = _new_figure(3.4 * cols, 2.6 * nrows + 0.4)
+    axes = fig.subplots(nrows, cols, sharex=True, sharey=True, squeeze=False).ravel()
+    bins = np.linspace(0.0, 1.0, 26)
+    for ax, s in zip(axes, sets):
+        ax.hist(s.lambdas, bins=bins, weights=np.full(len(s.lambdas), 100.0 / len(s.lambdas)), color="tab:blue",
+                alpha=0.75, edgecolor="white", linewidth=0.5)
+        for j, (mean, _) in enumerate(s.components):
+            ax.axvline(mean, color="tab:red", ls="--", lw=1.2, label="component mean λ" if j == 0 else None)
+        name = "ID (test)" if s.split == ID_SPLIT else s.split
+        ax.set_title(f"{name}: N={len(s.lambdas)}, mean λ={s.lambdas.mean():.2f}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(sets):]:
+        ax.set_visible(False)
+    for ax in axes[(nrows - 1) * cols:]:
+        ax.set_xlabel("λ(x), weight of θ1")
+    for ax in axes[::cols]:
+        ax.set_ylabel("% of samples")
+    axes[0].set_xlim(0.0, 1.0)
+    if any(s.components for s in sets):
+        axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_coefficient_heatmap(tasks: Sequence[str], models: Sequence[str], matrix: np.ndarray, path: Path,
+                             title: str) -> Path | None:
+    """Multi-task DaWin (DaWin Fig. 4): rows = evaluated tasks, columns = candidate models, cell = mean
+    coefficient (in [0, 1], rows sum to 1) over the task's test samples, annotated. None when empty."""
+    if matrix.size == 0:
+        return None
+    fig = _new_figure(1.0 + 0.75 * len(models), 1.0 + 0.55 * len(tasks))
+    ax = fig.add_subplot()
+    vmax = float(matrix.max())
+    image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+    for i, j in np.ndindex(matrix.shape):
+        # dark text on the light end of viridis, light text on the dark end
+        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                color="black" if matrix[i, j] > 0.6 * vmax else "white")
+    ax.set_xticks(range(len(models)), models, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    ax.set_xlabel("candidate model (fine-tuned on)")
+    ax.set_ylabel("evaluated task")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="mean coefficient", shrink=0.85)
+    return _save_figure(fig, path)
+
+
+def plot_task_count(curves: dict[str, list[TaskCountPoint]], path: Path, title: str) -> Path | None:
+    """Accuracy versus number of merged tasks (CART Fig. 6): x = subset size, y = mean over subsets of the
+    per-subset average accuracy (%), error bars ± one standard error; one line per method. None without curves."""
+    if not curves:
+        return None
+    fig = _new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    for (label, points), marker in zip(curves.items(), cycle(LINE_MARKERS)):
+        ax.errorbar([p.size for p in points], [p.mean for p in points], yerr=np.nan_to_num([p.sem for p in points]),
+                    marker=marker, ms=5, lw=1.8, capsize=3, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.margins(x=0.08)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("number of tasks merged")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title(title)
+    _legend_outside(ax)
+    return _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report sections: each returns its Markdown lines, or none when the experiment lacks its rows.
+
+
+def _figure_markdown(path: Path, caption: str) -> list[str]:
+    return [f"![{caption}]({path.name})", "", f"*{caption}*", ""]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "experiment"
+
+
+def _latest_config(rows: Sequence[Row], method: str, **match: Any) -> list[Row]:
+    """Rows of the last-written configuration of ``method`` whose params include ``match`` ([] when none):
+    a results directory can hold several runs of one method (e.g. two values of DaWin's k)."""
+    configs = [g for (m, p), g in _configs(rows).items()
+               if m == method and all(json.loads(p).get(k) == v for k, v in match.items())]
+    return configs[-1] if configs else []
+
+
+def _id_ood_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
+    path = plot_id_ood(id_ood_points(rows), root / f"{_slug(name)}_id_vs_ood.png", f"{name}: ID versus OOD accuracy")
+    if path is None:
+        return []
+    return ["### ID versus OOD", "", *_figure_markdown(
+        path, "ID accuracy (x, %) versus OOD average accuracy (y, %): WiSE-FT curve, ZS/FT endpoints, DaWin "
+              "variants (oracle hollow: upper bound), ensembles and soups; numbers in the ID and OOD avg columns above.")]
+
+
+def _rank_sweep_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
+    curves, refs = rank_sweep_curves(rows), reference_accuracies(rows)
+    path = plot_rank_sweep(curves, refs, root / f"{_slug(name)}_rank_sweep.png", f"{name}: accuracy versus rank ratio")
+    if path is None:
+        return []
+    ratios = sorted({rho for points in curves.values() for rho, _ in points})
+    body = [[f"{rho:g}", *[_fmt(dict(points).get(rho), "") for points in curves.values()]] for rho in ratios]
+    return ["### Accuracy versus rank ratio", "", *_figure_markdown(
+        path, "Accuracy averaged over tasks (%) versus rank ratio ρ of the task vectors, one line per method; "
+              "horizontal lines: weight averaging, task arithmetic and the individual models (dashed, upper bound)."),
+        _markdown_table(["ρ", *curves], body), "",
+        "References (avg %): " + (", ".join(f"{k} {v:.1f}" for k, v in refs.items()) or "none"), ""]
+
+
+def _lambda_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
+    dawin_rows = _latest_config(rows, "dawin", offset=True)
+    sets = lambda_by_set(store, dawin_rows)
+    k = _params(dawin_rows[0]).get("k") if dawin_rows else None
+    path = plot_lambda_histograms(sets, root / f"{_slug(name)}_dawin_lambda.png",
+                                  f"{name}: DaWin λ(x) per test set (offset, k={k})")
+    if path is None:
+        return []
+    body = [[s.split, str(len(s.lambdas)), f"{s.lambdas.mean():.3f}",
+             ", ".join(f"{m:.2f} ({n})" for m, n in s.components) or "-"] for s in sets]
+    return ["### DaWin coefficients per test set", "", *_figure_markdown(
+        path, "Histogram of DaWin's per-sample λ(x) (weight of the fine-tuned model, offset on) per test set, in % of "
+              "its samples; dashed lines: mean λ of each mixture component."),
+        _markdown_table(["set", "N", "mean λ", "component mean λ (members)"], body), ""]
+
+
+def _heatmap_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
+    if any(r["split"] != ID_SPLIT for r in rows):
+        return []  # robust setting: two candidates per sample, shown as λ(x) histograms instead
+    tasks, models, matrix = coefficient_matrix(store, _latest_config(rows, "dawin"))
+    path = plot_coefficient_heatmap(tasks, models, matrix, root / f"{_slug(name)}_dawin_coefficients.png",
+                                    f"{name}: DaWin mean coefficient per task and model")
+    if path is None:
+        return []
+    body = [[t, *(f"{v:.3f}" for v in matrix[i])] for i, t in enumerate(tasks)]
+    return ["### DaWin coefficients per task", "", *_figure_markdown(
+        path, "Mean DaWin coefficient of each candidate model (columns) over each task's test samples (rows); "
+              "a bright diagonal means each task weights its own fine-tuned model most."),
+        _markdown_table(["task \\ model", *models], body), ""]
+
+
+def _mean_sem(p: TaskCountPoint | None) -> str:
+    if p is None:
+        return "-"
+    sem = "-" if math.isnan(p.sem) else f"{p.sem:.1f}"
+    return f"{p.mean:.1f} ± {sem} ({p.subsets})"
+
+
+def _task_count_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
+    curves = accuracy_by_task_count(rows)
+    path = plot_task_count(curves, root / f"{_slug(name)}_tasks_vs_accuracy.png", f"{name}: accuracy versus number of tasks")
+    if path is None:
+        return []
+    sizes = sorted({p.size for points in curves.values() for p in points})
+    body = [[str(n), *(_mean_sem({p.size: p for p in points}.get(n)) for points in curves.values())] for n in sizes]
+    return ["### Accuracy versus number of tasks", "", *_figure_markdown(
+        path, "Average accuracy (%) over a subset's own tasks versus subset size: mean ± standard error over "
+              "subsets, one line per method; table cells: mean ± s.e. (subsets)."),
+        _markdown_table(["tasks", *curves], body), ""]
+
+
+SECTIONS: list[Callable[[ResultStore, str, Sequence[Row], Path], list[str]]] = [
+    _id_ood_section, _lambda_section, _rank_sweep_section, _heatmap_section, _task_count_section,
+]
+
+
+def write_report(results_dir: str | Path) -> Path:
+    """Write ``REPORT.md`` (tables and plots, PNGs beside it) into ``results_dir``; returns its path.
+
+    A plot whose rows are absent is skipped; every file is written to a temporary name and renamed into place.
+    """
+    root = Path(results_dir)
+    store = ResultStore(root)
+    by_exp: dict[str, list[Row]] = {}
+    for r in store.rows():
         by_exp.setdefault(r["experiment"], []).append(r)
     parts = [f"# raymerge report: {root.name}", ""]
     for name, exp_rows in by_exp.items():
-        parts += [f"## {name}", "", "Accuracy in percent on each test set; seconds = evaluation wall time.", "",
-                  format_table(exp_rows, markdown=True), ""]
+        parts += [f"## {name}", ""]
+        if table_rows(exp_rows):
+            parts += ["Accuracy in percent on each test set; seconds = evaluation wall time.", "",
+                      format_table(exp_rows, markdown=True), ""]
+        for section in SECTIONS:
+            parts += section(store, name, exp_rows, root)
     out = root / "REPORT.md"
-    tmp = root / ".REPORT.md.tmp"
-    tmp.write_text("\n".join(parts))
-    tmp.replace(out)
+    _atomic_write(out, lambda tmp: tmp.write_text("\n".join(parts)))
     return out
 
 

@@ -29,7 +29,9 @@ Weights = Mapping[str, np.ndarray]
 class EvalWorker:
     """Holds a resident model and dataset shards; returns logits for the weights it is handed.
 
-    Methods are idempotent (same inputs, same outputs) so that Ray may retry them after an actor restart.
+    Every call carries references to the head and shard it needs (wrapped in a list, so Ray passes the reference
+    rather than the value); the actor builds what it lacks and keeps it. A restarted actor (``max_restarts``) thus
+    rebuilds its state on the first call that needs it, and methods are idempotent, as Ray's retries require.
     """
 
     def __init__(self, architecture: str, batch_size: int, num_threads: int = 1) -> None:
@@ -42,29 +44,43 @@ class EvalWorker:
         self.shards: dict[str, torch.Tensor] = {}
         self.loaded: str | None = None
 
-    def add_head(self, name: str, arrays: Weights, class_names: Sequence[str], normalize: bool) -> None:
-        bias = arrays.get("bias")
-        self.heads[name] = models.Head(
-            torch.from_numpy(np.array(arrays["weight"])).to(self.device),
-            None if bias is None else torch.from_numpy(np.array(bias)).to(self.device),
-            tuple(class_names),
-            normalize,
-        )
+    def _head(self, name: str, spec: list) -> models.Head:
+        if name not in self.heads:
+            arrays, class_names, normalize = ray.get(spec[0])
+            bias = arrays.get("bias")
+            self.heads[name] = models.Head(
+                torch.from_numpy(np.array(arrays["weight"])).to(self.device),
+                None if bias is None else torch.from_numpy(np.array(bias)).to(self.device),
+                tuple(class_names),
+                normalize,
+            )
+        return self.heads[name]
 
-    def add_shard(self, key: str, images: np.ndarray, indices: np.ndarray) -> int:
-        """Preprocess rows ``indices`` of ``images`` (uint8, N×H×W[×C]) once and keep them; returns the count."""
-        self.shards[key] = models.preprocess(images[indices], self.size).to(self.device)
-        return len(indices)
+    def _shard(self, key: str, spec: list) -> torch.Tensor:
+        """Rows ``spec[1]`` of the uint8 images behind ``spec[0]``, preprocessed once."""
+        if key not in self.shards:
+            images = ray.get(spec[0])
+            self.shards[key] = models.preprocess(images[spec[1]], self.size).to(self.device)
+        return self.shards[key]
 
-    def evaluate(self, weights_key: str, weights: Weights, head: str, shard: str, rows: np.ndarray | None = None) -> np.ndarray:
+    def prepare(self, heads: dict[str, list], shards: dict[str, list]) -> int:
+        """Build heads and shards ahead of the first evaluation (keeps preprocessing out of timed phases)."""
+        for name, spec in heads.items():
+            self._head(name, spec)
+        return sum(len(self._shard(key, spec)) for key, spec in shards.items())
+
+    def evaluate(self, weights_key: str, weights: Weights, head: str, head_spec: list, shard: str, shard_spec: list,
+                 rows: np.ndarray | None = None) -> np.ndarray:
         """float32 logits (n, C) of shard ``shard`` (or its local ``rows``) under ``weights`` and head ``head``."""
         if self.loaded != weights_key:
             models.load_weights_in_place(self.encoder, weights)
             self.loaded = weights_key
-        images = self.shards[shard] if rows is None else self.shards[shard][torch.as_tensor(rows, dtype=torch.long)]
-        return models.predict_logits(self.encoder, self.heads[head], images, self.batch_size)
+        images = self._shard(shard, shard_spec)
+        if rows is not None:
+            images = images[torch.as_tensor(rows, dtype=torch.long, device=images.device)]
+        return models.predict_logits(self.encoder, self._head(head, head_spec), images, self.batch_size)
 
-    def ping(self) -> int:
+    def pid(self) -> int:
         return os.getpid()
 
 
@@ -100,20 +116,28 @@ class WorkerPool:
         threads = max(1, int(resources.num_cpus_per_actor))
         self.actors = [actor.remote(architecture, resources.batch_size, threads) for _ in range(resources.num_actors)]
         self.shards: dict[str, list[np.ndarray]] = {}
+        self.shard_specs: dict[str, list[list]] = {}
+        self.head_specs: dict[str, list] = {}
         self.head_classes: dict[str, int] = {}
         self._weights: dict[str, ray.ObjectRef] = {}
 
     def add_head(self, name: str, head: models.Head) -> None:
-        arrays = ray.put(head.to_arrays())
-        ray.get([a.add_head.remote(name, arrays, head.class_names, head.normalize) for a in self.actors])
+        self.head_specs[name] = [ray.put((head.to_arrays(), head.class_names, head.normalize))]
         self.head_classes[name] = head.num_classes
 
     def add_dataset(self, key: str, dataset: ImageDataset) -> None:
-        """Put ``dataset``'s images in the object store once and give each actor its shard."""
+        """Put ``dataset``'s images in the object store once and assign each actor a batch-aligned shard."""
         images = ray.put(dataset.images)
         parts = shard_indices(len(dataset), len(self.actors), align=self.resources.batch_size)
-        ray.get([a.add_shard.remote(key, images, idx) for a, idx in zip(self.actors, parts)])
         self.shards[key] = parts
+        self.shard_specs[key] = [[images, idx] for idx in parts]
+
+    def prepare(self) -> None:
+        """Have every actor build its heads and shards now rather than inside the first timed evaluation."""
+        ray.get([
+            actor.prepare.remote(self.head_specs, {k: specs[i] for k, specs in self.shard_specs.items()})
+            for i, actor in enumerate(self.actors)
+        ])
 
     def put_weights(self, weights: Weights) -> str:
         """Store ``weights`` (numpy arrays) once and return the key that names them in later calls."""
@@ -129,14 +153,15 @@ class WorkerPool:
         """Start evaluating global ``rows`` (default: all) of ``dataset``; returns (rows, ref) per busy actor."""
         ref = self._weights[weights_key]
         pending = []
-        for actor, part in zip(self.actors, self.shards[dataset]):
+        for i, (actor, part) in enumerate(zip(self.actors, self.shards[dataset])):
             if rows is None:
                 mine, local = part, None
             else:
                 mine = rows[(rows >= part[0]) & (rows <= part[-1])] if len(part) else rows[:0]
                 local = mine - (part[0] if len(part) else 0)
             if len(mine):
-                pending.append((mine, actor.evaluate.remote(weights_key, ref, head, dataset, local)))
+                call = actor.evaluate.remote(weights_key, ref, head, self.head_specs[head], dataset, self.shard_specs[dataset][i], local)
+                pending.append((mine, call))
         return pending
 
     def gather(self, pending: list[tuple[np.ndarray, ray.ObjectRef]], n: int, num_classes: int) -> np.ndarray:
