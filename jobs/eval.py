@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", action="append", help="experiment YAML (repeatable); default: the packaged experiments")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. methods.dawin.k=5")
     parser.add_argument("--force", action="store_true", help="recompute rows already in the results store")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray in-process)")
+    parser.add_argument("--address", help="Ray cluster address, or \"local\" for a fresh local Ray (default: RAY_ADDRESS, else plain ray.init())")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored when joining a cluster)")
     parser.add_argument("--cache-dir", type=Path, help="logit cache and embedded zoo location (default: $RAYMERGE_CACHE)")
     return parser.parse_args(argv)

@@ -119,6 +119,22 @@ RESOURCES: dict[str, Param] = {
     "batch_size": Param((int,), 256, check=_positive),
 }
 
+# Methods a task-subset sweep can run, with the fixed parameters each subset's merge uses.
+SWEEP_METHODS: dict[str, dict[str, Param]] = {
+    "weight_average": {},
+    "task_arithmetic": {"lam": Param(NUM, 0.3)},
+    "ties": METHODS["ties"],
+    "cart": {"rank_ratio": Param(NUM, 0.08, check=_in_unit), "lam": Param(NUM, 1.0), "svd": METHODS["cart"]["svd"]},
+    "dawin": {"k": Param((int,), 1, check=_positive), "lam0": Param(NUM, 0.3)},
+}
+
+SWEEP: dict[str, Param] = {
+    "min_size": Param((int,), 2, check=_positive),
+    "max_size": Param((int,), None),
+    "tasks": Param((list,), None),  # the task pool's tasks to sweep over (default: all)
+    "methods": Param((dict,), {m: {} for m in SWEEP_METHODS}),
+}
+
 TOP: dict[str, Param] = {
     "name": Param((str,), required=True),
     "seed": Param((int,), 0),
@@ -129,6 +145,7 @@ TOP: dict[str, Param] = {
     "methods": Param((dict,), required=True),
     "resources": Param((dict,), {}),
     "output_dir": Param((str,), None),
+    "sweep": Param((dict,), None),
 }
 
 MODEL_POOL: dict[str, Param] = {
@@ -177,6 +194,7 @@ class Experiment:
     output_dir: Path
     source: str
     raw: dict[str, Any]
+    sweep: dict[str, Any] | None = None
 
     @property
     def setting(self) -> str:
@@ -289,6 +307,21 @@ def validate(raw: Any, source: str = "<experiment>", base_dir: Path | None = Non
             continue
         methods[name] = _check_fields(params or {}, METHODS[name], f"methods.{name}", problems)
     resources = _check_fields(top.get("resources") or {}, RESOURCES, "resources", problems)
+    sweep = None
+    if top.get("sweep") is not None:
+        sweep = _check_fields(top["sweep"], SWEEP, "sweep", problems)
+        chosen = sweep.get("methods") or {}
+        sweep["methods"] = {}
+        for name, params in chosen.items():
+            if name not in SWEEP_METHODS:
+                problems.append(f"sweep.methods.{name}: unknown sweep method (known: {', '.join(SWEEP_METHODS)})")
+                continue
+            sweep["methods"][name] = _check_fields(params or {}, SWEEP_METHODS[name], f"sweep.methods.{name}", problems)
+        if not any(t.finetuned for t in tasks.values()):
+            problems.append("sweep: needs a multi-task pool (tasks with their own fine-tuned models)")
+        unknown = [t for t in sweep.get("tasks") or [] if t not in tasks]
+        if unknown:
+            problems.append(f"sweep.tasks: {unknown} are not tasks of the task pool")
     if any(t.finetuned for t in tasks.values()):
         problems += [f"methods.{m}: applies to the robust setting only (one task, several fine-tuned models)"
                      for m in methods if m in ROBUST_ONLY]
@@ -307,6 +340,7 @@ def validate(raw: Any, source: str = "<experiment>", base_dir: Path | None = Non
         output_dir=output if output.is_absolute() else Path.cwd() / output,
         source=source,
         raw=raw,
+        sweep=sweep,
     )
 
 

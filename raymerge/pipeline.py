@@ -219,7 +219,8 @@ class Run:
         self.store.append(rows)
         self.evaluated += len(rows)
 
-    def evaluate_candidate(self, c: Candidate) -> None:
+    def evaluate_candidate(self, c: Candidate, weights: Mapping[str, np.ndarray] | None = None) -> None:
+        """Evaluate ``c`` unless its rows are stored; ``weights`` are its merge, when built ahead of time."""
         if self.is_done(c.method, c.params, c.tasks):
             return
         start = time.perf_counter()
@@ -227,7 +228,8 @@ class Run:
         if c.predict is not None:
             logits, extras, merges = c.predict(pairs)
         else:
-            logits, extras, merges = self.logits(to_numpy(c.build()), pairs), None, dict.fromkeys(pairs, c.merges)
+            weights = to_numpy(c.build()) if weights is None else weights
+            logits, extras, merges = self.logits(weights, pairs), None, dict.fromkeys(pairs, c.merges)
         self.record(c.method, c.params, logits, time.perf_counter() - start, merges, extras)
 
     def validation_pairs(self) -> list[tuple[str, str]]:
@@ -389,47 +391,63 @@ def _rank_sweep(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
                                                         svd=svd, seed=run.exp.seed, names=names))
 
 
-def dawin_candidates(run: Run) -> tuple[list[str], Callable[[np.ndarray], StateDict]]:
-    """DaWin's candidate models and the merge a coefficient row (M,) stands for (METHODS §4).
+def dawin_merge_fn(run: Run, names: list[str], lam0: float) -> Callable[[np.ndarray], StateDict]:
+    """The merge a DaWin coefficient row (M,) over candidate models ``names`` stands for (METHODS §4).
 
-    Robust: θ0 and θ1, merged as ``(1−λ) θ0 + λ θ1``. Multi-task: the T fine-tuned models, merged as
-    ``θ0 + λ0·T·Σt λt τt`` (uniform λt is task arithmetic at λ0).
+    Robust (``names`` = zeroshot, θ1): ``(1−λ) θ0 + λ θ1``. Multi-task (``names`` = T fine-tuned models):
+    ``θ0 + λ0·T·Σt λt τt``, so uniform coefficients give task arithmetic at λ0.
     """
     from raymerge.merge import interpolate, task_arithmetic
 
-    if run.exp.setting == "multitask":
-        names = list(run.finetuned)
-        lam0 = float(run.exp.methods["dawin"]["lam0"])
-        fts = list(run.finetuned.values())
-        return names, lambda c: task_arithmetic(run.base, fts, [lam0 * len(fts) * float(x) for x in c], names=names)
-    ft = _first_finetuned(run)
-    return ["zeroshot", ft], lambda c: interpolate(run.base, run.finetuned[ft], float(c[1]))
+    if names[0] == "zeroshot":
+        ft = run.finetuned[names[1]]
+        return lambda c: interpolate(run.base, ft, float(c[1]))
+    fts = [run.finetuned[n] for n in names]
+    return lambda c: task_arithmetic(run.base, fts, [lam0 * len(fts) * float(x) for x in c], names=names)
+
+
+def dawin_runner(run: Run, names: list[str], lam0: float, pairs: list[tuple[str, str]]):
+    """Phase 1 of DaWin for candidates ``names`` on ``pairs`` (logits cached), ready to run any variant."""
+    from raymerge.dawin_pipeline import DawinRunner, phase1
+
+    weights = {"zeroshot": run.base, **run.finetuned}
+    tasks = dict.fromkeys(t for t, _ in pairs)
+    validation = {t: (t, "validation") if "validation" in run.tasks[t].sets else None for t in tasks}
+    p1 = phase1(run, [to_numpy(weights[n]) for n in names], pairs, validation)
+    log.debug("dawin temperatures per task: %s", p1.temperatures)
+    return DawinRunner(run, p1, dawin_merge_fn(run, names, lam0), run.exp.seed)
+
+
+def dawin_merge(run: Run, names: list[str], params: Mapping[str, Any]) -> Callable:
+    """``Candidate.predict`` for multi-task DaWin with a Dirichlet mixture over the models ``names``."""
+
+    def predict(pairs: list[tuple[str, str]]) -> tuple[dict, dict, dict]:
+        outcome = dawin_runner(run, names, float(params["lam0"]), pairs).mixture(pairs, int(params["k"]), offset=False)
+        return outcome.predictions, outcome.extras, outcome.merges
+
+    return predict
 
 
 @method("dawin")
 def _dawin(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
-    from raymerge.dawin_pipeline import DawinRunner, phase1
+    robust = run.exp.setting != "multitask"
+    names = ["zeroshot", _first_finetuned(run)] if robust else list(run.finetuned)
+    state: dict[str, Any] = {}
 
-    names, merge = dawin_candidates(run)
-    weights = {"zeroshot": run.base, **run.finetuned}
-    state: dict[str, DawinRunner] = {}
-
-    def runner(pairs: list[tuple[str, str]]) -> DawinRunner:
+    def runner(pairs: list[tuple[str, str]]):
+        # phase 1 and the temperatures are shared by every variant below
         if "r" not in state:
-            validation = {t: (t, "validation") if "validation" in task.sets else None for t, task in run.tasks.items()}
             with phase("dawin phase 1 (candidate logits, temperatures, entropies)"):
-                p1 = phase1(run, [to_numpy(weights[n]) for n in names], pairs, validation)
-            log.info("dawin temperatures per task: %s", p1.temperatures)
-            state["r"] = DawinRunner(run, p1, merge, run.exp.seed)
+                state["r"] = dawin_runner(run, names, float(params["lam0"]), pairs)
         return state["r"]
 
-    def variant(label: str, extra: dict[str, Any], fn: Callable[[DawinRunner, list], Any]) -> Candidate:
-        def predict(pairs: list[tuple[str, str]]) -> tuple[dict, dict, int]:
+    def variant(label: str, extra: dict[str, Any], fn: Callable[[Any, list], Any]) -> Candidate:
+        def predict(pairs: list[tuple[str, str]]) -> tuple[dict, dict, dict]:
             outcome = fn(runner(pairs), pairs)
             return outcome.predictions, outcome.extras, outcome.merges
         return Candidate(label, {"models": names, **extra}, None, predict=predict)
 
-    k, robust = int(params["k"]), run.exp.setting != "multitask"
+    k = int(params["k"])
     offsets = [True, False] if robust else [False]
     for offset in offsets:
         yield variant("dawin", {"k": k, "offset": offset}, lambda r, p, o=offset: r.mixture(p, k, o))
@@ -443,30 +461,21 @@ def _dawin(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start or join Ray: ``address`` (or RAY_ADDRESS, or a job submitted to a cluster) joins a cluster;
-    otherwise a local Ray starts in-process. ``num_cpus`` applies only to a local start (RAY-NOTES.md)."""
+    """Join or start Ray. A cluster address (or RAY_ADDRESS, which ``ray job submit`` sets) joins that cluster;
+    ``"local"`` always starts a fresh local Ray; nothing lets plain ``ray.init()`` decide (a recorded local
+    head, else a new local Ray). ``num_cpus`` applies only to a local start (RAY-NOTES.md)."""
     if ray.is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
+    if address not in (None, "local") or (address is None and os.environ.get("RAY_ADDRESS")):
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-# Errors a user can fix in their files; jobs report them in one line instead of a traceback.
-INPUT_ERRORS = (models.CheckpointError, models.ModelError, DatasetError, StateDictError, ConfigError)
-
-
-def run_experiment(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> ResultStore:
-    """Run every method of ``exp`` and return the results store (rows already present are skipped).
-
-    All inputs are loaded and checked before Ray is started or joined, so bad input wastes no cluster time.
-    """
+def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> Run:
+    """Load and check every input, then (and only then) join Ray and start the worker pool."""
     with phase("load"):
         base, finetuned, tasks = load_experiment_inputs(exp)
-        unknown = [m for m in exp.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"{exp.source}: methods {unknown} are not implemented in this version")
     connect(address)
     store = ResultStore(exp.output_dir)
     pool_hash = state_dict_hash({"base": np.frombuffer(state_dict_hash(base).encode(), np.uint8),
@@ -478,14 +487,22 @@ def run_experiment(exp: Experiment, force: bool = False, cache_dir: Path | None 
             for split, ds in task.sets.items():
                 pool.add_dataset(f"{name}/{split}", ds)
         pool.prepare()
-    run = Run(exp, base, finetuned, tasks, pool, LogitCache((cache_dir or default_cache_dir()) / "logits"), store,
-              force=force, pool_hash=pool_hash, done=set() if force else store.keys())
+    return Run(exp, base, finetuned, tasks, pool, LogitCache((cache_dir or default_cache_dir()) / "logits"), store,
+               force=force, pool_hash=pool_hash, done=set() if force else store.keys())
+
+
+def run_experiment(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> ResultStore:
+    """Run every method of ``exp`` and return the results store (rows already present are skipped).
+
+    All inputs are loaded and checked before Ray is started or joined, so bad input wastes no cluster time.
+    """
+    run = start_run(exp, force, cache_dir, address)
     try:
         for name, params in exp.methods.items():
             with phase(f"method {name}"):
                 for cand in tqdm(list(METHODS[name](run, params)), desc=name, unit="model", leave=False):
                     run.evaluate_candidate(cand)
     finally:
-        pool.shutdown()
+        run.pool.shutdown()
     log.info("%d rows evaluated, %d rows already present skipped (use --force to recompute)", run.evaluated, run.skipped)
-    return store
+    return run.store

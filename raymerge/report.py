@@ -19,9 +19,9 @@ import json
 import math
 import os
 import re
-from itertools import cycle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import cycle
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,6 +40,8 @@ ID_SPLIT = "test"
 # Sweep methods: many configurations of one method, reported as curves rather than table rows.
 SWEEP_PREFIXES = ("rank_sweep/", "sweep/")
 LINE_MARKERS = ["o", "s", "^", "v", "D", "P"]
+# Legend names of sweep curves as the papers call them; other sweeps show their method without the prefix.
+CURVE_NAMES = {"rank_sweep/cart": "CART", "rank_sweep/task_arithmetic": "low-rank task arithmetic"}
 
 # Parameters that identify a row but would only clutter its label (they are in the Parquet rows).
 HIDDEN_PARAMS = {"models", "model", "selected_on", "svd"}
@@ -107,15 +109,19 @@ def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
-def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
-    """Render :func:`build_table` as aligned text (terminal) or a Markdown table; sweep rows are left out."""
-    header, body = build_table(rows)
-    text = [[_fmt(v, header[i]) for i, v in enumerate(r)] for r in body]
+def _render(header: Sequence[str], text: Sequence[Sequence[str]], markdown: bool) -> str:
+    """Cells already formatted as aligned text (first column left, the others right) or a Markdown table."""
     if markdown:
         return _markdown_table(header, text)
     widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(header)]
     line = lambda cols: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in text)])
+
+
+def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
+    """Render :func:`build_table` as aligned text (terminal) or a Markdown table; sweep rows are left out."""
+    header, body = build_table(rows)
+    return _render(header, [[_fmt(v, header[i]) for i, v in enumerate(r)] for r in body], markdown)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,10 +145,9 @@ def _mean_percent(rows: Sequence[Row]) -> float:
 
 
 def _curve_label(method: str, params: dict[str, Any], varied: str) -> str:
-    """Legend label of one curve of a sweep: the method without its sweep prefix, and its fixed parameters."""
-    for prefix in SWEEP_PREFIXES:
-        method = method.removeprefix(prefix)
-    return method_label(method, {k: v for k, v in params.items() if k != varied})
+    """Legend label of one curve of a sweep: the method's name, and its parameters other than ``varied``."""
+    name = CURVE_NAMES.get(method, method.split("/", 1)[-1])
+    return method_label(name, {k: v for k, v in params.items() if k != varied})
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,22 @@ def accuracy_by_task_count(rows: Sequence[Row]) -> dict[str, list[TaskCountPoint
     return out
 
 
+def _mean_sem(p: TaskCountPoint | None) -> str:
+    if p is None:
+        return "-"
+    sem = "-" if math.isnan(p.sem) else f"{p.sem:.1f}"
+    return f"{p.mean:.1f} ± {sem} ({p.subsets})"
+
+
+def format_sweep_table(rows: Sequence[Row], markdown: bool = False) -> str:
+    """:func:`accuracy_by_task_count` as aligned text (terminal) or Markdown: one row per subset size, one column
+    per curve, cells ``mean ± s.e. (number of subsets)`` in percent."""
+    curves = accuracy_by_task_count(rows)
+    sizes = sorted({p.size for points in curves.values() for p in points})
+    body = [[str(n), *(_mean_sem({p.size: p for p in points}.get(n)) for points in curves.values())] for n in sizes]
+    return _render(["tasks", *curves], body, markdown)
+
+
 def _coefficients(store: ResultStore, row: Row) -> tuple[np.ndarray, np.ndarray | None] | None:
     """A DaWin row's per-sample coefficients (N, M) and mixture component (N,) if stored; None when its samples
     file or coefficient column is absent (the plot then leaves the row out instead of failing the report)."""
@@ -290,8 +311,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=110)
+def _new_figure(width: float, height: float, layout: str | None = None) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=110, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -319,6 +340,11 @@ def _theta1(points: Sequence[Point]) -> str | None:
     return next((p.params.get("model") for p in points if p.method == "finetuned"), None)
 
 
+def _legend_rank(p: Point) -> tuple[bool, ...]:
+    """Legend order of the ID-versus-OOD points: ZS, fine-tuned models, baselines, DaWin variants, oracle last."""
+    return p.method != "zeroshot", p.method != "finetuned", p.method.startswith("dawin"), "oracle" in p.method
+
+
 def plot_id_ood(points: Sequence[Point], path: Path, title: str) -> Path | None:
     """ID versus OOD (DaWin Fig. 3): x = ID test accuracy (%), y = mean accuracy over the shifts (%).
 
@@ -337,31 +363,34 @@ def plot_id_ood(points: Sequence[Point], path: Path, title: str) -> Path | None:
     if wise:
         ax.plot([p.id_acc for p in wise], [p.ood_acc for p in wise], "-o", color="tab:blue", ms=4, lw=1.5,
                 label="WiSE-FT (λ from 0 to 1)", zorder=2)
-        # λ on about five points: the whole grid would overlap
-        for i in sorted({int(round(i)) for i in np.linspace(0, len(wise) - 1, min(len(wise), 5))}):
+        # λ on four interior points (the ends are ZS and FT, and the whole grid would overlap), on the outer side
+        # of the usually concave curve: upper left where it rises, upper right where it falls
+        for i in sorted({int(round(i)) for i in np.linspace(0, len(wise) - 1, 6)[1:-1]}):
+            rising = wise[min(i + 1, len(wise) - 1)].ood_acc >= wise[max(i - 1, 0)].ood_acc
             ax.annotate(f"λ={wise[i].params['lam']:g}", (wise[i].id_acc, wise[i].ood_acc), textcoords="offset points",
-                        xytext=(6, -12), fontsize=8, color="tab:blue")
+                        xytext=(-5, 5) if rising else (5, 5), ha="right" if rising else "left", fontsize=8,
+                        color="tab:blue")
 
     others = cycle(zip(["s", "^", "v", "p", "h", "<", ">", "8"],
                        ["tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink", "tab:orange", "0.4"]))
     dawin_markers = cycle(["D", "P", "X", "v", "^", "<", ">", "d"])
-    for p in pts:
+    for p in sorted((p for p in pts if p.method != "wise_ft"), key=_legend_rank):
         label = method_label(p.method, p.params)
         xy = (p.id_acc, p.ood_acc)
-        if p.method == "wise_ft":
-            continue
         if p.method == "zeroshot":
-            ax.scatter(*xy, marker="*", s=260, color="black", label="ZS (zero-shot θ0)", zorder=4)
+            ax.scatter(*xy, marker="*", s=200, color="black", label="ZS (zero-shot θ0)", zorder=4)
             ax.annotate("ZS", xy, textcoords="offset points", xytext=(8, 4), fontsize=10, weight="bold")
         elif p.method == "finetuned" and p.params.get("model") == theta1:
-            ax.scatter(*xy, marker="s", s=110, color="black", label=f"FT (fine-tuned θ1: {theta1})", zorder=4)
+            ax.scatter(*xy, marker="s", s=80, color="black", label=f"FT (fine-tuned θ1: {theta1})", zorder=4)
             ax.annotate("FT", xy, textcoords="offset points", xytext=(8, 4), fontsize=10, weight="bold")
         elif p.method == "finetuned":
             ax.scatter(*xy, marker="o", s=30, color="0.6", label=label, zorder=3)
         elif p.method.startswith("dawin/oracle"):
             ax.scatter(*xy, marker="o", s=110, facecolors="none", edgecolors="tab:red", linewidths=1.8,
                        label=label, zorder=4)
-            ax.annotate("upper bound", xy, textcoords="offset points", xytext=(8, -4), fontsize=8, color="tab:red")
+            # text to the left: the oracle sits at the top right, where text on its right would leave the axes
+            ax.annotate("upper bound", xy, textcoords="offset points", xytext=(-9, -3), ha="right", fontsize=8,
+                        color="tab:red")
         elif p.method.startswith("dawin"):
             ax.scatter(*xy, marker=next(dawin_markers), s=70, color="tab:red", edgecolors="white", linewidths=0.5,
                        label=label, zorder=4)
@@ -410,7 +439,8 @@ def plot_lambda_histograms(sets: Sequence[LambdaSet], path: Path, title: str) ->
         return None
     cols = min(len(sets), 3)
     nrows = math.ceil(len(sets) / cols)
-    fig = _new_figure(3.4 * cols, 2.6 * nrows + 0.4)
+    fig = _new_figure(3.4 * cols, 2.6 * nrows + 0.6, layout="constrained")
+    fig.get_layout_engine().set(wspace=0.08)  # keeps one panel's "1.0" apart from the next panel's "0.0"
     axes = fig.subplots(nrows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     bins = np.linspace(0.0, 1.0, 26)
     for ax, s in zip(axes, sets):
@@ -429,9 +459,9 @@ def plot_lambda_histograms(sets: Sequence[LambdaSet], path: Path, title: str) ->
         ax.set_ylabel("% of samples")
     axes[0].set_xlim(0.0, 1.0)
     if any(s.components for s in sets):
-        axes[0].legend(fontsize=7, loc="upper left")
+        # one legend for all panels, outside them so that no bars are covered
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
     return _save_figure(fig, path)
 
 
@@ -482,12 +512,15 @@ def plot_task_count(curves: dict[str, list[TaskCountPoint]], path: Path, title: 
 # Report sections: each returns its Markdown lines, or none when the experiment lacks its rows.
 
 
-def _figure_markdown(path: Path, caption: str) -> list[str]:
-    return [f"![{caption}]({path.name})", "", f"*{caption}*", ""]
+def _figure_markdown(heading: str, path: Path | None, caption: str, *table: str) -> list[str]:
+    """A section heading, the embedded PNG, its one-line caption and its small table; none without a PNG."""
+    if path is None:
+        return []
+    return [f"### {heading}", "", f"![{heading}]({path.name})", "", f"*{caption}*", "", *(line for t in table for line in (t, ""))]
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "experiment"
+def _plot_path(root: Path, experiment: str, kind: str) -> Path:
+    return root / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', experiment).strip('_') or 'experiment'}_{kind}.png"
 
 
 def _latest_config(rows: Sequence[Row], method: str, **match: Any) -> list[Row]:
@@ -499,77 +532,62 @@ def _latest_config(rows: Sequence[Row], method: str, **match: Any) -> list[Row]:
 
 
 def _id_ood_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
-    path = plot_id_ood(id_ood_points(rows), root / f"{_slug(name)}_id_vs_ood.png", f"{name}: ID versus OOD accuracy")
-    if path is None:
-        return []
-    return ["### ID versus OOD", "", *_figure_markdown(
-        path, "ID accuracy (x, %) versus OOD average accuracy (y, %): WiSE-FT curve, ZS/FT endpoints, DaWin "
-              "variants (oracle hollow: upper bound), ensembles and soups; numbers in the ID and OOD avg columns above.")]
+    path = plot_id_ood(id_ood_points(rows), _plot_path(root, name, "id_vs_ood"), f"{name}: ID versus OOD accuracy")
+    return _figure_markdown(
+        "ID versus OOD", path,
+        "ID accuracy (x, %) versus OOD average accuracy (y, %): WiSE-FT curve, ZS/FT endpoints, DaWin variants "
+        "(oracle hollow: upper bound), ensembles and soups; numbers in the ID and OOD avg columns above.")
 
 
 def _rank_sweep_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
     curves, refs = rank_sweep_curves(rows), reference_accuracies(rows)
-    path = plot_rank_sweep(curves, refs, root / f"{_slug(name)}_rank_sweep.png", f"{name}: accuracy versus rank ratio")
-    if path is None:
-        return []
+    path = plot_rank_sweep(curves, refs, _plot_path(root, name, "rank_sweep"), f"{name}: accuracy versus rank ratio")
     ratios = sorted({rho for points in curves.values() for rho, _ in points})
-    body = [[f"{rho:g}", *[_fmt(dict(points).get(rho), "") for points in curves.values()]] for rho in ratios]
-    return ["### Accuracy versus rank ratio", "", *_figure_markdown(
-        path, "Accuracy averaged over tasks (%) versus rank ratio ρ of the task vectors, one line per method; "
-              "horizontal lines: weight averaging, task arithmetic and the individual models (dashed, upper bound)."),
-        _markdown_table(["ρ", *curves], body), "",
-        "References (avg %): " + (", ".join(f"{k} {v:.1f}" for k, v in refs.items()) or "none"), ""]
+    body = [[f"{rho:g}", *(_fmt(dict(points).get(rho), "") for points in curves.values())] for rho in ratios]
+    return _figure_markdown(
+        "Accuracy versus rank ratio", path,
+        "Accuracy averaged over tasks (%) versus rank ratio ρ of the task vectors, one line per method; horizontal "
+        "lines: weight averaging, task arithmetic and the individual models (dashed, upper bound).",
+        _markdown_table(["ρ", *curves], body),
+        "References (avg %): " + (", ".join(f"{k} {v:.1f}" for k, v in refs.items()) or "none"))
 
 
 def _lambda_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
     dawin_rows = _latest_config(rows, "dawin", offset=True)
     sets = lambda_by_set(store, dawin_rows)
     k = _params(dawin_rows[0]).get("k") if dawin_rows else None
-    path = plot_lambda_histograms(sets, root / f"{_slug(name)}_dawin_lambda.png",
-                                  f"{name}: DaWin λ(x) per test set (offset, k={k})")
-    if path is None:
-        return []
+    path = plot_lambda_histograms(sets, _plot_path(root, name, "dawin_lambda"), f"{name}: DaWin λ(x) per test set (offset, k={k})")
     body = [[s.split, str(len(s.lambdas)), f"{s.lambdas.mean():.3f}",
              ", ".join(f"{m:.2f} ({n})" for m, n in s.components) or "-"] for s in sets]
-    return ["### DaWin coefficients per test set", "", *_figure_markdown(
-        path, "Histogram of DaWin's per-sample λ(x) (weight of the fine-tuned model, offset on) per test set, in % of "
-              "its samples; dashed lines: mean λ of each mixture component."),
-        _markdown_table(["set", "N", "mean λ", "component mean λ (members)"], body), ""]
+    return _figure_markdown(
+        "DaWin coefficients per test set", path,
+        "Histogram of DaWin's per-sample λ(x) (weight of the fine-tuned model, offset on) on each test set, in % of "
+        "its samples; dashed lines: mean λ of each mixture component.",
+        _markdown_table(["set", "N", "mean λ", "component mean λ (members)"], body))
 
 
 def _heatmap_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
     if any(r["split"] != ID_SPLIT for r in rows):
         return []  # robust setting: two candidates per sample, shown as λ(x) histograms instead
     tasks, models, matrix = coefficient_matrix(store, _latest_config(rows, "dawin"))
-    path = plot_coefficient_heatmap(tasks, models, matrix, root / f"{_slug(name)}_dawin_coefficients.png",
+    path = plot_coefficient_heatmap(tasks, models, matrix, _plot_path(root, name, "dawin_coefficients"),
                                     f"{name}: DaWin mean coefficient per task and model")
-    if path is None:
-        return []
     body = [[t, *(f"{v:.3f}" for v in matrix[i])] for i, t in enumerate(tasks)]
-    return ["### DaWin coefficients per task", "", *_figure_markdown(
-        path, "Mean DaWin coefficient of each candidate model (columns) over each task's test samples (rows); "
-              "a bright diagonal means each task weights its own fine-tuned model most."),
-        _markdown_table(["task \\ model", *models], body), ""]
-
-
-def _mean_sem(p: TaskCountPoint | None) -> str:
-    if p is None:
-        return "-"
-    sem = "-" if math.isnan(p.sem) else f"{p.sem:.1f}"
-    return f"{p.mean:.1f} ± {sem} ({p.subsets})"
+    return _figure_markdown(
+        "DaWin coefficients per task", path,
+        "Mean DaWin coefficient of each candidate model (columns) over each task's test samples (rows); a bright "
+        "diagonal means each task weights its own fine-tuned model most.",
+        _markdown_table(["task \\ model", *models], body))
 
 
 def _task_count_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
-    curves = accuracy_by_task_count(rows)
-    path = plot_task_count(curves, root / f"{_slug(name)}_tasks_vs_accuracy.png", f"{name}: accuracy versus number of tasks")
-    if path is None:
-        return []
-    sizes = sorted({p.size for points in curves.values() for p in points})
-    body = [[str(n), *(_mean_sem({p.size: p for p in points}.get(n)) for points in curves.values())] for n in sizes]
-    return ["### Accuracy versus number of tasks", "", *_figure_markdown(
-        path, "Average accuracy (%) over a subset's own tasks versus subset size: mean ± standard error over "
-              "subsets, one line per method; table cells: mean ± s.e. (subsets)."),
-        _markdown_table(["tasks", *curves], body), ""]
+    path = plot_task_count(accuracy_by_task_count(rows), _plot_path(root, name, "tasks_vs_accuracy"),
+                           f"{name}: accuracy versus number of tasks")
+    return _figure_markdown(
+        "Accuracy versus number of tasks", path,
+        "Average accuracy (%) over a subset's own tasks versus subset size: mean ± standard error over subsets, one "
+        "line per method; table cells: mean ± s.e. (number of subsets).",
+        format_sweep_table(rows, markdown=True))
 
 
 SECTIONS: list[Callable[[ResultStore, str, Sequence[Row], Path], list[str]]] = [

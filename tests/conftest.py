@@ -65,3 +65,11 @@ def mini_pool(tmp_path_factory) -> Path:
     }
     (root / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    """The embedded zoo at its ``tiny`` scale (same structure, seconds to build); returns the manifest path."""
+    from raymerge.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("tinyzoo") / "zoo", seed=0, scale="tiny")

@@ -1,0 +1,42 @@
+"""Sweep merges over every subset of the task pool (resumable: a restart finishes only what is missing).
+
+    python jobs/sweep.py                                   # all 247 subsets of the embedded zoo's 8 tasks
+    python jobs/sweep.py --config FILE.yaml --set sweep.max_size=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from raymerge import config, pipeline, report, sweep
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(Path(config.__file__).parent / "experiments" / "sweep.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--force", action="store_true", help="recompute rows already in the results store")
+    parser.add_argument("--address", help="Ray cluster address, or \"local\" for a fresh local Ray (default: RAY_ADDRESS, else plain ray.init())")
+    parser.add_argument("--cache-dir", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if args.cache_dir:
+        os.environ["RAYMERGE_CACHE"] = str(args.cache_dir)
+    try:
+        exp = config.load(args.config, args.set)
+        store = sweep.run_sweep(exp, args.force, args.cache_dir, args.address)
+    except pipeline.INPUT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = [r for r in store.rows() if r["method"].startswith("sweep/")]
+    print(report.format_sweep_table(rows))
+    print(f"\nreport: {report.write_report(exp.output_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
