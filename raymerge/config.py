@@ -11,6 +11,7 @@ resolved against the file that holds them.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,9 +326,17 @@ def validate(raw: Any, source: str = "<experiment>", base_dir: Path | None = Non
     if any(t.finetuned for t in tasks.values()):
         problems += [f"methods.{m}: applies to the robust setting only (one task, several fine-tuned models)"
                      for m in methods if m in ROBUST_ONLY]
+    output = Path(top.get("output_dir") or f"results/{top.get('name')}").expanduser()
+    if not output.is_absolute():
+        if os.environ.get("RAYMERGE_RESULTS"):
+            output = Path(os.environ["RAYMERGE_RESULTS"]).expanduser() / output
+        elif os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            # a submitted job runs in a temporary copy of its working dir: relative results would vanish with it
+            problems.append(f"output_dir: {output} is relative, and under `ray job submit` the working directory is a "
+                            "temporary copy; give an absolute path or set RAYMERGE_RESULTS in the job's runtime env")
+        output = output if output.is_absolute() else Path.cwd() / output
     if problems:
         raise ConfigError(source, problems)
-    output = Path(top["output_dir"] or f"results/{top['name']}").expanduser()
     return Experiment(
         name=top["name"],
         seed=top["seed"],
@@ -337,7 +346,7 @@ def validate(raw: Any, source: str = "<experiment>", base_dir: Path | None = Non
         tasks=tasks,
         methods=methods,
         resources=resources,
-        output_dir=output if output.is_absolute() else Path.cwd() / output,
+        output_dir=output,
         source=source,
         raw=raw,
         sweep=sweep,

@@ -460,28 +460,36 @@ def _dawin(run: Run, params: dict[str, Any]) -> Iterator[Candidate]:
             yield variant("dawin/oracle (upper bound)", {}, lambda r, p: r.oracle(p))
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join or start Ray. A cluster address (or RAY_ADDRESS, which ``ray job submit`` sets) joins that cluster;
-    ``"local"`` always starts a fresh local Ray; nothing lets plain ``ray.init()`` decide (a recorded local
-    head, else a new local Ray). ``num_cpus`` applies only to a local start (RAY-NOTES.md)."""
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join or start Ray; True when the Ray in use runs on this machine only (started here, or already running).
+
+    A cluster address (or RAY_ADDRESS, which ``ray job submit`` sets) joins that cluster; ``"local"`` always starts
+    a fresh local Ray; nothing lets plain ``ray.init()`` decide (a recorded local head, else a new local Ray).
+    ``num_cpus`` applies only to a local start (RAY-NOTES.md).
+    """
     if ray.is_initialized():
-        return
+        return True
     if address not in (None, "local") or (address is None and os.environ.get("RAY_ADDRESS")):
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        return False
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+# Errors a user can fix in their files; jobs report them in one line instead of a traceback.
+INPUT_ERRORS = (models.CheckpointError, models.ModelError, DatasetError, StateDictError, ConfigError)
 
 
 def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> Run:
     """Load and check every input, then (and only then) join Ray and start the worker pool."""
     with phase("load"):
         base, finetuned, tasks = load_experiment_inputs(exp)
-    connect(address)
+    local = connect(address)
     store = ResultStore(exp.output_dir)
     pool_hash = state_dict_hash({"base": np.frombuffer(state_dict_hash(base).encode(), np.uint8),
                                  **{n: np.frombuffer(state_dict_hash(sd).encode(), np.uint8) for n, sd in finetuned.items()}})
     with phase("start workers"):
-        pool = WorkerPool(exp.architecture, Resources(**exp.resources))
+        pool = WorkerPool(exp.architecture, Resources(**exp.resources), cpu_fallback=local)
         for name, task in tasks.items():
             pool.add_head(name, task.head)
             for split, ds in task.sets.items():

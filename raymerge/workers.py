@@ -101,12 +101,15 @@ class WorkerPool:
     :func:`evaluate_local` with the same batch size.
     """
 
-    def __init__(self, architecture: str, resources: Resources, max_restarts: int = -1) -> None:
+    def __init__(self, architecture: str, resources: Resources, max_restarts: int = -1, cpu_fallback: bool = True) -> None:
+        """``cpu_fallback``: drop the GPU request when the cluster has no GPU. Only for a Ray the driver started
+        itself: an autoscaling cluster whose GPU workers scale from 0 has none *yet*, and must see the request."""
         self.architecture = architecture
         self.resources = resources
-        gpus = resources.num_gpus_per_actor if _cluster_has_gpus() else 0.0
-        if resources.num_gpus_per_actor and not gpus:
-            log.warning("the cluster has no GPUs: actors fall back to CPU")
+        gpus = resources.num_gpus_per_actor
+        if gpus and cpu_fallback and ray.cluster_resources().get("GPU", 0) == 0:
+            log.warning("this local Ray has no GPUs: actors fall back to CPU")
+            gpus = 0.0
         actor = ray.remote(EvalWorker).options(
             num_cpus=resources.num_cpus_per_actor,
             num_gpus=gpus,
@@ -182,10 +185,6 @@ class WorkerPool:
             ray.kill(actor)
         self.actors = []
         self._weights.clear()
-
-
-def _cluster_has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def evaluate_local(architecture: str, weights: Weights, head: models.Head, dataset: ImageDataset, batch_size: int) -> np.ndarray:

@@ -58,3 +58,12 @@ def test_overrides(mini_pool):
         config.load(mini_pool / "experiment.yaml", ["methods.wise_ft.lambdas"])
     with pytest.raises(config.ConfigError, match="does not exist"):
         config.load(mini_pool / "nope.yaml")
+
+
+def test_relative_output_dir_under_a_submitted_job(mini_pool, monkeypatch, tmp_path):
+    raw = _raw(mini_pool) | {"output_dir": "results/x"}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(config.ConfigError, match="output_dir: results/x is relative, and under `ray job submit`"):
+        config.validate(raw, "exp.yaml", mini_pool)
+    monkeypatch.setenv("RAYMERGE_RESULTS", str(tmp_path))
+    assert config.validate(raw, "exp.yaml", mini_pool).output_dir == tmp_path / "results" / "x"

@@ -32,6 +32,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the head's processes in /proc")
+
 REPO = Path(__file__).resolve().parents[1]
 HEAD_START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 300  # a bound for the failure case; the job itself takes ~30 s on 2 shared cores
