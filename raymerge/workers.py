@@ -77,7 +77,7 @@ class EvalWorker:
             self.loaded = weights_key
         images = self._shard(shard, shard_spec)
         if rows is not None:
-            images = images[torch.as_tensor(rows, dtype=torch.long, device=images.device)]
+            images = images[torch.from_numpy(np.array(rows, dtype=np.int64)).to(images.device)]
         return models.predict_logits(self.encoder, self._head(head, head_spec), images, self.batch_size)
 
     def pid(self) -> int:
