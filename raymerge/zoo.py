@@ -15,21 +15,22 @@ Images are split once, stratified by digit (fractions of the 1797 images):
 
 Robust fine-tuning setting (task ``digits``, classes ``"0".."9"``): θ0's head is the task's fixed head;
 ``ft`` (θ1) and the other fine-tuned models start from θ0 and train the encoder on the clean fine-tuning split
-with the head frozen (AdamW, 200 steps of 64 images, learning rate 3e-4; ``ft_lr1e-3`` uses 1e-3).
-Fine-tuning on clean data only gains accuracy in distribution and forgets some of θ0's robustness. Test sets: the ID test images clean, and the same images under each corruption of
-:data:`CORRUPTIONS` (one dataset per shift).
+with the head frozen (AdamW, 200 steps of 64 images, learning rate 3e-4; ``ft_lr1e-3`` uses 1e-3). Fine-tuning
+on clean data only gains accuracy in distribution and forgets some of θ0's robustness. Test sets: the ID test
+images clean, and the same images under each corruption of :data:`CORRUPTIONS` (one dataset per shift).
 
 Multi-task setting: the 8 tasks of :data:`TASKS`, each a label space over digits with its own corruption.
-A task's images are the 75% outside the pre-training pool, split 60/15/25% into train/validation/test per task
+A task's images are the 85% outside the pre-training pool, split 60/15/25% into train/validation/test per task
 (stratified, per-task seeded, corrupted with a per-task seeded generator). A task's fixed head is a linear probe
 on θ0's L2-normalized features of its training split (the stand-in for a CLIP zero-shot text head), and its
 fine-tuned model θt is θ0's encoder trained on that split with the head frozen (150 steps of 64, learning rate
 3e-4).
 
 Everything is a deterministic function of the seed: numpy Generators and torch seeds derived from
-``(seed, purpose)``, a fixed torch thread count, safetensors with fixed metadata and deterministic Parquet, so
-two builds with the same seed on the same machine give byte-identical files. Training data are not written
-out (the build regenerates them from the seed); validation and test sets are.
+``(seed, purpose)``, a fixed torch thread count, safetensors headers with fixed, sorted metadata, and Parquet
+(whose writer is deterministic for a given pyarrow version), so two builds with the same seed on the same
+machine give byte-identical files. Training data are not written out (the build regenerates them from the seed);
+validation and test sets are.
 
 Layout under the zoo root (paths in ``manifest.yaml`` are relative to it)::
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -86,6 +88,7 @@ ARCHITECTURE = "raymerge-tiny-vit"
 ZOO_NAME = "raymerge-embedded-zoo"
 ZOO_VERSION = 1
 MANIFEST = "manifest.yaml"
+ZEROSHOT_CHECKPOINT = "checkpoints/zeroshot.safetensors"
 DESCRIPTION = "tiny open_clip ViTs trained on scikit-learn digits; NOT ImageNet/CLIP scale"
 
 # One fixed intra-op thread count: CPU kernels split their reductions by thread, so the count is part of what
@@ -165,7 +168,7 @@ def _impulse(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _elastic(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     # smooth random displacement field, up to a few pixels
     alpha = rng.uniform(8, 12)
-    dy, dx = (ndimage.gaussian_filter(rng.uniform(-1, 1, img.shape), sigma=2.0, mode="constant") * alpha for _ in range(2))
+    dy, dx = (alpha * ndimage.gaussian_filter(rng.uniform(-1, 1, img.shape), sigma=2.0, mode="constant") for _ in "yx")
     rows, cols = np.meshgrid(np.arange(img.shape[0]), np.arange(img.shape[1]), indexing="ij")
     return ndimage.map_coordinates(img, [rows + dy, cols + dx], order=1, mode="constant")
 
@@ -202,8 +205,8 @@ def _augment(images: np.ndarray, rng: np.random.Generator, clean_fraction: float
         x = img.astype(np.float64)
         if rng.random() >= clean_fraction:
             for i in rng.choice(len(names), size=rng.choice([1, 2], p=[0.7, 0.3]), replace=False):
-                x = CORRUPTIONS[names[i]](x, rng)
-                x = np.clip(x, 0, 255)
+                # clipped between steps: every corruption expects a valid 0–255 image
+                x = np.clip(CORRUPTIONS[names[i]](x, rng), 0, 255)
         out.append(_to_uint8(x))
     return np.stack(out)
 
@@ -264,7 +267,9 @@ def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
     return _to_uint8(images), digits.target.astype(np.int64)
 
 
-def stratified_split(labels: np.ndarray, fractions: dict[str, float], rng: np.random.Generator) -> dict[str, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fractions: dict[str, float], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Disjoint index arrays (sorted) per split, each holding about ``fractions[split]`` of every label's indices."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in fractions}
     bounds = np.cumsum([0.0, *fractions.values()])
@@ -291,10 +296,10 @@ class _Scale:
 
 
 SCALES = {
-    "full": _Scale(None, pretrain_copies=40, pretrain_steps=700, pretrain_batch=128, finetune_steps=200,
-                   finetune_batch=64, multitask_steps=150, multitask_batch=64),
-    "tiny": _Scale(12, pretrain_copies=2, pretrain_steps=6, pretrain_batch=32, finetune_steps=3,
-                   finetune_batch=16, multitask_steps=2, multitask_batch=16),
+    "full": _Scale(images_per_digit=None, pretrain_copies=40, pretrain_steps=700, pretrain_batch=128,
+                   finetune_steps=200, finetune_batch=64, multitask_steps=150, multitask_batch=64),
+    "tiny": _Scale(images_per_digit=12, pretrain_copies=2, pretrain_steps=6, pretrain_batch=32,
+                   finetune_steps=3, finetune_batch=16, multitask_steps=2, multitask_batch=16),
 }
 PRETRAIN_LR = 1e-3
 PRETRAIN_CLEAN_FRACTION = 0.05
@@ -360,7 +365,10 @@ def _train(
         idx, order = order[:batch_size], order[batch_size:]
         x = preprocess(images[idx], size)
         y = torch.from_numpy(labels[idx])
-        factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, steps - warmup)))
+        if step < warmup:
+            factor = (step + 1) / warmup
+        else:
+            factor = 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, steps - warmup)))
         for group in opt.param_groups:
             group["lr"] = lr * factor
         logits = head(encoder(x))
@@ -432,11 +440,14 @@ def default_cache_dir() -> Path:
 
 
 def zoo_dir(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
-    """Where the zoo of ``seed`` lives: ``<cache_dir>/zoo-seed<seed>`` (``cache_dir`` defaults to :func:`default_cache_dir`)."""
-    return Path(cache_dir).expanduser() / f"zoo-seed{seed}" if cache_dir is not None else default_cache_dir() / f"zoo-seed{seed}"
+    """Where the zoo of ``seed`` lives: ``<cache_dir>/zoo-seed<seed>``, ``cache_dir`` defaulting to
+    :func:`default_cache_dir`."""
+    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return base / f"zoo-seed{seed}"
 
 
 def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of the bytes of ``path``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -462,17 +473,43 @@ def _write_dataset(root: Path, rel: str, name: str, images: np.ndarray, labels: 
     return rel
 
 
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the header of safetensors file ``path`` with its metadata keys sorted.
+
+    safetensors keeps the metadata in a hash map whose order changes from one process (and write) to the next,
+    so without this two identical models give files with different bytes. The reordered header has exactly the
+    same length, so tensor offsets are untouched.
+    """
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" not in header:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:
+        raise ZooError(f"cannot canonicalize the safetensors header of {path}: it would grow")
+    path.write_bytes(data[:8] + text.ljust(size, b" ") + data[8 + size :])
+
+
 def _write_encoder(root: Path, rel: str, weights: dict[str, torch.Tensor], seed: int, role: str) -> str:
-    meta = {"raymerge.architecture": ARCHITECTURE, "raymerge.zoo_seed": str(seed), "raymerge.model": role}
+    meta = {"raymerge.architecture": ARCHITECTURE, "raymerge.model": role, "raymerge.zoo_seed": str(seed)}
     save_state_dict_file(weights, root / rel, metadata=meta)
+    _sort_safetensors_metadata(root / rel)
+    return rel
+
+
+def _write_head(root: Path, rel: str, head: Head) -> str:
+    save_head(head, root / rel)
+    _sort_safetensors_metadata(root / rel)
     return rel
 
 
 def _build_robust(root: Path, seed: int, scale: _Scale, images: np.ndarray, labels: np.ndarray,
-                  splits: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], Head, dict, dict]:
+                  splits: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """Train θ0 and the robust fine-tuned models; write their files and the robust data.
 
-    Returns θ0's weights, its head, the robust ``settings`` entry and the robust ``reference_accuracy`` entry.
+    Returns θ0's weights, the robust ``settings`` entry and the robust ``reference_accuracy`` entry.
     """
     logger.info("robust data: ID validation %d, ID test %d images; shifts %s",
                 len(splits["validation"]), len(splits["test"]), ", ".join(CORRUPTIONS))
@@ -487,7 +524,8 @@ def _build_robust(root: Path, seed: int, scale: _Scale, images: np.ndarray, labe
     }
     for shift in CORRUPTIONS:
         shifted = corrupt(test_images, shift, _rng(seed, "robust", "shift", shift))
-        task_entry["shifts"][shift] = _write_dataset(root, f"data/robust/{shift}", shift, shifted, test_labels, DIGIT_CLASSES, "test")
+        task_entry["shifts"][shift] = _write_dataset(root, f"data/robust/{shift}", shift, shifted, test_labels,
+                                                     DIGIT_CLASSES, "test")
         eval_sets[shift] = ImageDataset(shift, shifted, test_labels, DIGIT_CLASSES)
 
     pool = np.repeat(splits["pretrain"], scale.pretrain_copies)
@@ -501,10 +539,10 @@ def _build_robust(root: Path, seed: int, scale: _Scale, images: np.ndarray, labe
            seed=_subseed(seed, "pretrain", "order"), desc="zeroshot (θ0) pre-training")
     theta0 = _snapshot(encoder)
     head = head_module.to_head(DIGIT_CLASSES)
-    base = _write_encoder(root, "checkpoints/zeroshot.safetensors", theta0, seed, "zeroshot")
-    save_head(head, root / task_entry["head"])
+    _write_encoder(root, ZEROSHOT_CHECKPOINT, theta0, seed, "zeroshot")
+    _write_head(root, task_entry["head"], head)
 
-    finetuned, theta1 = {}, None
+    finetuned, tuned = {}, {}
     accuracy = {"zeroshot": {name: _accuracy(encoder, head, ds) for name, ds in eval_sets.items()}}
     train_images, train_labels = images[splits["train"]], labels[splits["train"]]
     for name, order_purpose, lr in ROBUST_FINETUNES:
@@ -512,21 +550,21 @@ def _build_robust(root: Path, seed: int, scale: _Scale, images: np.ndarray, labe
         _train(encoder, head.logits, list(encoder.parameters()), train_images, train_labels,
                steps=scale.finetune_steps, batch_size=scale.finetune_batch, lr=lr, weight_decay=0.1,
                seed=_subseed(seed, "robust", order_purpose), desc=f"robust {name}")
-        weights = _snapshot(encoder)
-        theta1 = weights if theta1 is None else theta1
-        finetuned[name] = _write_encoder(root, f"checkpoints/robust/{name}.safetensors", weights, seed, name)
+        tuned[name] = _snapshot(encoder)
+        finetuned[name] = _write_encoder(root, f"checkpoints/robust/{name}.safetensors", tuned[name], seed, name)
         accuracy[name] = {split: _accuracy(encoder, head, ds) for split, ds in eval_sets.items()}
     # WiSE-FT halfway between θ0 and θ1: a sanity check that interpolation recovers robustness
+    theta1 = tuned[ROBUST_FINETUNES[0][0]]
     wise = _encoder_with({k: 0.5 * (theta0[k] + theta1[k]) for k in theta0})
     accuracy["wise_ft_0.5"] = {split: _accuracy(wise, head, ds) for split, ds in eval_sets.items()}
     for row in accuracy.values():
         row["ood_mean"] = round(float(np.mean([row[s] for s in CORRUPTIONS])), 4)
 
     settings = {
-        "model_pool": {"architecture": ARCHITECTURE, "base": base, "finetuned": finetuned},
+        "model_pool": {"architecture": ARCHITECTURE, "base": ZEROSHOT_CHECKPOINT, "finetuned": finetuned},
         "task_pool": {"digits": task_entry},
     }
-    return theta0, head, settings, accuracy
+    return theta0, settings, accuracy
 
 
 def _build_multitask(root: Path, seed: int, scale: _Scale, images: np.ndarray, labels: np.ndarray,
@@ -536,6 +574,8 @@ def _build_multitask(root: Path, seed: int, scale: _Scale, images: np.ndarray, l
     ``pool`` indexes the images outside the pre-training pool. Returns the multitask ``settings`` entry and its
     ``reference_accuracy`` entry.
     """
+    logger.info("multi-task: %d tasks over %d images (%s)", len(TASKS), len(pool),
+                ", ".join(f"{t.name}: {len(t.class_names)} classes" for t in TASKS))
     zeroshot = _encoder_with(theta0)
     finetuned, task_pool, heads, tests, weights = {}, {}, {}, {}, {}
     for task in TASKS:
@@ -549,8 +589,9 @@ def _build_multitask(root: Path, seed: int, scale: _Scale, images: np.ndarray, l
         for split in ("validation", "test"):
             entry[split] = _write_dataset(root, f"data/multitask/{task.name}/{split}", f"{task.name}-{split}",
                                           *data[split], task.class_names, split)
-        head = _linear_probe(_features(zeroshot, data["train"][0]), data["train"][1], task.class_names, PROBE_WEIGHT_DECAY)
-        save_head(head, root / entry["head"])
+        features = _features(zeroshot, data["train"][0])
+        head = _linear_probe(features, data["train"][1], task.class_names, PROBE_WEIGHT_DECAY)
+        _write_head(root, entry["head"], head)
 
         encoder = _encoder_with(theta0)
         _train(encoder, head.logits, list(encoder.parameters()), *data["train"],
@@ -575,25 +616,31 @@ def _build_multitask(root: Path, seed: int, scale: _Scale, images: np.ndarray, l
     for row in accuracy.values():
         row["mean"] = round(float(np.mean([row[n] for n in names])), 4)
     settings = {
-        "model_pool": {"architecture": ARCHITECTURE, "base": "checkpoints/zeroshot.safetensors", "finetuned": finetuned},
+        "model_pool": {"architecture": ARCHITECTURE, "base": ZEROSHOT_CHECKPOINT, "finetuned": finetuned},
         "task_pool": task_pool,
     }
     return settings, accuracy
 
 
-def _build_into(root: Path, seed: int, scale: _Scale) -> dict:
+def _build_into(root: Path, seed: int, scale_name: str) -> dict:
     """Build every file of the zoo under the empty directory ``root``; return the manifest (not yet written)."""
     start = time.perf_counter()
-    logger.info("building the embedded zoo (seed %d) in %s", seed, root)
+    scale = SCALES[scale_name]
+    logger.info("building the embedded zoo (seed %d, scale %s) in %s", seed, scale_name, root)
     images, labels = load_digit_images()
     if scale.images_per_digit is not None:
         keep = np.sort(np.concatenate([np.flatnonzero(labels == d)[: scale.images_per_digit] for d in range(10)]))
         images, labels = images[keep], labels[keep]
     splits = stratified_split(labels, SPLIT_FRACTIONS, _rng(seed, "splits"))
     logger.info("digits: %d images, split %s", len(labels), {k: len(v) for k, v in splits.items()})
-    theta0, _, robust_settings, robust_accuracy = _build_robust(root, seed, scale, images, labels, splits)
+    theta0, robust_settings, robust_accuracy = _build_robust(root, seed, scale, images, labels, splits)
     pool = np.sort(np.concatenate([splits["train"], splits["validation"], splits["test"]]))
     multitask_settings, multitask_accuracy = _build_multitask(root, seed, scale, images, labels, pool, theta0)
+    logger.info(
+        "test accuracy: robust ID/OOD-mean %s; multi-task mean %s",
+        ", ".join(f"{name} {row['id']:.3f}/{row['ood_mean']:.3f}" for name, row in robust_accuracy.items()),
+        ", ".join(f"{name} {row['mean']:.3f}" for name, row in multitask_accuracy.items()),
+    )
     files = {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
     return {
         "name": ZOO_NAME,
@@ -609,6 +656,7 @@ def _build_into(root: Path, seed: int, scale: _Scale) -> dict:
             "torch": str(torch.__version__),
             "open_clip": open_clip.__version__,
             "numpy": np.__version__,
+            "scale": scale_name,
         },
     }
 
@@ -628,13 +676,15 @@ def _build_locked(root: Path, seed: int, scale: str) -> Path:
     torch.set_num_threads(BUILD_THREADS)
     try:
         with torch.random.fork_rng(devices=[]):
-            manifest = _build_into(tmp, seed, SCALES[scale])
+            manifest = _build_into(tmp, seed, scale)
+        part = tmp / (MANIFEST + ".tmp")
+        part.write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
+        part.replace(tmp / MANIFEST)
+    except BaseException:  # Ctrl-C included: leave no half-built directory in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads)
-    manifest["build"]["scale"] = scale
-    part = tmp / (MANIFEST + ".tmp")
-    part.write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
-    part.replace(tmp / MANIFEST)
     if root.exists():  # a previous zoo (or an empty directory): moved aside so the swap is two renames
         root.rename(old)
     tmp.rename(root)
@@ -647,9 +697,9 @@ def _build_locked(root: Path, seed: int, scale: str) -> Path:
 def build_zoo(root: str | Path, seed: int = 0, scale: str = "full") -> Path:
     """Build the zoo of ``seed`` at ``root`` (replacing any zoo there) and return its manifest path.
 
-    ``scale="full"`` takes a few minutes on 2 CPU cores; ``"tiny"`` has the same structure with a handful of
-    images and training steps, for tests. Safe against concurrent builds of the same ``root`` (a lock file) and
-    against interruption (nothing appears at ``root`` until the manifest is written).
+    ``scale="full"`` takes about 2 minutes (one CPU thread); ``"tiny"`` has the same structure with a handful of
+    images and training steps and takes seconds, for tests. Safe against concurrent builds of the same ``root``
+    (a lock file) and against interruption (nothing appears at ``root`` until the manifest is written).
     """
     root = Path(root)
     with _lock(root):
@@ -716,7 +766,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``build`` (or rebuild with ``--force``) or ``verify`` the zoo of a seed; prints a summary on stdout."""
     parser = argparse.ArgumentParser(prog="python -m raymerge.zoo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("build", "build the zoo (no-op if it exists, unless --force)"), ("verify", "rehash the zoo's files")):
+    commands = {"build": "build the zoo (no-op if it exists, unless --force)", "verify": "rehash the zoo's files"}
+    for name, text in commands.items():
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--cache-dir", type=Path, default=None, help="default: $RAYMERGE_CACHE or ~/.cache/raymerge")
         cmd.add_argument("--seed", type=int, default=0)
