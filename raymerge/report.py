@@ -328,6 +328,16 @@ def _legend_outside(ax: Axes) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
 
 
+def _finish_line_plot(fig: Figure, ax: Axes, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Grid, axis labels, title and an outside legend, then the atomic save shared by the single-panel plots."""
+    ax.grid(alpha=0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _legend_outside(ax)
+    return _save_figure(fig, path)
+
+
 def _theta1(points: Sequence[Point]) -> str | None:
     """Name of θ1, the fine-tuned endpoint: WiSE-FT's ``model``, else DaWin's second candidate, else the first
     fine-tuned model."""
@@ -399,12 +409,7 @@ def plot_id_ood(points: Sequence[Point], path: Path, title: str) -> Path | None:
             ax.scatter(*xy, marker=marker, s=60, color=color, label=label, zorder=3)
 
     ax.margins(0.08)
-    ax.grid(alpha=0.3)
-    ax.set_xlabel("ID accuracy (%)")
-    ax.set_ylabel("OOD average accuracy (%)")
-    ax.set_title(title)
-    _legend_outside(ax)
-    return _save_figure(fig, path)
+    return _finish_line_plot(fig, ax, path, "ID accuracy (%)", "OOD average accuracy (%)", title)
 
 
 def plot_rank_sweep(curves: dict[str, list[tuple[float, float]]], refs: dict[str, float], path: Path,
@@ -423,12 +428,7 @@ def plot_rank_sweep(curves: dict[str, list[tuple[float, float]]], refs: dict[str
         color, style = ("black", "--") if label.startswith("individual") else ref_styles.get(label.split()[0], ("0.5", ":"))
         ax.axhline(value, color=color, ls=style, lw=1.3, label=f"{label} ({value:.1f}%)")
     ax.set_xlim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_xlabel("rank ratio ρ (fraction of singular values kept)")
-    ax.set_ylabel("average accuracy over tasks (%)")
-    ax.set_title(title)
-    _legend_outside(ax)
-    return _save_figure(fig, path)
+    return _finish_line_plot(fig, ax, path, "rank ratio ρ (fraction of singular values kept)", "average accuracy over tasks (%)", title)
 
 
 def plot_lambda_histograms(sets: Sequence[LambdaSet], path: Path, title: str) -> Path | None:
@@ -500,12 +500,7 @@ def plot_task_count(curves: dict[str, list[TaskCountPoint]], path: Path, title: 
                     marker=marker, ms=5, lw=1.8, capsize=3, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.margins(x=0.08)
-    ax.grid(alpha=0.3)
-    ax.set_xlabel("number of tasks merged")
-    ax.set_ylabel("average accuracy (%)")
-    ax.set_title(title)
-    _legend_outside(ax)
-    return _save_figure(fig, path)
+    return _finish_line_plot(fig, ax, path, "number of tasks merged", "average accuracy (%)", title)
 
 
 # ---------------------------------------------------------------------------------------------------------------
