@@ -112,12 +112,31 @@ def load_state_dict_file(path: str | Path) -> StateDict:
     return _strip_prefix(dict(sd))
 
 
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place and at the same length.
+
+    safetensors keeps metadata in a hash map whose order changes from one write to the next, so identical
+    weights would give files with different bytes (and hashes); tensor offsets are untouched.
+    """
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" not in header:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:
+        raise CheckpointError(f"cannot canonicalize the safetensors header of {path}: it would grow")
+    path.write_bytes(data[:8] + text.ljust(size, b" ") + data[8 + size :])
+
+
 def save_state_dict_file(sd: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write ``sd`` as safetensors through a temporary file and an atomic rename."""
+    """Write ``sd`` as safetensors, byte-for-byte reproducibly, through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+    _sort_safetensors_metadata(tmp)
     tmp.replace(path)
 
 

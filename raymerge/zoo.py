@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -473,35 +472,14 @@ def _write_dataset(root: Path, rel: str, name: str, images: np.ndarray, labels: 
     return rel
 
 
-def _sort_safetensors_metadata(path: Path) -> None:
-    """Rewrite the header of safetensors file ``path`` with its metadata keys sorted.
-
-    safetensors keeps the metadata in a hash map whose order changes from one process (and write) to the next,
-    so without this two identical models give files with different bytes. The reordered header has exactly the
-    same length, so tensor offsets are untouched.
-    """
-    data = path.read_bytes()
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
-    if "__metadata__" not in header:
-        return
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(text) > size:
-        raise ZooError(f"cannot canonicalize the safetensors header of {path}: it would grow")
-    path.write_bytes(data[:8] + text.ljust(size, b" ") + data[8 + size :])
-
-
 def _write_encoder(root: Path, rel: str, weights: dict[str, torch.Tensor], seed: int, role: str) -> str:
     meta = {"raymerge.architecture": ARCHITECTURE, "raymerge.model": role, "raymerge.zoo_seed": str(seed)}
     save_state_dict_file(weights, root / rel, metadata=meta)
-    _sort_safetensors_metadata(root / rel)
     return rel
 
 
 def _write_head(root: Path, rel: str, head: Head) -> str:
     save_head(head, root / rel)
-    _sort_safetensors_metadata(root / rel)
     return rel
 
 

@@ -1,0 +1,107 @@
+"""``python -m bench [--quick] [--out DIR] [--zoo embedded|tiny|MANIFEST] [--only SECTION ...]``
+
+Runs the benchmark sections in order (mixture, dawin, cart, evaluation, sweep) on a private local Ray
+(``address="local"``, 2 CPUs, no dashboard) and writes ``BENCHMARKS.md`` (repository root) and
+``bench/results.json``, or both into ``--out DIR``. Progress lines go to stderr.
+
+``--quick`` is a smoke run (well under a minute once its zoo exists) with tiny sizes, on the tiny zoo unless
+``--zoo`` says otherwise; its ratios mean nothing. The full run takes about 10–15 minutes on 2 cores, plus the
+embedded zoo's one-time build (``--zoo embedded``, the default without ``--quick``; a build already under way in
+another process is waited for). ``--zoo tiny`` builds (once) a tiny zoo under ``$RAYMERGE_CACHE/bench-zoo-tiny``;
+``RAYMERGE_BENCH_ZOO`` sets the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # raymerge's driver-side progress bars: our progress lines suffice
+
+from bench import common, report  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("mixture", "dawin", "cart", "evaluation", "sweep")
+
+
+def _module(key: str):
+    import importlib
+
+    return importlib.import_module("bench.mixtures" if key == "mixture" else f"bench.{key}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run with tiny sizes (< 1 min once the zoo exists)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write BENCHMARKS.md and results.json into this directory (default: BENCHMARKS.md at the "
+                        "repository root, bench/results.json)")
+    parser.add_argument("--zoo", default=None,
+                        help="embedded (default), tiny (default with --quick), or a zoo manifest.yaml path")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
+    args = parser.parse_args(argv)
+    zoo = args.zoo or os.environ.get("RAYMERGE_BENCH_ZOO") or ("tiny" if args.quick else "embedded")
+    md_path = (args.out / "BENCHMARKS.md") if args.out else REPO / "BENCHMARKS.md"
+    json_path = (args.out / "results.json") if args.out else REPO / "bench" / "results.json"
+    command = "python -m bench" + (" " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+                                   if (argv if argv is not None else sys.argv[1:]) else "")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    machine = common.machine()
+    workdir = Path(tempfile.mkdtemp(prefix="raymerge-bench-"))
+    ctx = common.Context(quick=args.quick, zoo=zoo, workdir=workdir)
+    common.progress(f"{command}: zoo {zoo}, scratch {workdir}, load average {machine['load_average_at_start']}")
+    sections, failed = [], False
+    ray_started = False
+    try:
+        for key in args.only or SECTIONS:
+            module = _module(key)
+            if key != "mixture" and not ray_started:
+                ctx.manifest()  # build or wait for the zoo before Ray holds the cores
+                common.progress("starting a private local Ray (2 CPUs)")
+                common.start_ray()
+                ray_started = True
+            common.progress(f"section {key}: start")
+            start = time.perf_counter()
+            entry = {"key": key, "title": module.TITLE}
+            try:
+                rows = module.run(ctx)
+                common.check_finite(rows)
+                entry.update(rows=rows, meaning=module.meaning(rows))
+            except Exception as err:  # report the failure, keep the other sections
+                failed = True
+                traceback.print_exc()
+                entry.update(rows=[], meaning="", error=f"{type(err).__name__}: {err}")
+            entry["seconds"] = time.perf_counter() - start
+            sections.append(entry)
+            common.progress(f"section {key}: {'FAILED' if entry.get('error') else 'done'} in {entry['seconds']:.0f} s")
+    finally:
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+    result = {
+        "command": command,
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": args.quick,
+        "zoo": f"{zoo} ({ctx._manifest})" if ctx._manifest else zoo,
+        "machine": machine,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "seconds": time.perf_counter() - common.T0,
+        "sections": sections,
+    }
+    report.write(result, md_path, json_path)
+    common.progress(f"wrote {md_path} and {json_path} ({result['seconds']:.0f} s in all)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
