@@ -11,6 +11,7 @@ Phases (each logged with its time):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -32,8 +33,6 @@ from raymerge.statedict import StateDict, StateDictError, check_compatible, stat
 from raymerge.workers import Resources, WorkerPool
 
 log = logging.getLogger("raymerge")
-
-ID_SPLIT = "test"
 
 
 @dataclass
@@ -81,8 +80,6 @@ class LogitCache:
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, *parts: str) -> Path:
-        import hashlib
-
         return self.root / (hashlib.sha256("|".join(parts).encode()).hexdigest()[:32] + ".npy")
 
     def get(self, *parts: str) -> np.ndarray | None:
