@@ -85,3 +85,11 @@ def test_unknown_model_name(pool_copy, capsys):
 def test_unknown_config_key(pool_copy, capsys):
     err = _run(pool_copy, capsys, "--set", "methods.wise_ft.lambda=[0.5]")
     assert "methods.wise_ft.lambda: unknown key" in err
+
+
+def test_label_space_differs_from_the_head(pool_copy, capsys):
+    ds = random_dataset(2, 40, 10)
+    wider = ImageDataset("w", ds.images, ds.labels, tuple(str(i) for i in range(12)))  # labels fit, classes do not
+    write_parquet(wider, pool_copy / "rotate")
+    err = _run(pool_copy, capsys)
+    assert "rotate has 12 classes but head" in err and "head.safetensors has 10" in err
