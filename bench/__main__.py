@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="raymerge-bench-"))
     ctx = common.Context(quick=args.quick, zoo=zoo, workdir=workdir)
     common.progress(f"{command}: zoo {zoo}, scratch {workdir}, load average {machine['load_average_at_start']}")
+    capacity_args = {"reps": 30, "tries": 1} if args.quick else {}
+    machine["parallel_capacity_at_start"] = round(common.parallel_capacity(**capacity_args), 2)
+    ctx.shared["capacity"] = [machine["parallel_capacity_at_start"]]
+    common.progress(f"parallel capacity (2 plain processes vs 1): {machine['parallel_capacity_at_start']}×")
     sections, failed = [], False
     ray_started = False
     try:
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
             ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
+    capacity_end = round(common.parallel_capacity(**capacity_args), 2)
+    common.progress(f"parallel capacity at the end: {capacity_end}×")
     result = {
         "command": command,
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "zoo": f"{zoo} ({ctx._manifest})" if ctx._manifest else zoo,
         "machine": machine,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "parallel_capacity_at_end": capacity_end,
         "seconds": time.perf_counter() - common.T0,
         "sections": sections,
     }

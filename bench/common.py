@@ -56,6 +56,8 @@ def spread(values: list[float]) -> str:
 def pct_over(measured: float, ideal: float) -> str:
     """``+12% over ideal`` (or ``-5% under``)."""
     diff = measured / ideal - 1
+    if abs(diff) < 0.005:
+        return "at the ideal (within 0.5%)"
     return f"{diff:+.0%} {'over' if diff >= 0 else 'under'} ideal"
 
 
@@ -127,6 +129,59 @@ def start_ray(num_cpus: int = 2) -> None:
 
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _kernel(seconds_out, ready, start_event, reps: int) -> None:
+    """A fixed CPU-bound job in a fresh process: float64 512×512 matrix products, BLAS on one thread."""
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((512, 512))
+    ready.put(True)
+    start_event.wait()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a = a @ a
+        a /= np.abs(a).max()
+    seconds_out.put(time.perf_counter() - start)
+
+
+def parallel_capacity(reps: int = 100, tries: int = 2) -> float:
+    """How many cores' worth of a fixed CPU-bound job this machine gives right now: 2 × (time of the job in one
+    process) / (time of the same job in each of two concurrent processes). 2.0 on two free cores, ~1.0 when other
+    users' processes hold one of them. No Ray, no torch: the reference for every "2 vs 1" ratio in the report."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+
+    def once(n: int) -> float:
+        out, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(target=_kernel, args=(out, ready, go, reps)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        for _ in procs:  # every process has imported numpy before the clock starts
+            ready.get()
+        go.set()
+        times = [out.get() for _ in procs]
+        for p in procs:
+            p.join()
+        return max(times)
+
+    one = min(once(1) for _ in range(tries))
+    two = min(once(2) for _ in range(tries))
+    return 2 * one / two
+
+
+def wait_for_idle_cpus(timeout: float = 30.0) -> None:
+    """Wait until Ray reports every CPU available again (finished tasks' worker leases returned, killed actors'
+    CPUs released), so the next measurement starts from a quiescent cluster. Switching resource shapes while the
+    previous call's leases were still held made the raylet start fresh worker processes (seconds each) here."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < total:
+        time.sleep(0.05)
 
 
 def cpu_model() -> str:

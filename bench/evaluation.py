@@ -8,8 +8,9 @@ object store. Every timed pass switches between two weight sets, so every pass (
 Loop and pool passes alternate while the pool is up, so each ratio compares measurements taken side by side.
 
 Models: the zoo's tiny ViT on every robust test set concatenated (4,500 16×16 images on the embedded zoo) and
-ViT-B/32 (``build_encoder("ViT-B-32")``, random weights, 224×224 random images; only 128 images: ~5–20 images/s
-on these cores).
+ViT-B/32 (``build_encoder("ViT-B-32")``, random weights, 224×224 random images; only 64 images, batch 16, best of
+2 passes per configuration: ~5–20 images/s on these cores, and a 2-thread pass under load can take minutes;
+skipped by ``--quick``).
 """
 
 from __future__ import annotations
@@ -44,16 +45,18 @@ def _pool_pass(pool, key: str) -> float:
     return time.perf_counter() - start
 
 
-def _measure(arch: str, dataset, head, weights: list, batch: int, repeats: int, label: str) -> dict:
+def _measure(arch: str, dataset, head, weights: list, batch: int, repeats: int, label: str,
+             actor_counts: tuple[int, ...] = (1, 2)) -> dict:
     """Seconds per pass for loop-1-thread, pool-1-actor, loop-2-threads, pool-2-actors; and the driver's put cost."""
     from raymerge import models
     from raymerge.workers import Resources, WorkerPool
 
     encoder = models.build_encoder(arch)
     images = models.preprocess(dataset.images, models.image_size(arch))
-    times: dict[str, list[float]] = {"loop1": [], "pool1": [], "loop2": [], "pool2": []}
+    times: dict[str, list[float]] = {}
     put_s = []
-    for actors in (1, 2):
+    for actors in actor_counts:
+        times[f"loop{actors}"], times[f"pool{actors}"] = [], []
         progress(f"evaluation {label}: {actors} actor(s) against the {actors}-thread loop, {repeats} repeat(s)")
         pool = WorkerPool(arch, Resources(num_actors=actors, num_cpus_per_actor=1.0, batch_size=batch))
         try:
@@ -93,10 +96,12 @@ def _rows(model: str, m: dict, batch: int, repeats: int) -> list[dict]:
               "loop1": "single-process loop, torch 1 thread", "loop2": "single-process loop, torch 2 threads"}
     rows = []
     for case, measured, baseline, ideal, ideal_text in pairs:
+        if measured not in t or baseline not in t:
+            continue
         ratio = rate[measured] / rate[baseline]
         rows.append(row(
             "Sharded evaluation throughput", f"{model}: {case}", t[measured], t[baseline], labels[baseline], ratio,
-            ideal_text, f"measured: {labels[measured]}; {setup}",
+            ideal_text, setup,
             value=rate[measured], baseline_value=rate[baseline], unit="images/s",
             ratio_means="measured images/s / baseline images/s", gap=f"{ratio / ideal:.0%} of ideal",
             ideal_value=ideal))
@@ -133,32 +138,43 @@ def run(ctx: Context) -> list[dict]:
     repeats = 1 if ctx.quick else 3
     arch, data, head, weights = _zoo_dataset(ctx)
     batch = 32
-    m = _measure(arch, data, head, [to_numpy(w) for w in weights], batch, repeats, "tiny ViT")
+    weights = [to_numpy(w) for w in weights]
+    # --quick: only the 2-actor pool (each pool start costs every actor a torch import)
+    m = _measure(arch, data, head, weights, batch, repeats, "tiny ViT", (2,) if ctx.quick else (1, 2))
     rows += _rows("tiny ViT (zoo)", m, batch, repeats)
 
-    n, batch, arch = (16, 8, "ViT-B-32") if ctx.quick else (128, 32, "ViT-B-32")
-    progress(f"evaluation ViT-B/32: building the model and {n} random 224×224 images")
-    torch.manual_seed(0)
-    base = {k: v.detach().clone() for k, v in models.build_encoder(arch).state_dict().items()}
-    other = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.items()}
-    rng = np.random.default_rng(0)
-    data = ImageDataset("random", rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
-                        rng.integers(0, 10, n).astype(np.int64), tuple(str(i) for i in range(10)))
-    head = models.Head(torch.randn(10, models.embed_dim(arch)), None, tuple(str(i) for i in range(10)))
-    vit_repeats = 1 if ctx.quick else 2
-    m = _measure(arch, data, head, [to_numpy(base), to_numpy(other)], batch, vit_repeats, "ViT-B/32")
-    rows += _rows("ViT-B/32" + (" (quick: 16 images)" if ctx.quick else ""), m, batch, vit_repeats)
-    pass2 = best(m["times"]["pool2"])
-    put = best(m["put_s"])
+    if ctx.quick:  # ViT-B/32 on 2 cores costs most of a minute even at 16 images: the smoke run skips it
+        progress("evaluation: --quick skips ViT-B/32; the put-cost row uses the tiny ViT")
+        m_put, label, put_scale = m, "tiny ViT (quick; ViT-B/32 skipped)", 87_849_216 / sum(v.size for v in weights[0].values())
+    else:
+        n, batch, arch = 64, 16, "ViT-B-32"
+        progress(f"evaluation ViT-B/32: building the model and {n} random 224×224 images")
+        torch.manual_seed(0)
+        base = {k: v.detach().clone() for k, v in models.build_encoder(arch).state_dict().items()}
+        other = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.items()}
+        rng = np.random.default_rng(0)
+        data = ImageDataset("random", rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
+                            rng.integers(0, 10, n).astype(np.int64), tuple(str(i) for i in range(10)))
+        head = models.Head(torch.randn(10, models.embed_dim(arch)), None, tuple(str(i) for i in range(10)))
+        m_put = _measure(arch, data, head, [to_numpy(base), to_numpy(other)], batch, 2, "ViT-B/32")
+        rows += _rows("ViT-B/32", m_put, batch, 2)
+        label, put_scale = "ViT-B/32: state_dict_hash + ray.put of 350 MB", 1.0
+    pass2 = best(m_put["times"]["pool2"])
+    put = best(m_put["put_s"])
     rows.append(row(
-        "Sharded evaluation: driver cost per weight set", "ViT-B/32: state_dict_hash + ray.put of 350 MB",
+        "Sharded evaluation: driver cost per weight set", label,
         put, pass2, "one 2-actor pass over the images above", put / pass2,
         "≪ 1 pass (hashed and put once per merged model)",
-        f"WorkerPool.put_weights (Run.logits pays it for every new merged model): best of {len(m['put_s'])} "
-        f"({spread(m['put_s'])} s); on GPUs a pass over a test set takes seconds, so this driver-side cost per "
+        f"WorkerPool.put_weights (Run.logits pays it for every new merged model): best of {len(m_put['put_s'])} "
+        f"({spread(m_put['put_s'])} s); on GPUs a pass over a test set takes seconds, so this driver-side cost per "
         "merged model becomes a visible share",
         ratio_means="put seconds / pass seconds", gap=f"{put / pass2:.2f} passes", ideal_value=0.0))
+    put = put * put_scale
     ctx.shared["vitb32_put_s"] = put
+    capacity = ctx.shared.get("capacity", [None])[0]
+    for r in rows:
+        if capacity is not None:
+            r["machine_capacity"] = float(capacity)
     return rows
 
 
@@ -172,8 +188,14 @@ def meaning(rows: list[dict]) -> str:
         text += (f"Two actors deliver {tiny2['ratio']:.2f}× the throughput of a 2-thread loop on the tiny ViT")
     if vit:
         text += f" and {vit[0]['ratio']:.2f}× on ViT-B/32"
+    scaling = [r for c, r in by.items() if c.endswith("2 actors vs 1 actor")]
+    if scaling:
+        text += (f"; 2 actors vs 1: {', '.join(format(r['ratio'], '.2f') + '×' for r in scaling)}"
+                 + (f" (two plain processes: {scaling[0]['machine_capacity']:.2f}× at the start of the run)"
+                    if "machine_capacity" in scaling[0] else ""))
     text += (". A ratio near 1 means Ray costs nothing; above 1 means one process with 2 torch threads scales worse "
-             f"than 2 single-thread processes (the loop's 2-thread speedup here: "
-             f"{', '.join(format(r['ratio'], '.2f') + '×' for r in thread)}), which on a loaded shared machine "
-             "is usual: intra-op threads wait on each other whenever one core is taken by someone else.")
-    return text
+             "than 2 single-thread processes")
+    if thread:
+        text += f" (the loop's own 2-thread speedup here: {', '.join(format(r['ratio'], '.2f') + '×' for r in thread)})"
+    return text + (", which on a loaded shared machine is usual: intra-op threads wait on each other whenever one "
+                   "core is taken by someone else; one single-thread process per core avoids that.")

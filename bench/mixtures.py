@@ -26,7 +26,8 @@ def meaning(rows: list[dict]) -> str:
     text = ("Our vectorised EM is " + ", ".join(f"{r['ratio']:.1f}× ({r['benchmark']} {r['case']})" for r in ref)
             + " faster per iteration than the obvious reference EM")
     if paper:
-        text += f", and fits 50k coefficients {paper[0]['ratio']:.0f}× faster than the paper's ~30 s (their hardware)"
+        text += (f", and fits {paper[0]['case'].split(',')[0]} coefficients {paper[0]['ratio']:.0f}× faster than the "
+                 "paper's ~30 s for 50k (their hardware)")
     floors = [(r, floor_seconds(r)) for r in ref]
     gaps = [f"{r['measured_s'] / f:.0f}×" for r, f in floors if f]
     if gaps:

@@ -46,8 +46,8 @@ def _sample(plan: list[tuple[str, ...]], n: int) -> list[tuple[str, ...]]:
     return [plan[i] for i in idx]
 
 
-def _pass_times(run, tasks: list[str], workdir: Path) -> dict[tuple[str, str], float]:
-    """Best of 2 single passes of θ0 over each task's test and validation split, on the sweep's own pool, with a
+def _pass_times(run, tasks: list[str], workdir: Path, reps: int = 2) -> dict[tuple[str, str], float]:
+    """Best of ``reps`` single passes of θ0 over each task's test and validation split, on the sweep's own pool, with a
     throwaway logit cache (the sweep's cache stays empty)."""
     from raymerge.pipeline import LogitCache
     from raymerge.statedict import to_numpy
@@ -56,7 +56,7 @@ def _pass_times(run, tasks: list[str], workdir: Path) -> dict[tuple[str, str], f
     weights = to_numpy(run.base)
     times: dict[tuple[str, str], list[float]] = {}
     try:
-        for rep in range(2):
+        for rep in range(reps):
             run.cache = LogitCache(workdir / f"pass-cache-{rep}")
             for t in tasks:
                 for split in ("test", "validation"):
@@ -75,6 +75,7 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
 
     from raymerge import config
     from raymerge.pipeline import start_run
+    from raymerge.statedict import to_numpy
     from raymerge.sweep import subsets, sweep_candidates, sweep_run
 
     manifest = ctx.manifest()
@@ -87,7 +88,7 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
     cfg = exp.sweep
     tasks = cfg["tasks"] or all_tasks
     plan = subsets(tasks, cfg["min_size"], cfg["max_size"])
-    sample = _sample(plan, 3 if ctx.quick else SAMPLE_SUBSETS)
+    sample = _sample(plan, 2 if ctx.quick else SAMPLE_SUBSETS)
     progress(f"sweep: starting the pool; {len(sample)} of {len(plan)} subsets "
              f"(sizes {[len(s) for s in sample]}), methods {list(cfg['methods'])}")
     run = start_run(exp, cache_dir=out / "cache")
@@ -98,7 +99,7 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
                 for c in sweep_candidates(run, s, cfg["methods"]):
                     run.done.update(run.keys_for(c.method, c.params, run.eval_sets(c.tasks)))
         progress("sweep: single-pass times per task (test, validation) on the same pool")
-        passes = _pass_times(run, tasks, out)
+        passes = _pass_times(run, tasks, out, 1 if ctx.quick else 2)
         store_s = [0.0]
         append, write_samples = run.store.append, run.store.write_samples
 
@@ -117,6 +118,14 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
         sweep_run(run)
         wall = time.perf_counter() - start
         stored = run.store.rows()
+        progress("sweep: merge build times of the static methods (what the prefetch thread does)")
+        builds: dict[str, list[float]] = {}
+        for s in sample[:1 if ctx.quick else 3]:
+            for c in sweep_candidates(run, s, cfg["methods"]):
+                if c.build is not None:
+                    t = time.perf_counter()
+                    to_numpy(c.build())
+                    builds.setdefault(c.method.split("/", 1)[1], []).append(time.perf_counter() - t)
     finally:
         run.pool.shutdown()
 
@@ -163,6 +172,18 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
         wall, "the whole sweep", max(other, 1e-9) / wall, "≈ 0 of the sweep",
         f"waiting for prefetched merges and writing rows; results-store writes alone {store_s[0]:.2f} s",
         ratio_means="seconds / sweep seconds", gap=f"{other / wall:.0%} of the sweep", ideal_value=0.0))
+    counts = {m: sum(1 for (meth, _) in seen if meth.endswith("/" + m)) for m in methods}
+    for m, times in builds.items():
+        build_s = float(np.mean(times))
+        eval_s = seconds[m] / max(counts[m], 1)
+        rows.append(row(
+            "Sweep throughput (zoo): merge build vs evaluation per candidate", m, build_s, eval_s,
+            "the mean evaluation seconds of its candidates in the sweep", build_s / eval_s,
+            "≤ 1× (the prefetch thread keeps ahead of evaluation)",
+            f"mean of {len(times)} builds (to_numpy(candidate.build()), what the prefetch thread runs), timed after the "
+            "sweep on the first sampled subsets" + ("; cart's SVDs are Ray tasks beside the actors" if m == "cart" else ""),
+            ratio_means="build seconds / evaluation seconds", gap=f"{build_s / eval_s:.1f}× evaluation",
+            ideal_value=1.0))
     info = {"wall": wall, "per_min": per_min, "store_s": store_s[0], "rows": json.dumps(seconds)}
     return rows, info
 
@@ -180,39 +201,55 @@ def _slice(ctx: Context) -> tuple[dict[str, torch.Tensor], str, float]:
         label = "quick: the tiny ViT, scaled by parameter count (meaningless as an estimate)"
     else:
         full = models.build_encoder("ViT-B-32").state_dict()
-        sd = {k: v for k, v in full.items() if k.startswith(("transformer.resblocks.0.", "transformer.resblocks.1."))}
+        sd = {k: v for k, v in full.items() if k.startswith("transformer.resblocks.0.")}
         del full
-        label = "ViT-B/32's first 2 residual blocks (2 × 7.1 M parameters, real key names and shapes)"
+        label = "ViT-B/32's first residual block (7.1 M parameters, real key names and shapes)"
     sd = {k: v.detach().clone() for k, v in sd.items()}
     params = sum(v.numel() for v in sd.values())
     return sd, f"{label}; ×{VITB32_PARAMS / params:.1f} to the 87.8 M-parameter encoder", VITB32_PARAMS / params
 
 
 def _merge_costs(ctx: Context) -> tuple[list[dict], dict]:
+    """Merge seconds at T = 2 and 3 on a ViT-B/32 slice, torch on 1 thread (per-core cost: 2 threads on this loaded
+    2-core machine are erratic), best of 3 rounds, each round timing every (method, T) and one plain copy."""
     from raymerge.merge import task_arithmetic, ties, weight_average
 
     base, label, scale = _slice(ctx)
     torch.manual_seed(0)
     fts = [{k: v + 0.01 * torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
-    copy_s = best([_time(lambda: {k: v.clone() for k, v in base.items()}) for _ in range(3)])
     fns = {
         "weight_average": (lambda T: weight_average(fts[:T]), lambda T: (T + 1) / 2),
         "task_arithmetic": (lambda T: task_arithmetic(base, fts[:T], 0.3), lambda T: (T + 2) / 2),
         "ties": (lambda T: ties(base, fts[:T], 1.0, 0.2), lambda T: (T + 2) / 2),
     }
-    costs: dict[str, dict[int, float]] = {}
+    rounds = 1 if ctx.quick else 3
+    times: dict[tuple[str, int], list[float]] = {}
+    copies: list[float] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(rounds):
+            copies.append(_time(lambda: {k: v.clone() for k, v in base.items()}))
+            for name, (fn, _) in fns.items():
+                for T in (2, 3):
+                    times.setdefault((name, T), []).append(_time(lambda: fn(T)))
+    finally:
+        torch.set_num_threads(threads)
+    copy_s = best(copies)
+    costs = {name: {T: best(times[(name, T)]) for T in (2, 3)} for name in fns}
     rows = []
-    for name, (fn, floor) in fns.items():
-        costs[name] = {T: _time(lambda: fn(T)) for T in (2, 3)}
+    for name, (_, floor) in fns.items():
         progress(f"sweep estimate: {name} on {label.split(';')[0]}: T=2 {costs[name][2]:.2f} s, T=3 {costs[name][3]:.2f} s")
         measured = costs[name][3] * scale
         base_s = copy_s * scale
         rows.append(row(
             "ViT-B/32 merge cost (for the estimate)", f"{name}, T=3", measured, base_s,
-            "one copy of the model's memory (clone: read + write), same machine, same moment",
+            "one copy of the model's memory (clone: read + write), same machine, same rounds",
             measured / base_s, f"{floor(3):.1f} copies (reads T models{' and θ0' if name != 'weight_average' else ''}, "
             "writes one)" + ("; the trim's selection adds passes" if name == "ties" else ""),
-            f"{label}; T=2: {costs[name][2] * scale:.2f} s; torch {torch.get_num_threads()} threads",
+            f"{label}; T=2: {costs[name][2] * scale:.2f} s; torch 1 thread; best of {rounds} rounds (T=3 rounds, "
+            f"scaled: {', '.join(f'{t * scale:.2f}' for t in times[(name, 3)])} s: the first pays fresh-memory page "
+            "faults)",
             ratio_means="merge seconds / copy seconds (= model copies)",
             gap=f"{measured / base_s / floor(3):.1f}× the floor", ideal_value=floor(3)))
     model = {}
@@ -248,10 +285,16 @@ def _estimate(ctx: Context, model: dict) -> list[dict]:
     images = 4 * images_static + images_dawin
     gpu = images / (GPUS * GPU_IMAGES_PER_S)
     sum_sizes = sum(len(s) for s in plan)
-    prefetch = sum(cost["weight_average"](len(s)) + cost["task_arithmetic"](len(s)) + cost["ties"](len(s))
-                   + cost["weight_average"](len(s)) + len(s) * put_s  # CART: θavg (≈ a weight average), T puts
-                   + len(s) * VITB32_BLOCKS * svd_bt / min(SVD_CORES, len(s) * 48)
-                   for s in plan)
+    per_method = {
+        "weight_average": sum(cost["weight_average"](len(s)) for s in plan),
+        "task_arithmetic": sum(cost["task_arithmetic"](len(s)) for s in plan),
+        "ties": sum(cost["ties"](len(s)) for s in plan),
+        # CART on the driver: θavg (≈ a weight average) and T fine-tuned models put; its SVD jobs over the cluster
+        "cart": sum(cost["weight_average"](len(s)) + len(s) * put_s
+                    + len(s) * VITB32_BLOCKS * svd_bt / min(SVD_CORES, len(s) * 48) for s in plan),
+    }
+    prefetch = sum(per_method.values())
+    dominant = max(per_method, key=per_method.get)
     dawin_merges = sum(len(s) * cost["task_arithmetic"](len(s)) for s in plan)  # K=1 per test set, main thread
     puts = (4 * len(plan) + sum_sizes) * put_s
     main = gpu + dawin_merges + puts
@@ -260,8 +303,8 @@ def _estimate(ctx: Context, model: dict) -> list[dict]:
                    f"EvalWorker runs fp32 today) × {GPUS} GPUs; test sets {', '.join(f'{k} {v:,}' for k, v in TEST_SIZES.items())} "
                    f"(task_vectors benchmark); {SVD_CORES} CPU cores for SVD tasks")
     measured = (f"MEASURED here: merge cost a + b·T per method at ViT-B/32 size, exact SVD {svd_bt:.1f} s per block "
-                f"and task (1 core), hash + put {put_s:.2f} s per weight set; driver CPU costs are this loaded shared "
-                "core's: a dedicated head node may be a few times faster")
+                f"and task (1 core), hash + put {put_s:.2f} s per weight set; driver CPU costs are one core of this loaded "
+                "shared machine: a dedicated head node's cores, and several of them per merge, may be several times faster")
     h = 3600.0
     return [
         row("Full ViT-B/32 sweep estimate", "GPU evaluation (ideal)", gpu, gpu,
@@ -272,8 +315,10 @@ def _estimate(ctx: Context, model: dict) -> list[dict]:
             value=gpu / h, unit="hours", estimate=True, ratio_means="—", gap="—", ideal_value=1.0),
         row("Full ViT-B/32 sweep estimate", "driver prefetch thread (WA, TA, TIES, CART merges)", prefetch, gpu,
             "GPU evaluation time", prefetch / gpu, "≤ 1× GPU time (hidden behind evaluation)",
-            f"one background thread builds each static merge in turn; CART: θavg + {sum_sizes * VITB32_BLOCKS * 4:,} "
-            f"SVD jobs over the cluster's cores; {measured}",
+            f"one background thread builds each static merge in turn: "
+            f"{', '.join(f'{m} {v / h:.2f} h' for m, v in per_method.items())}; CART: θavg + "
+            f"{sum_sizes * VITB32_BLOCKS * 4:,} SVD jobs over the cluster's cores; {measured}",
+            dominant=dominant,
             value=prefetch / h, unit="hours", estimate=True, ratio_means="seconds / GPU seconds",
             gap=f"{prefetch / gpu:.1f}× GPU time", ideal_value=1.0),
         row("Full ViT-B/32 sweep estimate", "driver main thread (GPU eval + DaWin merges + weight puts)", main, gpu,
@@ -296,7 +341,10 @@ def run(ctx: Context) -> list[dict]:
     rows, _ = _measure_sweep(ctx)
     merge_rows, model = _merge_costs(ctx)
     rows += merge_rows
-    rows += _estimate(ctx, model)
+    if "cart_vitb32" in ctx.shared and "vitb32_put_s" in ctx.shared:
+        rows += _estimate(ctx, model)
+    else:
+        progress("sweep: no estimate (it needs the cart and evaluation sections of the same run)")
     return rows
 
 
@@ -307,8 +355,13 @@ def meaning(rows: list[dict]) -> str:
             "tiny models, evaluation is cheap and per-candidate fixed costs (DaWin's phase 1 and mixture, Ray round "
             "trips, the results store) dominate.")
     if est:
-        gpu, final = est[0], est[-1]
+        gpu, prefetch, main, final = est[0], est[1], est[2], est[-1]
         text += (f" For ViT-B/32 on 16 GPUs the estimate is {final['value']:.1f} h against {gpu['value']:.2f} h of GPU "
-                 f"work ({final['ratio']:.0f}×): the sweep would be bound by merges on the driver, not by the GPUs; "
-                 "parallelising merges (Ray tasks, or on the GPUs) is what would make the cluster pay off.")
+                 f"work ({final['ratio']:.1f}×)")
+        if final["ratio"] > 1.5:
+            bound = (f"the prefetch thread's merges ({prefetch.get('dominant', '?')} above all)"
+                     if prefetch["ratio"] >= main["ratio"] else "the main thread's DaWin merges")
+            text += (f": bound by {bound} on the driver, not by the GPUs; spreading merges over Ray tasks (as CART's "
+                     "SVDs already are) is what would make the cluster pay off")
+        text += ". The CPU costs behind it were measured on one loaded core here: treat it as an order of magnitude."
     return text
