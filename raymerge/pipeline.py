@@ -509,5 +509,6 @@ def run_experiment(exp: Experiment, force: bool = False, cache_dir: Path | None 
                     run.evaluate_candidate(cand)
     finally:
         run.pool.shutdown()
+        run.store.write_summary()
     log.info("%d rows evaluated, %d rows already present skipped (use --force to recompute)", run.evaluated, run.skipped)
     return run.store

@@ -4,7 +4,7 @@ Layout of a results directory::
 
     rows/part-<n>.parquet       per-set rows (method, params, task, split, accuracy, ...), one file per flush
     samples/<key>.parquet       per-sample outputs of one row (prediction, label, and method extras)
-    summary.json                the latest rows in a small JSON file, for people and dashboards
+    summary.json                every row in brief, for people and dashboards (rewritten at the end of each run)
 
 Every file is written to a temporary name and renamed into place, so a crash leaves either the old state or the
 new one. A part that cannot be read (truncated by a crash that bypassed the rename, edited by hand) is reported
@@ -52,6 +52,9 @@ class ResultStore:
         self.samples_dir = self.root / "samples"
         self.rows_dir.mkdir(parents=True, exist_ok=True)
         self.samples_dir.mkdir(parents=True, exist_ok=True)
+        # rows by key from the parts read so far: each part is read once, so a sweep's appends stay linear
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._read: set[Path] = set()
 
     def _parts(self) -> list[Path]:
         return sorted(self.rows_dir.glob("part-*.parquet"))
@@ -69,16 +72,22 @@ class ResultStore:
             raise ResultsError(f"results part {part} lacks columns {missing}: not written by raymerge")
         return table
 
+    def _refresh(self) -> None:
+        """Read the parts not read yet (written by this store or by another process)."""
+        for part in self._parts():
+            if part not in self._read:
+                for row in self._read_part(part).to_pylist():
+                    self._rows.setdefault(row["key"], row)
+                self._read.add(part)
+
     def rows(self) -> list[dict[str, Any]]:
         """All rows, first write of each key wins (a rerun never duplicates a key)."""
-        seen: dict[str, dict[str, Any]] = {}
-        for part in self._parts():
-            for row in self._read_part(part).to_pylist():
-                seen.setdefault(row["key"], row)
-        return list(seen.values())
+        self._refresh()
+        return list(self._rows.values())
 
     def keys(self) -> set[str]:
-        return {row["key"] for row in self.rows()}
+        self._refresh()
+        return set(self._rows)
 
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Write ``rows`` as one new part; rows whose key is already stored are dropped."""
@@ -89,11 +98,14 @@ class ResultStore:
         for r in fresh:
             r["params"] = json.dumps(r["params"], sort_keys=True, default=str) if not isinstance(r["params"], str) else r["params"]
         table = pa.Table.from_pylist([{f: r.get(f) for f in ROW_FIELDS} | r for r in fresh])
-        n = len(self._parts())
+        n = len(self._read)
         while (self.rows_dir / f"part-{n:06d}.parquet").exists():
             n += 1
-        _atomic_write_table(table, self.rows_dir / f"part-{n:06d}.parquet")
-        self.write_summary()
+        part = self.rows_dir / f"part-{n:06d}.parquet"
+        _atomic_write_table(table, part)
+        for row in table.to_pylist():
+            self._rows.setdefault(row["key"], row)
+        self._read.add(part)
 
     def write_samples(self, key: str, columns: Mapping[str, np.ndarray]) -> None:
         """Per-sample outputs of row ``key``: equal-length 1-D arrays, or 2-D arrays stored as list columns."""
@@ -104,6 +116,7 @@ class ResultStore:
         return pq.read_table(self.samples_dir / f"{key}.parquet")
 
     def write_summary(self) -> None:
+        """``summary.json``: every row in brief. Written at the end of a run, not per append (it grows with the rows)."""
         tmp = self.root / ".summary.json.tmp"
         rows = [{k: r[k] for k in ("method", "params", "task", "split", "accuracy", "n")} for r in self.rows()]
         tmp.write_text(json.dumps({"rows": len(rows), "results": rows}, indent=1))
@@ -111,6 +124,8 @@ class ResultStore:
 
     def repair(self) -> list[Path]:
         """Move unreadable parts to ``rows/corrupt/``; returns what was moved."""
+        self._rows.clear()
+        self._read.clear()
         moved = []
         for part in self._parts():
             try:

@@ -68,6 +68,7 @@ def run_sweep(exp: Experiment, force: bool = False, cache_dir=None, address: str
         sweep_run(run)
     finally:
         run.pool.shutdown()
+        run.store.write_summary()
     return run.store
 
 

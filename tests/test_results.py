@@ -33,6 +33,8 @@ def test_append_only_no_duplicates_and_summary(tmp_path):
     rows = {(r["method"], r["split"]): r["accuracy"] for r in store.rows()}
     assert rows == {("a", "test"): 0.5, ("a", "rotate"): 0.25, ("b", "test"): 0.75}
     assert len(list((tmp_path / "rows").glob("part-*.parquet"))) == 2
+    assert len(ResultStore(tmp_path).rows()) == 3  # a fresh reader sees exactly what this one wrote
+    store.write_summary()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rows"] == 3
     assert not list(tmp_path.rglob("*.tmp"))
@@ -52,11 +54,12 @@ def test_corrupt_part_is_refused_then_repaired(tmp_path, capsys):
     store.append([_row("b", "test", 0.75)])
     part = sorted((tmp_path / "rows").glob("part-*.parquet"))[1]
     part.write_bytes(part.read_bytes()[:40])  # what a crash that bypassed the rename could leave
+    restarted = ResultStore(tmp_path)  # the run after the crash opens the directory afresh
     with pytest.raises(ResultsError, match=rf"results part {part} is corrupt.*raymerge.results repair"):
-        store.rows()
+        restarted.rows()
     main(["repair", str(tmp_path)])
     assert "moved 1 corrupt part(s) aside" in capsys.readouterr().out
-    assert [r["method"] for r in store.rows()] == ["a"]  # row b is missing, so a rerun recomputes it
+    assert [r["method"] for r in ResultStore(tmp_path).rows()] == ["a"]  # row b is missing: a rerun recomputes it
     assert (tmp_path / "rows" / "corrupt" / part.name).exists()
 
 
