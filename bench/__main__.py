@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--out DIR] [--zoo embedded|tiny|MANIFEST] [--only SECTION ...]``
+"""``python -m bench [--quick] [--out DIR] [--zoo embedded|tiny|MANIFEST] [--only SECTION ...] [--render JSON]``
 
 Runs the benchmark sections in order (mixture, dawin, cart, evaluation, sweep) on a private local Ray
 (``address="local"``, 2 CPUs, no dashboard) and writes ``BENCHMARKS.md`` (repository root) and
@@ -8,7 +8,8 @@ Runs the benchmark sections in order (mixture, dawin, cart, evaluation, sweep) o
 ``--zoo`` says otherwise; its ratios mean nothing. The full run takes about 10–15 minutes on 2 cores, plus the
 embedded zoo's one-time build (``--zoo embedded``, the default without ``--quick``; a build already under way in
 another process is waited for). ``--zoo tiny`` builds (once) a tiny zoo under ``$RAYMERGE_CACHE/bench-zoo-tiny``;
-``RAYMERGE_BENCH_ZOO`` sets the default.
+``RAYMERGE_BENCH_ZOO`` sets the default. ``--render bench/results.json`` measures nothing: it rewrites the report
+from stored rows (after a change to the report's format or its "what this means" lines).
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoo", default=None,
                         help="embedded (default), tiny (default with --quick), or a zoo manifest.yaml path")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="measure nothing: rewrite the report (and its 'what this means' lines) from a results.json")
     args = parser.parse_args(argv)
+    if args.render:
+        return render(args.render, args.out)
     zoo = args.zoo or os.environ.get("RAYMERGE_BENCH_ZOO") or ("tiny" if args.quick else "embedded")
     md_path = (args.out / "BENCHMARKS.md") if args.out else REPO / "BENCHMARKS.md"
     json_path = (args.out / "results.json") if args.out else REPO / "bench" / "results.json"
@@ -108,6 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     report.write(result, md_path, json_path)
     common.progress(f"wrote {md_path} and {json_path} ({result['seconds']:.0f} s in all)")
     return 1 if failed else 0
+
+
+def render(json_path: Path, out: Path | None) -> int:
+    """Rebuild the Markdown (and the sections' 'what this means' lines) from stored rows; no measurement."""
+    import json
+
+    result = json.loads(json_path.read_text())
+    for section in result["sections"]:
+        if section.get("rows") and not section.get("error"):
+            section["meaning"] = _module(section["key"]).meaning(section["rows"])
+    md_path = (out / "BENCHMARKS.md") if out else REPO / "BENCHMARKS.md"
+    report.write(result, md_path, (out / "results.json") if out else json_path)
+    common.progress(f"rendered {md_path} from {json_path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -382,6 +382,7 @@ def meaning(rows: list[dict]) -> str:
                  "(zoo, ViT-B/32 shapes) against an ideal 2×"
                  + (f", while two plain processes got {dist[0]['machine_capacity']:.2f}× on this machine at the start "
                     "of the run" if "machine_capacity" in dist[0] else "")
-                 + ": the 128 tiny zoo SVDs are dominated by per-task overhead, and on this shared machine the second "
-                 "core is rarely free.")
+                 + ". The zoo's 128 tiny SVDs carry Ray's per-task overhead (one worker runs at "
+                 + ", ".join(format(r["ratio"], ".2f") + "×" for r in rows if r["case"].endswith("1 worker vs local cart()"))
+                 + " the speed of the local merge), and the second core is shared with other users.")
     return text
