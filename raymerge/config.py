@@ -53,15 +53,11 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else f"must be >= 0, got {v}"
 
 
-def _unit_list(v: Any) -> str | None:
+def _number_list(v: Any) -> str | None:
     bad = [x for x in v if not isinstance(x, (int, float)) or isinstance(x, bool)]
     if bad or not v:
         return f"must be a non-empty list of numbers, got {v!r}"
     return None
-
-
-def _number_list(v: Any) -> str | None:
-    return _unit_list(v)
 
 
 def _cart_configs(v: Any) -> str | None:
@@ -74,6 +70,7 @@ def _cart_configs(v: Any) -> str | None:
 
 
 NUM = (int, float)
+SVD_PARAM = Param((str,), "exact", check=lambda v: None if v in ("exact", "randomized") else f"must be exact or randomized, got {v!r}")
 TENTHS = [round(0.1 * i, 1) for i in range(11)]
 
 # Every method an experiment can ask for, with its parameters. Method semantics live in pipeline.py.
@@ -91,13 +88,13 @@ METHODS: dict[str, dict[str, Param]] = {
     "ties": {"lam": Param(NUM, 1.0), "density": Param(NUM, 0.2, check=lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}")},
     "cart": {
         "configs": Param((list,), [{"rank_ratio": 0.08, "lam": 1.0}, {"rank_ratio": 0.12, "lam": 2.0}], check=_cart_configs),
-        "svd": Param((str,), "exact", check=lambda v: None if v in ("exact", "randomized") else f"must be exact or randomized, got {v!r}"),
+        "svd": SVD_PARAM,
     },
     "rank_sweep": {
         "rank_ratios": Param((list,), [0.0, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.25, 0.32, 0.5, 0.75, 1.0], check=_number_list),
         "cart_lam": Param(NUM, 1.0),
         "task_arithmetic_lam": Param(NUM, 0.3),
-        "svd": Param((str,), "exact"),
+        "svd": SVD_PARAM,
     },
     "dawin": {
         "k": Param((int,), 3, check=_positive),
@@ -125,7 +122,7 @@ SWEEP_METHODS: dict[str, dict[str, Param]] = {
     "weight_average": {},
     "task_arithmetic": {"lam": Param(NUM, 0.3)},
     "ties": METHODS["ties"],
-    "cart": {"rank_ratio": Param(NUM, 0.08, check=_in_unit), "lam": Param(NUM, 1.0), "svd": METHODS["cart"]["svd"]},
+    "cart": {"rank_ratio": Param(NUM, 0.08, check=_in_unit), "lam": Param(NUM, 1.0), "svd": SVD_PARAM},
     "dawin": {"k": Param((int,), 1, check=_positive), "lam0": Param(NUM, 0.3)},
 }
 

@@ -67,3 +67,10 @@ def test_relative_output_dir_under_a_submitted_job(mini_pool, monkeypatch, tmp_p
         config.validate(raw, "exp.yaml", mini_pool)
     monkeypatch.setenv("RAYMERGE_RESULTS", str(tmp_path))
     assert config.validate(raw, "exp.yaml", mini_pool).output_dir == tmp_path / "results" / "x"
+
+
+def test_svd_is_checked_wherever_it_appears(mini_pool):
+    raw = _raw(mini_pool)
+    raw["methods"]["rank_sweep"] = {"svd": "fast"}
+    with pytest.raises(config.ConfigError, match="methods.rank_sweep.svd: must be exact or randomized, got 'fast'"):
+        config.validate(raw, "exp.yaml", mini_pool)
