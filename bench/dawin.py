@@ -3,7 +3,7 @@
 The test set is every robust test set of the zoo concatenated (ID test plus the 9 shifts: 4,500 images on the
 embedded zoo) and repeated 4 times (18,000 images), so that one pass lasts seconds and is long enough to time on a
 loaded machine. DaWin runs exactly as ``jobs/eval.py`` runs it, through
-:func:`raymerge.pipeline.dawin_runner` and :meth:`DawinRunner.mixture` on a :class:`raymerge.pipeline.Run` with the
+:func:`raymerge.methods.dawin.runner` and :meth:`DawinRunner.mixture` on a :class:`raymerge.pipeline.Run` with the
 experiment's worker pool (``robust.yaml``: 2 actors × 0.5 CPU, batch 32), the logit cache pointed at a fresh
 directory for every measurement (so nothing is reused), M = 2 candidates (θ0, θ1), Beta mixture K = 3 with the
 offset (Eq. 2). The baseline is one evaluation of θ1 over the same set through the same ``Run.logits``.
@@ -77,7 +77,7 @@ def _setup(ctx: Context):
                             np.tile(np.concatenate([ds.labels for ds in sets]), TILE), sets[0].class_names, "test")
     loaded = {task.name: LoadedTask(task.name, task.head, task.head_hash,
                                     {"all": combined, "validation": task.sets["validation"]}, None)}
-    pool = WorkerPool(exp.architecture, Resources(**exp.resources))
+    pool = WorkerPool(exp.architecture, exp.resources)
     pool.add_head(task.name, task.head)
     for split, ds in loaded[task.name].sets.items():
         pool.add_dataset(f"{task.name}/{split}", ds)
@@ -98,12 +98,13 @@ def _single_pass(run, pair, weights, cache_dir: Path) -> float:
 
 
 def _dawin_once(run, pair, names, lam0: float, k: int, cache_dir: Path) -> dict[str, float]:
-    from raymerge.pipeline import LogitCache, dawin_runner
+    from raymerge.methods.dawin import runner as dawin_runner
+    from raymerge.pipeline import LogitCache
 
     run.cache = LogitCache(cache_dir)
     run.clock.clear()
     start = time.perf_counter()
-    runner = dawin_runner(run, names, lam0, [pair])
+    runner = dawin_runner(run.view(), names, lam0, [pair])
     phase1_s = time.perf_counter() - start
     phase1_logits = run.clock["logits"]
     merge = runner.merge
@@ -140,9 +141,9 @@ def run(ctx: Context) -> list[dict]:
     run_, task, n_sets, n, n_val, out = _setup(ctx)
     try:
         pair = (task, "all")
-        names = ["zeroshot", next(iter(run_.finetuned))]
-        params = run_.exp.methods["dawin"]
-        lam0, k = float(params["lam0"]), int(params["k"])
+        names = ["base", next(iter(run_.finetuned))]
+        params = run_.exp.methods["dawin"][0]
+        lam0, k = params.lam0, params.k
         theta1 = to_numpy(run_.finetuned[names[1]])
         progress(f"dawin: {n} test images ({n_sets} robust sets ×{TILE}), {n_val} validation; warm-up")
         _single_pass(run_, pair, theta1, out / "cache-warm-single")

@@ -76,7 +76,7 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
     from raymerge import config
     from raymerge.pipeline import start_run
     from raymerge.statedict import to_numpy
-    from raymerge.sweep import subsets, sweep_candidates, sweep_run
+    from raymerge.sweep import label, subsets, sweep_candidates, sweep_run
 
     manifest = ctx.manifest()
     out = ctx.scratch("sweep")
@@ -86,18 +86,18 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
         overrides.append(f"sweep.tasks=[{', '.join(all_tasks[:4])}]")
     exp = config.load(Path(config.__file__).parent / "experiments" / "sweep.yaml", overrides)
     cfg = exp.sweep
-    tasks = cfg["tasks"] or all_tasks
-    plan = subsets(tasks, cfg["min_size"], cfg["max_size"])
+    tasks = cfg.tasks or all_tasks
+    plan = subsets(tasks, cfg.min_size, cfg.max_size)
     sample = _sample(plan, 2 if ctx.quick else SAMPLE_SUBSETS)
     progress(f"sweep: starting the pool; {len(sample)} of {len(plan)} subsets "
-             f"(sizes {[len(s) for s in sample]}), methods {list(cfg['methods'])}")
+             f"(sizes {[len(s) for s in sample]}), methods {list(cfg.methods)}")
     run = start_run(exp, cache_dir=out / "cache")
     try:
         chosen = set(sample)
         for s in plan:
             if s not in chosen:
-                for c in sweep_candidates(run, s, cfg["methods"]):
-                    run.done.update(run.keys_for(c.method, c.params, run.eval_sets(c.tasks)))
+                for unit, params, c, pool in sweep_candidates(run, s, cfg.methods):
+                    run.done.update(run.keys(unit, params, c, pool, label(unit.name)))
         progress("sweep: single-pass times per task (test, validation) on the same pool")
         passes = _pass_times(run, tasks, out, 1 if ctx.quick else 2)
         store_s = [0.0]
@@ -121,15 +121,15 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
         progress("sweep: merge build times of the static methods (what the prefetch thread does)")
         builds: dict[str, list[float]] = {}
         for s in sample[:1 if ctx.quick else 3]:
-            for c in sweep_candidates(run, s, cfg["methods"]):
+            for unit, _, c, _ in sweep_candidates(run, s, cfg.methods):
                 if c.build is not None:
                     t = time.perf_counter()
                     to_numpy(c.build())
-                    builds.setdefault(c.method.split("/", 1)[1], []).append(time.perf_counter() - t)
+                    builds.setdefault(unit.name, []).append(time.perf_counter() - t)
     finally:
         run.pool.shutdown()
 
-    methods = list(cfg["methods"])
+    methods = list(cfg.methods)
     seconds: dict[str, float] = dict.fromkeys(methods, 0.0)
     seen = set()
     for r in stored:

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RAYMERGE_CACHE"] = str(args.cache_dir)
     files = args.config or [str(Path(config.__file__).parent / "experiments" / f) for f in DEFAULT_EXPERIMENTS]
     try:
-        # every experiment is validated before Ray starts, so a typo in the second file wastes no work on the first
+        # every file is checked before the zoo is built or Ray started, so a typo in the second file wastes no work
+        for f in files:
+            config.check(f, args.set)
         experiments = [config.load(f, args.set) for f in files]
         if args.num_cpus and not args.address:
             pipeline.connect(None, args.num_cpus)
@@ -46,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except pipeline.INPUT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    written = []
     for exp, store in zip(experiments, stores):
         rows = [r for r in store.rows() if r["experiment"] == exp.name]
-        print(f"\n== {exp.name} ({exp.setting}) — accuracy %, results in {exp.output_dir}\n")
+        print(f"\n== {exp.name} ({exp.setting}) — accuracy %\n")
         print(report.format_table(rows))
-        print(f"\nreport: {report.write_report(exp.output_dir)}")
+        written.append((exp, report.write_report(exp.output_dir)))
+    report.print_locations(written)
     return 0
 
 

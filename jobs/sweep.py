@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = [r for r in store.rows() if r["method"].startswith("sweep/")]
     print(report.format_sweep_table(rows))
-    print(f"\nreport: {report.write_report(exp.output_dir)}")
+    report.print_locations([(exp, report.write_report(exp.output_dir))])
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``raymerge`` console script: ``zoo build``, ``report DIR``, ``results repair DIR``, ``convert SRC DST``."""
+"""``raymerge`` console script: ``zoo build``, ``methods``, ``report DIR``, ``results repair DIR``, ``convert SRC DST``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raymerge")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("zoo", help="build or verify the embedded zoo (raymerge zoo build --help)")
+    sub.add_parser("methods", help="list every merge method with its parameters, defaults, settings and paper")
     rep = sub.add_parser("report", help="write REPORT.md and plots for a results directory")
     rep.add_argument("results_dir")
     res = sub.add_parser("results", help="results store maintenance")
@@ -47,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("dst", type=Path)
     conv.add_argument("--trust-pickle", action="store_true", help="unpickle SRC: only for files from a source you trust")
     args = parser.parse_args(argv)
-    if args.command == "report":
+    if args.command == "methods":
+        from raymerge.methods import describe
+
+        print(describe(), end="")
+    elif args.command == "report":
         from raymerge.report import main as report_main
 
         report_main([args.results_dir])

@@ -1,25 +1,32 @@
 """Experiment files: one YAML describes the model pool, the task pool, the methods, resources and output.
 
-Everything is validated before Ray starts: unknown keys, wrong types, bad values and missing files are all
-collected and reported together in one :class:`ConfigError`, each with its dotted path.
+Everything is validated before any work (no zoo build, no Ray start): the file's shape by pydantic models, each
+method's parameters by its registered unit (:mod:`raymerge.methods`), then paths, model names and cross-references.
+Every problem is collected and reported together in one :class:`ConfigError`, each with its dotted path.
 
-An experiment either names a zoo manifest and a setting (``zoo: embedded`` and ``setting: robust``) or spells
-out ``model_pool`` and ``task_pool`` itself, in the same shape as the manifest's settings. Relative paths are
-resolved against the file that holds them.
+An experiment either names a zoo and a setting (``zoo: embedded`` and ``setting: robust``) or spells out
+``model_pool`` and ``task_pool`` itself, in the same shape as a zoo manifest's settings. Relative paths are resolved
+against the file that holds them; a relative ``output_dir`` against :func:`results_root`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Mapping
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raymerge import methods
+from raymerge.methods import MULTITASK, ROBUST, SWEEP, Params
 
 EMBEDDED = "embedded"
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 
 
 class ConfigError(ValueError):
@@ -31,134 +38,58 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
 
 
-@dataclass(frozen=True)
-class Param:
-    """One schema entry: accepted Python types, default (``required`` when there is none), and a value check."""
-
-    types: tuple[type, ...]
-    default: Any = None
-    required: bool = False
-    check: Callable[[Any], str | None] | None = None
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-def _in_unit(v: Any) -> str | None:
-    return None if 0.0 <= float(v) <= 1.0 else f"must be in [0, 1], got {v}"
+class ModelPoolSpec(Spec):
+    architecture: str = Field(description="an open_clip model name, or a config registered with raymerge")
+    base: str = Field(description="the pre-trained weights θ0")
+    finetuned: dict[str, str] = Field(min_length=1, description="name -> fine-tuned weights θt")
 
 
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else f"must be > 0, got {v}"
+class TaskFileSpec(Spec):
+    head: str
+    finetuned: str | None = Field(None, description="multi-task: the model_pool.finetuned model of this task")
+    validation: str | None = None
+    test: str
+    shifts: dict[str, str] = Field(default_factory=dict)
 
 
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else f"must be >= 0, got {v}"
+class Resources(Spec):
+    """How many evaluation actors to start, what each asks Ray for, and evaluation settings."""
+
+    num_actors: int = Field(2, ge=1)
+    # fractional by default: actors hold their CPUs while alive, and the SVD tasks need room beside them
+    num_cpus_per_actor: float = Field(0.5, ge=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1, description="every batch is zero-padded to this shape (part of row keys)")
+    max_merges_in_flight: int = Field(4, ge=1, description="merged weight sets alive at once in DaWin's phase 2")
 
 
-def _number_list(v: Any) -> str | None:
-    bad = [x for x in v if not isinstance(x, (int, float)) or isinstance(x, bool)]
-    if bad or not v:
-        return f"must be a non-empty list of numbers, got {v!r}"
-    return None
-
-
-def _cart_configs(v: Any) -> str | None:
-    for i, c in enumerate(v):
-        if not isinstance(c, Mapping) or set(c) - {"rank_ratio", "lam"} or "rank_ratio" not in c:
-            return f"entry {i} must be a mapping with rank_ratio (and optional lam), got {c!r}"
-        if not 0.0 <= float(c["rank_ratio"]) <= 1.0:
-            return f"entry {i}: rank_ratio must be in [0, 1], got {c['rank_ratio']}"
-    return None if v else "must list at least one {rank_ratio, lam} pair"
-
-
-NUM = (int, float)
-SVD_PARAM = Param((str,), "exact", check=lambda v: None if v in ("exact", "randomized") else f"must be exact or randomized, got {v!r}")
-TENTHS = [round(0.1 * i, 1) for i in range(11)]
-
-# Every method an experiment can ask for, with its parameters. Method semantics live in pipeline.py.
-METHODS: dict[str, dict[str, Param]] = {
-    "zeroshot": {},
-    "finetuned": {},
-    "wise_ft": {"lambdas": Param((list,), TENTHS, check=_number_list)},
-    "output_ensemble": {},
-    "weight_average": {},
-    "model_stock": {},
-    "greedy_soup": {},
-    "task_arithmetic": {
-        "lambdas": Param((list,), [round(0.1 * i, 1) for i in range(1, 11)], check=_number_list),
-    },
-    "ties": {"lam": Param(NUM, 1.0), "density": Param(NUM, 0.2, check=lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}")},
-    "cart": {
-        "configs": Param((list,), [{"rank_ratio": 0.08, "lam": 1.0}, {"rank_ratio": 0.12, "lam": 2.0}], check=_cart_configs),
-        "svd": SVD_PARAM,
-    },
-    "rank_sweep": {
-        "rank_ratios": Param((list,), [0.0, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.25, 0.32, 0.5, 0.75, 1.0], check=_number_list),
-        "cart_lam": Param(NUM, 1.0),
-        "task_arithmetic_lam": Param(NUM, 0.3),
-        "svd": SVD_PARAM,
-    },
-    "dawin": {
-        "k": Param((int,), 3, check=_positive),
-        "offset": Param((bool,), True),
-        "mixture": Param((str,), "auto", check=lambda v: None if v in ("auto", "beta", "dirichlet", "none") else f"must be auto, beta, dirichlet or none, got {v!r}"),
-        "lam0": Param(NUM, 0.3),
-        "samplewise": Param((bool,), True),
-        "oracle": Param((bool,), True),
-    },
+DEFAULT_SWEEP_METHODS: dict[str, Any] = {
+    "weight_average": {}, "task_arithmetic": {"lambdas": [0.3]}, "ties": {}, "cart": {}, "dawin": {"k": 1},
 }
 
-# Methods that combine several fine-tuned models *of one task* (or θ0 with θ1): meaningless across tasks.
-ROBUST_ONLY = ("wise_ft", "model_stock", "greedy_soup")
 
-RESOURCES: dict[str, Param] = {
-    "num_actors": Param((int,), 2, check=_positive),
-    # fractional by default: actors hold their CPUs while alive, and CART's SVD tasks need room beside them
-    "num_cpus_per_actor": Param(NUM, 0.5, check=_non_negative),
-    "num_gpus_per_actor": Param(NUM, 0.0, check=_non_negative),
-    "batch_size": Param((int,), 256, check=_positive),
-}
+class SweepSpec(Spec):
+    min_size: int = Field(2, ge=1)
+    max_size: int | None = Field(None, ge=1)
+    tasks: list[str] | None = Field(None, description="the task pool's tasks to sweep over (default: all)")
+    methods: dict[str, Any] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_SWEEP_METHODS))
 
-# Methods a task-subset sweep can run, with the fixed parameters each subset's merge uses.
-SWEEP_METHODS: dict[str, dict[str, Param]] = {
-    "weight_average": {},
-    "task_arithmetic": {"lam": Param(NUM, 0.3)},
-    "ties": METHODS["ties"],
-    "cart": {"rank_ratio": Param(NUM, 0.08, check=_in_unit), "lam": Param(NUM, 1.0), "svd": SVD_PARAM},
-    "dawin": {"k": Param((int,), 1, check=_positive), "lam0": Param(NUM, 0.3)},
-}
 
-SWEEP: dict[str, Param] = {
-    "min_size": Param((int,), 2, check=_positive),
-    "max_size": Param((int,), None),
-    "tasks": Param((list,), None),  # the task pool's tasks to sweep over (default: all)
-    "methods": Param((dict,), {m: {} for m in SWEEP_METHODS}),
-}
-
-TOP: dict[str, Param] = {
-    "name": Param((str,), required=True),
-    "seed": Param((int,), 0),
-    "zoo": Param((str,), None),
-    "setting": Param((str,), None),
-    "model_pool": Param((dict,), None),
-    "task_pool": Param((dict,), None),
-    "methods": Param((dict,), required=True),
-    "resources": Param((dict,), {}),
-    "output_dir": Param((str,), None),
-    "sweep": Param((dict,), None),
-}
-
-MODEL_POOL: dict[str, Param] = {
-    "architecture": Param((str,), required=True),
-    "base": Param((str,), required=True),
-    "finetuned": Param((dict,), required=True),
-}
-
-TASK: dict[str, Param] = {
-    "head": Param((str,), required=True),
-    "finetuned": Param((str,), None),
-    "validation": Param((str,), None),
-    "test": Param((str,), required=True),
-    "shifts": Param((dict,), {}),
-}
+class ExperimentSpec(Spec):
+    name: str = Field(min_length=1)
+    seed: int = 0
+    zoo: str | None = Field(None, description="'embedded' or a zoo manifest path, with setting")
+    setting: Literal["robust", "multitask"] | None = None
+    model_pool: ModelPoolSpec | None = None
+    task_pool: dict[str, TaskFileSpec] | None = None
+    methods: dict[str, Any]
+    resources: Resources = Field(default_factory=Resources)
+    output_dir: str | None = None
+    sweep: SweepSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -177,61 +108,135 @@ class TaskSpec:
         return {"test": self.test, **self.shifts}
 
 
+MethodConfigs = dict[str, list[Params]]  # method name -> its validated configurations, in file order
+
+
+@dataclass(frozen=True)
+class Sweep:
+    min_size: int
+    max_size: int | None
+    tasks: list[str] | None
+    methods: MethodConfigs
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A validated experiment, paths absolute."""
 
     name: str
     seed: int
+    setting: str
     architecture: str
     base: Path
     finetuned: dict[str, Path]
     tasks: dict[str, TaskSpec]
-    methods: dict[str, dict[str, Any]]
-    resources: dict[str, Any]
+    methods: MethodConfigs
+    resources: Resources
     output_dir: Path
     source: str
     raw: dict[str, Any]
-    sweep: dict[str, Any] | None = None
-
-    @property
-    def setting(self) -> str:
-        """``robust`` (one task with shifted test sets) or ``multitask`` (tasks with their own fine-tuned models)."""
-        return "multitask" if any(t.finetuned for t in self.tasks.values()) else "robust"
+    sweep: Sweep | None = None
 
 
-def _check_fields(node: Any, schema: Mapping[str, Param], where: str, problems: list[str]) -> dict[str, Any]:
-    """Check ``node`` against ``schema``; return it with defaults filled in. Problems are appended, not raised."""
-    if not isinstance(node, Mapping):
-        problems.append(f"{where or 'file'}: must be a mapping, got {type(node).__name__}")
-        return {}
-    out: dict[str, Any] = {}
-    for key in node:
-        if key not in schema:
-            problems.append(f"{where + '.' if where else ''}{key}: unknown key (known: {', '.join(schema)})")
-    for key, p in schema.items():
-        path = f"{where + '.' if where else ''}{key}"
-        if key not in node or node[key] is None:
-            if p.required:
-                problems.append(f"{path}: required key is missing")
-            out[key] = copy.deepcopy(p.default)
+# --- turning pydantic's errors into one line each ----------------------------------------------------------------
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The types a value of ``annotation`` may be, looking through Optional/Union."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for arg in typing.get_args(annotation) for a in _unwrap(arg)]
+    return [annotation]
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at ``loc`` (for listing its known keys)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if part not in current.model_fields:
+                return None
+            current = current.model_fields[part].annotation
             continue
-        value = node[key]
-        if isinstance(value, bool) and bool not in p.types or not isinstance(value, p.types):
-            names = " or ".join(t.__name__ for t in p.types)
-            problems.append(f"{path}: must be {names}, got {type(value).__name__} {value!r}")
-            continue
-        message = p.check(value) if p.check else None
-        if message:
-            problems.append(f"{path}: {message}")
-        out[key] = value
+        candidates = [a for a in _unwrap(current) if typing.get_origin(a) in (dict, list)]
+        if not candidates:
+            return None
+        current = typing.get_args(candidates[0])[-1]
+    models = [a for a in _unwrap(current) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if models else None
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _problems(err: ValidationError, model: type[BaseModel], where: str) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = tuple(part for part in e["loc"] if not (isinstance(part, str) and part[:1].isupper()))
+        path = ".".join([where, *map(str, loc)] if where else map(str, loc)) or "file"
+        if e["type"] == "extra_forbidden":
+            holder = _model_at(model, loc)
+            known = f" (known: {', '.join(holder.model_fields)})" if holder else ""
+            out.append(f"{path}: unknown key{known}")
+        elif e["type"] == "missing":
+            out.append(f"{path}: required key is missing")
+        else:
+            out.append(f"{path}: {e['msg'][0].lower()}{e['msg'][1:]}, got {_describe(e.get('input'))}")
     return out
 
 
-def _path(value: Any, base_dir: Path, where: str, problems: list[str]) -> Path:
-    if not isinstance(value, str):
-        problems.append(f"{where}: must be a path string, got {type(value).__name__} {value!r}")
-        return Path()
+# --- validation --------------------------------------------------------------------------------------------------
+
+
+def validate_methods(node: Any, where: str, setting: str | None, models: list[str] | None, problems: list[str],
+                     sweep: bool = False) -> MethodConfigs:
+    """Each ``name: params`` (or ``name: [params, ...]`` for several configurations) against its registered unit.
+
+    ``setting`` None (unknown because of other problems) skips the setting checks; ``models`` None skips checking
+    ``model`` parameters against the pool's fine-tuned models. Problems are appended, not raised.
+    """
+    out: MethodConfigs = {}
+    known = methods.all_methods()
+    for name, value in (node or {}).items():
+        unit = known.get(name)
+        if unit is None:
+            problems.append(f"{where}.{name}: unknown method (known: {', '.join(known)}; see `raymerge methods`)")
+            continue
+        configs = value if isinstance(value, list) else [{} if value is None else value]
+        if not configs:
+            problems.append(f"{where}.{name}: an empty list of configurations")
+        out[name] = []
+        for i, cfg in enumerate(configs):
+            loc = f"{where}.{name}" + (f".{i}" if isinstance(value, list) else "")
+            if not isinstance(cfg, dict):
+                problems.append(f"{loc}: must be a mapping of parameters, got {_describe(cfg)}")
+                continue
+            try:
+                params = unit.params.model_validate(cfg)
+            except ValidationError as err:
+                problems += _problems(err, unit.params, loc)
+                continue
+            if setting is not None:
+                problems += [f"{loc}: {m}" for m in unit.problems(params, setting, sweep=sweep)]
+            model = getattr(params, "model", None)
+            if model is not None and models is not None and model not in models:
+                problems.append(f"{loc}.model: {model!r} is not in model_pool.finetuned ({', '.join(models)})")
+            out[name].append(params)
+    return out
+
+
+def results_root() -> Path:
+    """Where a relative ``output_dir`` lands: ``$RAYMERGE_RESULTS``; else, in a job submitted with ``ray job submit``
+    (whose working directory is a temporary copy), ``~/raymerge-results`` on the node that runs the driver; else the
+    current directory."""
+    if os.environ.get("RAYMERGE_RESULTS"):
+        return Path(os.environ["RAYMERGE_RESULTS"]).expanduser()
+    if os.environ.get(JOB_ENV):
+        return Path.home() / "raymerge-results"
+    return Path.cwd()
+
+
+def _path(value: str, base_dir: Path, where: str, problems: list[str]) -> Path:
     path = Path(value).expanduser()
     path = path if path.is_absolute() else base_dir / path
     if not path.exists():
@@ -239,136 +244,219 @@ def _path(value: Any, base_dir: Path, where: str, problems: list[str]) -> Path:
     return path
 
 
-def _pools_from_zoo(zoo: str, setting: str | None, base_dir: Path, problems: list[str]) -> tuple[dict, dict, Path]:
+def _zoo_manifest(zoo: str, base_dir: Path, build: bool) -> Path:
     if zoo == EMBEDDED:
-        from raymerge.zoo import ensure_zoo
+        from raymerge.zoo import ensure_zoo, zoo_dir
 
-        manifest = ensure_zoo()
-    else:
-        manifest = Path(zoo).expanduser()
-        manifest = manifest if manifest.is_absolute() else base_dir / manifest
-        if not manifest.is_file():
-            problems.append(f"zoo: manifest {manifest} does not exist")
-            return {}, {}, base_dir
-    settings = (yaml.safe_load(manifest.read_text()) or {}).get("settings", {})
-    if setting not in settings:
-        problems.append(f"setting: {setting!r} is not a setting of zoo {manifest} (has: {', '.join(settings)})")
-        return {}, {}, base_dir
-    return settings[setting]["model_pool"], settings[setting]["task_pool"], manifest.parent
+        return ensure_zoo() if build else zoo_dir() / "manifest.yaml"
+    manifest = Path(zoo).expanduser()
+    return manifest if manifest.is_absolute() else base_dir / manifest
+
+
+def _setting_of(spec: ExperimentSpec) -> str | None:
+    if spec.setting:
+        return spec.setting
+    if spec.task_pool:
+        return MULTITASK if any(t.finetuned for t in spec.task_pool.values()) else ROBUST
+    return None
+
+
+def _check_shape(spec: ExperimentSpec, base_dir: Path, problems: list[str]) -> None:
+    if spec.zoo:
+        if spec.model_pool or spec.task_pool:
+            problems.append("zoo: give either zoo (with setting) or model_pool and task_pool, not both")
+        if not spec.setting:
+            problems.append("setting: required with zoo (robust or multitask)")
+        if spec.zoo != EMBEDDED and not _zoo_manifest(spec.zoo, base_dir, build=False).is_file():
+            problems.append(f"zoo: manifest {_zoo_manifest(spec.zoo, base_dir, build=False)} does not exist")
+    elif not (spec.model_pool and spec.task_pool):
+        problems.append("model_pool, task_pool: required unless zoo and setting are given")
+    elif spec.setting and spec.setting != _setting_of(spec.model_copy(update={"setting": None})):
+        problems.append(f"setting: {spec.setting!r} does not match the task pool (tasks with a finetuned model "
+                        "make a multitask pool)")
+
+
+def _check_pools(model_pool: ModelPoolSpec, task_pool: dict[str, TaskFileSpec], pools_dir: Path,
+                 problems: list[str]) -> tuple[Path, dict[str, Path], dict[str, TaskSpec]]:
+    base = _path(model_pool.base, pools_dir, "model_pool.base", problems)
+    finetuned = {name: _path(p, pools_dir, f"model_pool.finetuned.{name}", problems)
+                 for name, p in model_pool.finetuned.items()}
+    from raymerge.models import ModelError, encoder_config
+
+    try:
+        encoder_config(model_pool.architecture)
+    except ModelError as err:
+        problems.append(f"model_pool.architecture: {err}")
+    tasks = {}
+    for name, t in task_pool.items():
+        where = f"task_pool.{name}"
+        if t.finetuned and t.finetuned not in finetuned:
+            problems.append(f"{where}.finetuned: {t.finetuned!r} is not in model_pool.finetuned")
+        tasks[name] = TaskSpec(
+            name=name,
+            head=_path(t.head, pools_dir, f"{where}.head", problems),
+            finetuned=t.finetuned,
+            validation=_path(t.validation, pools_dir, f"{where}.validation", problems) if t.validation else None,
+            test=_path(t.test, pools_dir, f"{where}.test", problems),
+            shifts={s: _path(p, pools_dir, f"{where}.shifts.{s}", problems) for s, p in t.shifts.items()},
+        )
+    return base, finetuned, tasks
+
+
+def _check_selection(exp_methods: MethodConfigs, tasks: dict[str, TaskSpec], where: str, problems: list[str]) -> None:
+    """Methods that read validation splits need every task to have one."""
+    lacking = [t for t, spec in tasks.items() if spec.validation is None]
+    for name, configs in exp_methods.items():
+        unit = methods.get(name)
+        if lacking and any("validation" in unit.reads_for(p).every_task + unit.reads_for(p).own for p in configs):
+            problems.append(f"{where}.{name}: reads validation splits, which tasks {lacking} lack")
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What can be validated without the embedded zoo: the file's shape, every method's parameters, the output, and
+    (for a pool the file spells out) every path."""
+
+    spec: ExperimentSpec
+    setting: str
+    methods: MethodConfigs
+    sweep: Sweep | None
+    output_dir: Path
+    pools: tuple[Path, dict[str, Path], dict[str, TaskSpec]] | None
+
+
+def _spec(raw: Any, problems: list[str]) -> tuple[ExperimentSpec | None, set[str]]:
+    """The file's shape. When parts of it are wrong, the others are still validated (so that every problem is listed
+    at once): top-level keys with problems are set aside. Returns the spec (None if nothing usable) and those keys."""
+    try:
+        return ExperimentSpec.model_validate(raw), set()
+    except ValidationError as err:
+        problems += _problems(err, ExperimentSpec, "")
+        bad = {str(e["loc"][0]) for e in err.errors() if e["loc"]}
+        if not isinstance(raw, dict) or len(bad) < len({str(e["loc"][0]) if e["loc"] else "" for e in err.errors()}):
+            return None, bad
+        rest = {k: v for k, v in raw.items() if k not in bad} | {"name": raw.get("name") if "name" not in bad else "?"}
+        rest.setdefault("methods", {})
+        try:
+            return ExperimentSpec.model_validate(rest), bad
+        except ValidationError:
+            return None, bad
+
+
+def _check_file(raw: Any, source: str, base_dir: Path) -> _Checked:
+    problems: list[str] = []
+    spec, bad = _spec(raw, problems)
+    if spec is None:
+        raise ConfigError(source, problems)
+    if not bad & {"zoo", "setting", "model_pool", "task_pool"}:
+        _check_shape(spec, base_dir, problems)
+    setting = _setting_of(spec)
+    models = list(spec.model_pool.finetuned) if spec.model_pool else None
+    exp_methods = validate_methods(spec.methods, "methods", setting, models, problems)
+    sweep = None
+    if spec.sweep is not None:
+        if setting != MULTITASK:
+            problems.append("sweep: needs a multi-task pool (tasks with their own fine-tuned models)")
+        sweep_methods = validate_methods(spec.sweep.methods, "sweep.methods", MULTITASK, models, problems, sweep=True)
+        sweep = Sweep(spec.sweep.min_size, spec.sweep.max_size, spec.sweep.tasks, sweep_methods)
+        if spec.sweep.max_size is not None and spec.sweep.max_size < spec.sweep.min_size:
+            problems.append(f"sweep.max_size: {spec.sweep.max_size} is below min_size {spec.sweep.min_size}")
+    pools = None
+    if not spec.zoo and spec.model_pool and spec.task_pool:
+        pools = _check_pools(spec.model_pool, spec.task_pool, base_dir, problems)
+        _check_references(exp_methods, sweep, pools[2], problems)
+    output = Path(spec.output_dir or f"results/{spec.name}").expanduser()
+    if problems:
+        raise ConfigError(source, problems)
+    return _Checked(spec, setting, exp_methods, sweep, output if output.is_absolute() else results_root() / output,
+                    pools)
+
+
+def _check_references(exp_methods: MethodConfigs, sweep: Sweep | None, tasks: dict[str, TaskSpec],
+                      problems: list[str]) -> None:
+    _check_selection(exp_methods, tasks, "methods", problems)
+    if sweep is not None:
+        _check_selection(sweep.methods, tasks, "sweep.methods", problems)
+        unknown = [t for t in sweep.tasks or [] if t not in tasks]
+        if unknown:
+            problems.append(f"sweep.tasks: {unknown} are not tasks of the task pool")
 
 
 def validate(raw: Any, source: str = "<experiment>", base_dir: Path | None = None) -> Experiment:
-    """Validate a parsed experiment mapping; raise :class:`ConfigError` listing every problem found."""
-    base_dir = base_dir or Path.cwd()
-    problems: list[str] = []
-    top = _check_fields(raw, TOP, "", problems)
-    pools_dir = base_dir
-    model_pool, task_pool = top.get("model_pool"), top.get("task_pool")
-    if top.get("zoo"):
-        if model_pool or task_pool:
-            problems.append("zoo: give either zoo (with setting) or model_pool and task_pool, not both")
-        model_pool, task_pool, pools_dir = _pools_from_zoo(top["zoo"], top.get("setting"), base_dir, problems)
-    elif not (model_pool and task_pool):
-        problems.append("model_pool, task_pool: required unless zoo and setting are given")
-    mp = _check_fields(model_pool or {}, MODEL_POOL, "model_pool", problems) if model_pool else {}
-    base = _path(mp["base"], pools_dir, "model_pool.base", problems) if mp.get("base") else Path()
-    finetuned = {
-        name: _path(p, pools_dir, f"model_pool.finetuned.{name}", problems) for name, p in (mp.get("finetuned") or {}).items()
-    }
-    if mp.get("architecture"):
-        from raymerge.models import ModelError, encoder_config
+    """Validate a parsed experiment mapping; raise :class:`ConfigError` listing every problem found.
 
-        try:
-            encoder_config(mp["architecture"])
-        except ModelError as err:
-            problems.append(f"model_pool.architecture: {err}")
-    tasks = {}
-    for name, node in (task_pool or {}).items():
-        t = _check_fields(node, TASK, f"task_pool.{name}", problems)
-        if not t:
-            continue
-        if t.get("finetuned") and t["finetuned"] not in finetuned:
-            problems.append(f"task_pool.{name}.finetuned: {t['finetuned']!r} is not in model_pool.finetuned")
-        where = f"task_pool.{name}"
-        tasks[name] = TaskSpec(
-            name=name,
-            head=_path(t["head"], pools_dir, f"{where}.head", problems) if t.get("head") else Path(),
-            finetuned=t.get("finetuned"),
-            validation=_path(t["validation"], pools_dir, f"{where}.validation", problems) if t.get("validation") else None,
-            test=_path(t["test"], pools_dir, f"{where}.test", problems) if t.get("test") else Path(),
-            shifts={s: _path(p, pools_dir, f"{where}.shifts.{s}", problems) for s, p in (t.get("shifts") or {}).items()},
-        )
-    methods = {}
-    for name, params in (top.get("methods") or {}).items():
-        if name not in METHODS:
-            problems.append(f"methods.{name}: unknown method (known: {', '.join(METHODS)})")
-            continue
-        methods[name] = _check_fields(params or {}, METHODS[name], f"methods.{name}", problems)
-    resources = _check_fields(top.get("resources") or {}, RESOURCES, "resources", problems)
-    sweep = None
-    if top.get("sweep") is not None:
-        sweep = _check_fields(top["sweep"], SWEEP, "sweep", problems)
-        chosen = sweep.get("methods") or {}
-        sweep["methods"] = {}
-        for name, params in chosen.items():
-            if name not in SWEEP_METHODS:
-                problems.append(f"sweep.methods.{name}: unknown sweep method (known: {', '.join(SWEEP_METHODS)})")
-                continue
-            sweep["methods"][name] = _check_fields(params or {}, SWEEP_METHODS[name], f"sweep.methods.{name}", problems)
-        if not any(t.finetuned for t in tasks.values()):
-            problems.append("sweep: needs a multi-task pool (tasks with their own fine-tuned models)")
-        unknown = [t for t in sweep.get("tasks") or [] if t not in tasks]
-        if unknown:
-            problems.append(f"sweep.tasks: {unknown} are not tasks of the task pool")
-    if any(t.finetuned for t in tasks.values()):
-        problems += [f"methods.{m}: applies to the robust setting only (one task, several fine-tuned models)"
-                     for m in methods if m in ROBUST_ONLY]
-    output = Path(top.get("output_dir") or f"results/{top.get('name')}").expanduser()
-    if not output.is_absolute():
-        if os.environ.get("RAYMERGE_RESULTS"):
-            output = Path(os.environ["RAYMERGE_RESULTS"]).expanduser() / output
-        elif os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-            # a submitted job runs in a temporary copy of its working dir: relative results would vanish with it
-            problems.append(f"output_dir: {output} is relative, and under `ray job submit` the working directory is a "
-                            "temporary copy; give an absolute path or set RAYMERGE_RESULTS in the job's runtime env")
-        output = output if output.is_absolute() else Path.cwd() / output
-    if problems:
-        raise ConfigError(source, problems)
+    Everything that can be checked without the embedded zoo is checked first; only then is the zoo built (minutes,
+    once) and its pools checked like a user's.
+    """
+    base_dir = base_dir or Path.cwd()
+    checked = _check_file(raw, source, base_dir)
+    spec, setting, exp_methods = checked.spec, checked.setting, checked.methods
+    architecture = spec.model_pool.architecture if spec.model_pool else ""
+    if checked.pools is not None:
+        base, finetuned, tasks = checked.pools
+    else:
+        problems: list[str] = []
+        manifest = _zoo_manifest(spec.zoo, base_dir, build=True)
+        settings = (yaml.safe_load(manifest.read_text()) or {}).get("settings", {})
+        if setting not in settings:
+            raise ConfigError(source, [f"setting: {setting!r} is not a setting of zoo {manifest} (has: {', '.join(settings)})"])
+        model_pool = ModelPoolSpec.model_validate(settings[setting]["model_pool"])
+        task_pool = {n: TaskFileSpec.model_validate(t) for n, t in settings[setting]["task_pool"].items()}
+        architecture = model_pool.architecture
+        # `model` parameters can be checked only now that the zoo's model names are known
+        exp_methods = validate_methods(spec.methods, "methods", setting, list(model_pool.finetuned), problems)
+        base, finetuned, tasks = _check_pools(model_pool, task_pool, manifest.parent, problems)
+        _check_references(exp_methods, checked.sweep, tasks, problems)
+        if problems:
+            raise ConfigError(source, problems)
     return Experiment(
-        name=top["name"],
-        seed=top["seed"],
-        architecture=mp["architecture"],
-        base=base,
-        finetuned=finetuned,
-        tasks=tasks,
-        methods=methods,
-        resources=resources,
-        output_dir=output,
-        source=source,
-        raw=raw,
-        sweep=sweep,
+        name=spec.name, seed=spec.seed, setting=setting, architecture=architecture, base=base,
+        finetuned=finetuned, tasks=tasks, methods=exp_methods, resources=spec.resources, output_dir=checked.output_dir,
+        source=source, raw=raw, sweep=checked.sweep,
     )
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) to a copy of ``raw``."""
+def apply_overrides(raw: Any, overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a copy of ``raw``; a numeric part indexes a list
+    (``methods.cart.0.lam=2``)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"file: an experiment must be a mapping of keys, got {_describe(raw)}"])
     out = copy.deepcopy(raw)
+    problems = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError("--set", [f"{item!r}: expected KEY.PATH=VALUE"])
-        dotted, value = item.split("=", 1)
-        node = out
+            problems.append(f"--set {item!r}: expected KEY.PATH=VALUE")
+            continue
+        dotted, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            problems.append(f"--set {dotted}: the value is not valid YAML ({err})")
+            continue
+        node: Any = out
         parts = dotted.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError("--set", [f"{dotted}: {part} is not a mapping"])
-        node[parts[-1]] = yaml.safe_load(value)
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                key: Any = int(part)
+            elif isinstance(node, dict):
+                key = part
+            else:
+                problems.append(f"--set {dotted}: {'.'.join(parts[:depth]) or 'the file'} is not a mapping"
+                                + (" (index a list with a number)" if isinstance(node, list) else ""))
+                break
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(key), (dict, list)):
+                    node[key] = {}
+                node = node[key]
+    if problems:
+        raise ConfigError(source, problems)
     return out
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Experiment:
-    """Read, override and validate an experiment file; ``None`` loads the packaged default experiment."""
+def _read(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[str, Any], Path]:
     path = Path(path) if path else Path(__file__).parent / "experiments" / "robust.yaml"
     if not path.is_file():
         raise ConfigError(str(path), [f"experiment file {path} does not exist"])
@@ -376,5 +464,17 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [f"not valid YAML: {err}"]) from err
-    raw = apply_overrides(raw or {}, overrides or [])
+    return apply_overrides({} if raw is None else raw, overrides or [], str(path)), path
+
+
+def check(path: str | Path | None = None, overrides: list[str] | None = None) -> None:
+    """Everything :func:`load` checks before it would build the embedded zoo: run it on every file of a job first,
+    so that a problem in the second file wastes no zoo build for the first."""
+    raw, path = _read(path, overrides)
+    _check_file(raw, str(path), path.parent)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Experiment:
+    """Read, override and validate an experiment file; ``None`` loads the packaged robust experiment."""
+    raw, path = _read(path, overrides)
     return validate(raw, str(path), path.parent)

@@ -146,12 +146,12 @@ class DawinRunner:
             out.merges[pair] = len(c)
         return out
 
-    def oracle(self, pairs: list[Pair]) -> Outcome:
+    def oracle(self, pairs: list[Pair], offset: bool = False) -> Outcome:
         """Pilot oracle (upper bound, uses labels): cross-entropy with the true label in place of entropy."""
         scores = {}
         for pair in pairs:
             scores[pair] = dawin.oracle_losses(self.p1.logits[pair], self.ev.labels(pair), self.p1.temperatures[pair[0]])
-        return self.samplewise(pairs, offset=False, scores=scores)
+        return self.samplewise(pairs, offset=offset, scores=scores)
 
     def selection(self, pairs: list[Pair], offset: bool) -> tuple[Outcome, Outcome]:
         """Dynamic classifier selection and dynamic output ensemble: logits only, no merged model."""
@@ -160,4 +160,5 @@ class DawinRunner:
             c = self.coefficients(pair, offset)
             dcs.predictions[pair] = dawin.dynamic_classifier_selection(self.p1.logits[pair], c)
             doe.predictions[pair] = dawin.dynamic_output_ensemble(self.p1.logits[pair], c, self.p1.temperatures[pair[0]])
+            dcs.extras[pair] = doe.extras[pair] = {"coefficients": c, "entropies": self.p1.entropies[pair]}
         return dcs, doe

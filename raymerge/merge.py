@@ -11,7 +11,7 @@ Notation: θ0 the pre-trained weights (``base``), θ1..θT the fine-tuned ones, 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -35,9 +35,9 @@ from raymerge.cart import (
     low_rank_approx,
     select_low_rank,
 )
-from raymerge.statedict import StateDict
+from raymerge.statedict import StateDict, StateDictError
 
-__all__ = ["weight_average", "interpolate", "task_arithmetic", "ties", "model_stock", "cart"]
+__all__ = ["weight_average", "interpolate", "task_arithmetic", "ties", "model_stock", "greedy_soup", "cart"]
 
 
 def _task_vector(theta_t: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
@@ -238,3 +238,31 @@ def model_stock(
         return t * average(thetas) + (1 - t) * theta0
 
     return cast_to(per_key([base, *finetuned], merge_key, precision), dtypes_of(base))
+
+
+def greedy_soup(
+    candidates: Mapping[str, Mapping[str, torch.Tensor]],
+    score: Callable[[StateDict], float],
+    *,
+    precision: torch.dtype = torch.float32,
+) -> tuple[StateDict, list[str]]:
+    """Greedy soup (METHODS §1) of named fine-tuned state dicts.
+
+    ``score`` evaluates a state dict on held-out data (higher is better; e.g. validation accuracy in [0, 1]). Models
+    are ranked by their own score (ties keep ``candidates``' order); each, in that order, joins the soup only if the
+    soup's score does not drop. Returns the uniform soup of the kept models and their names, in the order kept.
+    """
+    if not candidates:
+        raise StateDictError("greedy_soup needs at least 1 fine-tuned model, got none")
+    names = list(candidates)
+    validate([candidates[n] for n in names], names)
+    own = {name: score(dict(candidates[name])) for name in names}
+    ranked = sorted(names, key=lambda name: -own[name])
+    kept, best = [ranked[0]], own[ranked[0]]
+    for name in ranked[1:]:
+        trial = weight_average([candidates[n] for n in [*kept, name]], precision=precision)
+        value = score(trial)
+        # METHODS §1 greedy soup: keep a model only if held-out accuracy does not drop
+        if value >= best:
+            kept, best = [*kept, name], value
+    return weight_average([candidates[n] for n in kept], kept, precision=precision), kept

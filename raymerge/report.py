@@ -2,12 +2,12 @@
 
 Two table shapes, as in the papers: robust fine-tuning (one task; columns ID, each shift, OOD average; DaWin
 Table 1) and multi-task (columns one per task and their average; CART Table 1/3, DaWin Table 3). Sweep rows
-(``rank_sweep/*``, ``sweep/*``) are left out of those tables: they get their own plots and small tables.
+(``rank_sweep``, ``sweep/*``) are left out of those tables: they get their own plots and small tables.
 
 Plots, written next to ``REPORT.md`` when their rows are present (accuracy always in percent):
 
 - ID versus OOD accuracy: WiSE-FT curve, ZS/FT endpoints, DaWin variants, ensembles and soups (DaWin Fig. 3);
-- average accuracy versus rank ratio ρ from the ``rank_sweep/*`` rows (CART Fig. 1/5);
+- average accuracy versus rank ratio ρ from the ``rank_sweep`` rows (CART Fig. 1/5);
 - DaWin's per-sample λ(x) histogram per test set, robust setting;
 - DaWin's mean coefficient per (evaluated task, candidate model), multi-task setting (DaWin Fig. 4);
 - average accuracy versus number of merged tasks from the ``sweep/*`` rows (CART Fig. 6).
@@ -38,27 +38,45 @@ Row = dict[str, Any]
 
 ID_SPLIT = "test"
 # Sweep methods: many configurations of one method, reported as curves rather than table rows.
-SWEEP_PREFIXES = ("rank_sweep/", "sweep/")
+RANK_SWEEP, SWEEP_PREFIX = "rank_sweep", "sweep/"
 LINE_MARKERS = ["o", "s", "^", "v", "D", "P"]
-# Legend names of sweep curves as the papers call them; other sweeps show their method without the prefix.
-CURVE_NAMES = {"rank_sweep/cart": "CART", "rank_sweep/task_arithmetic": "low-rank task arithmetic"}
+# Legend names of the rank sweep's curves as the papers call them.
+CURVE_NAMES = {"cart": "CART", "task_arithmetic": "low-rank task arithmetic"}
 
-# Parameters that identify a row but would only clutter its label (they are in the Parquet rows).
-HIDDEN_PARAMS = {"models", "model", "selected_on", "svd"}
-SHOWN_ALWAYS = {"finetuned": {"model"}, "individual": {"model"}, "greedy_soup": {"models"}}
+# Parameters that identify a row but would only clutter its label (they are in the Parquet rows), and values
+# that are the usual case.
+HIDDEN_PARAMS = {"models", "model", "svd", "lambdas", "own_task", "lam0", "curve"}
+HIDDEN_VALUES = {("scores", "entropy")}
+SHOWN_ALWAYS = {"finetuned": {"model"}}
 
 
 def method_label(method: str, params: str | dict[str, Any]) -> str:
-    """Row label: the method and its distinguishing parameters, e.g. ``wise_ft lam=0.5``."""
+    """Row label: the method and its distinguishing parameters, e.g. ``wise_ft lam=0.5``.
+
+    A multi-task ``finetuned`` row (each model on its own task) is labelled as one method, so that the table shows
+    the individual models' upper bound in one line."""
     p = json.loads(params) if isinstance(params, str) else params
+    if p.get("own_task"):
+        return f"{method} (each on its own task)"
     keep = SHOWN_ALWAYS.get(method, set())
-    shown = " ".join(f"{k}={v}" for k, v in sorted(p.items()) if k not in HIDDEN_PARAMS or k in keep)
+    shown = " ".join(f"{k}={v}" for k, v in sorted(p.items())
+                     if (k not in HIDDEN_PARAMS or k in keep) and (k, v) not in HIDDEN_VALUES)
     return f"{method} {shown}".strip()
 
 
+def is_sweep(method: str) -> bool:
+    """Rows drawn as curves (the rank sweep, task-subset sweeps) rather than table rows."""
+    return method == RANK_SWEEP or method.startswith(SWEEP_PREFIX)
+
+
+def is_oracle(method: str, params: dict[str, Any]) -> bool:
+    """DaWin with label-based coefficients: an upper bound, never a method to pick."""
+    return method == "dawin" and params.get("scores") == "oracle"
+
+
 def table_rows(rows: Sequence[Row]) -> list[Row]:
-    """The rows of the main tables: every row except the sweeps (``rank_sweep/*``, ``sweep/*``)."""
-    return [r for r in rows if not r["method"].startswith(SWEEP_PREFIXES)]
+    """The rows of the main tables: every row except the sweeps (``rank_sweep``, ``sweep/*``)."""
+    return [r for r in rows if not is_sweep(r["method"])]
 
 
 def build_table(rows: Sequence[Row]) -> tuple[list[str], list[list[Any]]]:
@@ -146,7 +164,7 @@ def _mean_percent(rows: Sequence[Row]) -> float:
 
 def _curve_label(method: str, params: dict[str, Any], varied: str) -> str:
     """Legend label of one curve of a sweep: the method's name, and its parameters other than ``varied``."""
-    name = CURVE_NAMES.get(method, method.split("/", 1)[-1])
+    name = CURVE_NAMES.get(params.get("curve"), method.split("/", 1)[-1])
     return method_label(name, {k: v for k, v in params.items() if k != varied})
 
 
@@ -172,11 +190,13 @@ def id_ood_points(rows: Sequence[Row]) -> list[Point]:
 
 
 def rank_sweep_curves(rows: Sequence[Row]) -> dict[str, list[tuple[float, float]]]:
-    """Per ``rank_sweep/*`` curve: (rank ratio ρ, accuracy averaged over the tasks in percent), sorted by ρ."""
+    """Per ``rank_sweep`` curve: (rank ratio ρ, accuracy averaged over the tasks in percent), sorted by ρ."""
     curves: dict[str, list[tuple[float, float]]] = {}
     for (method, params), group in _configs(rows).items():
         p = json.loads(params)
-        if method.startswith("rank_sweep/") and "rank_ratio" in p:
+        if method == RANK_SWEEP and "rank_ratio" in p:
+            lam = p.get("cart_lam") if p.get("curve") == "cart" else p.get("task_arithmetic_lam")
+            p = {k: v for k, v in p.items() if not k.endswith("_lam")} | {"lam": lam}
             curves.setdefault(_curve_label(method, p, "rank_ratio"), []).append((float(p["rank_ratio"]), _mean_percent(group)))
     return {label: sorted(points) for label, points in curves.items()}
 
@@ -186,7 +206,7 @@ def reference_accuracies(rows: Sequence[Row]) -> dict[str, float]:
     task arithmetic (each configuration present), and the individual models each on its own task."""
     refs = {method_label(m, p): _mean_percent(g) for (m, p), g in _configs(rows).items()
             if m in ("weight_average", "task_arithmetic")}
-    individual = [r for r in rows if r["method"] == "individual"]
+    individual = [r for r in rows if r["method"] == "finetuned" and _params(r).get("own_task")]
     if individual:
         refs["individual (upper bound)"] = _mean_percent(individual)
     return refs
@@ -210,7 +230,7 @@ def accuracy_by_task_count(rows: Sequence[Row]) -> dict[str, list[TaskCountPoint
     per_size: dict[str, dict[int, list[float]]] = {}
     for (method, params), group in _configs(rows).items():
         p = json.loads(params)
-        if not method.startswith("sweep/") or not p.get("subset"):
+        if not method.startswith(SWEEP_PREFIX) or not p.get("subset"):
             continue
         own = [r for r in group if r["task"] in p["subset"]]
         if own:
@@ -352,7 +372,7 @@ def _theta1(points: Sequence[Point]) -> str | None:
 
 def _legend_rank(p: Point) -> tuple[bool, ...]:
     """Legend order of the ID-versus-OOD points: ZS, fine-tuned models, baselines, DaWin variants, oracle last."""
-    return p.method != "zeroshot", p.method != "finetuned", p.method.startswith("dawin"), "oracle" in p.method
+    return p.method != "zeroshot", p.method != "finetuned", p.method.startswith("dawin"), is_oracle(p.method, p.params)
 
 
 def plot_id_ood(points: Sequence[Point], path: Path, title: str) -> Path | None:
@@ -395,7 +415,7 @@ def plot_id_ood(points: Sequence[Point], path: Path, title: str) -> Path | None:
             ax.annotate("FT", xy, textcoords="offset points", xytext=(8, 4), fontsize=10, weight="bold")
         elif p.method == "finetuned":
             ax.scatter(*xy, marker="o", s=30, color="0.6", label=label, zorder=3)
-        elif p.method.startswith("dawin/oracle"):
+        elif is_oracle(p.method, p.params):
             ax.scatter(*xy, marker="o", s=110, facecolors="none", edgecolors="tab:red", linewidths=1.8,
                        label=label, zorder=4)
             # text to the left: the oracle sits at the top right, where text on its right would leave the axes
@@ -548,7 +568,7 @@ def _rank_sweep_section(store: ResultStore, name: str, rows: Sequence[Row], root
 
 
 def _lambda_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
-    dawin_rows = _latest_config(rows, "dawin", offset=True)
+    dawin_rows = _latest_config(rows, "dawin", offset=True, mixture="beta")
     sets = lambda_by_set(store, dawin_rows)
     k = _params(dawin_rows[0]).get("k") if dawin_rows else None
     path = plot_lambda_histograms(sets, _plot_path(root, name, "dawin_lambda"), f"{name}: DaWin λ(x) per test set (offset, k={k})")
@@ -611,6 +631,19 @@ def write_report(results_dir: str | Path) -> Path:
     out = root / "REPORT.md"
     _atomic_write(out, lambda tmp: tmp.write_text("\n".join(parts)))
     return out
+
+
+def print_locations(written: Sequence[tuple[Any, Path]]) -> None:
+    """The last lines of a job: where each experiment's rows and report are on the node that ran the driver, and,
+    when that node is a cluster's head, how to fetch them."""
+    print()
+    for exp, report_path in written:
+        print(f"{exp.name}: rows in {exp.output_dir / 'rows'}, report in {report_path}")
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        print("These paths are on the node that ran this job's driver (a cluster's head). Fetch them with:")
+        for root in sorted({str(exp.output_dir) for exp, _ in written}):
+            print(f"  ray rsync-down cluster.yaml {root}/ ./{Path(root).name}/")
+        print("or set RAYMERGE_RESULTS (runtime env) to a shared filesystem.")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,9 +31,10 @@ class ResultsError(RuntimeError):
     """The results directory holds a file that cannot be trusted; the message names it."""
 
 
-def row_key(method: str, params: Mapping[str, Any], pool: str, task: str, split: str) -> str:
-    """Hash of what determines a result: method, its parameters, the model pool's hash, task and split."""
-    blob = json.dumps([method, params, pool, task, split], sort_keys=True, default=str)
+def row_key(identity: Mapping[str, Any]) -> str:
+    """Hash of a row's identity: everything that determines the row (method, parameters, seed, weights, head,
+    data, evaluation settings), as canonical JSON."""
+    blob = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

@@ -15,15 +15,23 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from raymerge.config import Experiment
-from raymerge.pipeline import Candidate, Run, dawin_merge, phase, start_run
+from tqdm import tqdm
+
+from raymerge import methods
+from raymerge.config import Experiment, MethodConfigs
+from raymerge.methods import Candidate, Method, Params, Pool
+from raymerge.pipeline import Run, phase, start_run
 from raymerge.results import ResultStore
 from raymerge.statedict import to_numpy
-from tqdm import tqdm
 
 log = logging.getLogger("raymerge")
 
 PREFETCH = 2  # merges built ahead of the evaluation in flight
+
+
+def label(name: str) -> str:
+    """The method column of a sweep's rows: the report draws them as curves, apart from the main tables."""
+    return f"sweep/{name}"
 
 
 def subsets(tasks: Sequence[str], min_size: int = 2, max_size: int | None = None) -> list[tuple[str, ...]]:
@@ -32,31 +40,16 @@ def subsets(tasks: Sequence[str], min_size: int = 2, max_size: int | None = None
     return [s for k in range(min_size, top + 1) for s in itertools.combinations(tasks, k)]
 
 
-def sweep_candidates(run: Run, subset: tuple[str, ...], methods: dict[str, dict[str, Any]]) -> Iterator[Candidate]:
-    """One candidate per method for ``subset``: the merge of the subset's fine-tuned models."""
-    from raymerge.merge import task_arithmetic, ties, weight_average
-    from raymerge.workers import distributed_cart
-
-    names = [run.tasks[t].finetuned for t in subset]
-    fts = [run.finetuned[n] for n in names]
-    tasks = list(subset)
-    for name, p in methods.items():
-        params = {"subset": tasks, **p}
-        if name == "weight_average":
-            build = lambda: weight_average(fts, names)  # noqa: E731
-        elif name == "task_arithmetic":
-            build = lambda p=p: task_arithmetic(run.base, fts, float(p["lam"]), names=names)  # noqa: E731
-        elif name == "ties":
-            build = lambda p=p: ties(run.base, fts, float(p["lam"]), float(p["density"]), names=names)  # noqa: E731
-        elif name == "cart":
-            build = lambda p=p: distributed_cart(run.base, fts, float(p["rank_ratio"]), float(p["lam"]), p["svd"],  # noqa: E731
-                                                 run.exp.seed, names=names)
-        elif name == "dawin":
-            yield Candidate(f"sweep/{name}", params, None, tasks, predict=dawin_merge(run, names, p))
-            continue
-        else:
-            raise ValueError(f"sweep method {name!r} is not one of weight_average, task_arithmetic, ties, cart, dawin")
-        yield Candidate(f"sweep/{name}", params, build, tasks)
+def sweep_candidates(run: Run, subset: tuple[str, ...], configs: MethodConfigs) -> Iterator[tuple[Method, Params, Candidate, Pool]]:
+    """Every method configuration's candidates for ``subset``: each unit run on the pool of the subset's tasks and
+    their fine-tuned models, judged on the subset's tasks, its params recording the subset."""
+    pool = run.view(models=[run.tasks[t].finetuned for t in subset], tasks=list(subset))
+    for name, params_list in configs.items():
+        unit = methods.get(name)
+        for params in params_list:
+            for cand in unit.candidates(pool, params):
+                cand.params["subset"] = list(subset)
+                yield unit, params, cand, pool
 
 
 def run_sweep(exp: Experiment, force: bool = False, cache_dir=None, address: str | None = None) -> ResultStore:
@@ -75,11 +68,12 @@ def run_sweep(exp: Experiment, force: bool = False, cache_dir=None, address: str
 def sweep_run(run: Run) -> None:
     """The sweep loop over a started :class:`Run` (its worker pool stays up)."""
     cfg = run.exp.sweep
-    plan = subsets(cfg["tasks"] or list(run.tasks), cfg["min_size"], cfg["max_size"])
-    todo = [c for s in plan for c in sweep_candidates(run, s, cfg["methods"]) if not run.is_done(c.method, c.params, c.tasks)]
-    log.info("sweep: %d subsets x %d methods; %d candidates to evaluate, %d rows already stored skipped",
-             len(plan), len(cfg["methods"]), len(todo), run.skipped)
-    evaluations = sum(len(c.tasks or []) for c in todo)
+    plan = subsets(cfg.tasks or list(run.tasks), cfg.min_size, cfg.max_size)
+    todo = [(unit, params, c, pool) for s in plan for unit, params, c, pool in sweep_candidates(run, s, cfg.methods)
+            if not run.is_done(unit, params, c, pool, label(unit.name))]
+    log.info("sweep: %d subsets x %d method configurations; %d candidates to evaluate, %d rows already stored skipped",
+             len(plan), sum(map(len, cfg.methods.values())), len(todo), run.skipped)
+    evaluations = sum(len(pool.eval_pairs(c.tasks)) for _, _, c, pool in todo)
     log.info("sweep work: %d merged models, %d test-set evaluations (each one forward pass over a test split)",
              len(todo), evaluations)
     start = time.perf_counter()
@@ -87,18 +81,18 @@ def sweep_run(run: Run) -> None:
         futures: list[Future | None] = []
 
         def schedule(i: int) -> None:
-            c = todo[i]
+            c = todo[i][2]
             futures.append(builder.submit(lambda: to_numpy(c.build())) if c.build else None)
 
         for i in range(min(PREFETCH, len(todo))):
             schedule(i)
-        for i, cand in enumerate(tqdm(todo, desc="sweep", unit="merge")):
+        for i, (unit, params, cand, pool) in enumerate(tqdm(todo, desc="sweep", unit="merge")):
             if i + PREFETCH < len(todo):
                 schedule(i + PREFETCH)
             weights = futures[i].result() if futures[i] else None
             futures[i] = None
-            run.evaluate_candidate(cand, weights)
+            run.evaluate(unit, params, cand, pool, label(unit.name), weights)
     minutes = (time.perf_counter() - start) / 60
-    done = len({tuple(c.params["subset"]) for c in todo})
+    done = len({tuple(c.params["subset"]) for _, _, c, _ in todo})
     if minutes > 0 and todo:
         log.info("sweep throughput: %.1f subsets/min, %.1f evaluations/min", done / minutes, evaluations / minutes)

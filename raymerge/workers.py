@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import ray
 import torch
 
 from raymerge import models
+from raymerge.config import Resources
 from raymerge.data import ImageDataset, shard_indices
 from raymerge.statedict import state_dict_hash
 
@@ -82,16 +82,6 @@ class EvalWorker:
 
     def pid(self) -> int:
         return os.getpid()
-
-
-@dataclass(frozen=True)
-class Resources:
-    """How many actors to start and what each asks Ray for."""
-
-    num_actors: int = 2
-    num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0
-    batch_size: int = 256
 
 
 class WorkerPool:

@@ -69,6 +69,7 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
+from raymerge import merge
 from raymerge.data import ImageDataset, write_parquet
 from raymerge.models import (
     Head,
@@ -533,7 +534,7 @@ def _build_robust(root: Path, seed: int, scale: _Scale, images: np.ndarray, labe
         accuracy[name] = {split: _accuracy(encoder, head, ds) for split, ds in eval_sets.items()}
     # WiSE-FT halfway between θ0 and θ1: a sanity check that interpolation recovers robustness
     theta1 = tuned[ROBUST_FINETUNES[0][0]]
-    wise = _encoder_with({k: 0.5 * (theta0[k] + theta1[k]) for k in theta0})
+    wise = _encoder_with(merge.interpolate(theta0, theta1, 0.5))
     accuracy["wise_ft_0.5"] = {split: _accuracy(wise, head, ds) for split, ds in eval_sets.items()}
     for row in accuracy.values():
         row["ood_mean"] = round(float(np.mean([row[s] for s in CORRUPTIONS])), 4)
@@ -583,8 +584,8 @@ def _build_multitask(root: Path, seed: int, scale: _Scale, images: np.ndarray, l
         tests[task.name] = ImageDataset(task.name, *data["test"], task.class_names)
 
     names = [t.name for t in TASKS]
-    average = _encoder_with({k: torch.stack([weights[n][k] for n in names]).mean(0) for k in theta0})
-    arithmetic = _encoder_with({k: theta0[k] + 0.3 * sum(weights[n][k] - theta0[k] for n in names) for k in theta0})
+    average = _encoder_with(merge.weight_average([weights[n] for n in names], names))
+    arithmetic = _encoder_with(merge.task_arithmetic(theta0, [weights[n] for n in names], 0.3, names=names))
     accuracy = {
         "zeroshot": {n: _accuracy(zeroshot, heads[n], tests[n]) for n in names},
         "finetuned": {n: _accuracy(_encoder_with(weights[n]), heads[n], tests[n]) for n in names},

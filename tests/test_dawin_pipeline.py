@@ -17,7 +17,7 @@ from raymerge.statedict import to_numpy
 def dawin_store(mini_pool, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("dawin")
     exp = config.load(mini_pool / "experiment.yaml",
-                      [f"output_dir={out}", "methods={dawin: {k: 2, samplewise: false, oracle: false}}"])
+                      [f"output_dir={out}", "methods={dawin: [{k: 2, offset: true}, {k: 2, offset: false}], dawin_dcs: {}, dawin_doe: {}}"])
     return pipeline.run_experiment(exp, cache_dir=out / "cache")
 
 
@@ -44,7 +44,7 @@ def test_distributed_equals_single_process(mini_pool, dawin_store):
 
 def test_dcs_and_doe_rows_match_formulas(mini_pool, dawin_store):
     rows = dawin_store.rows()
-    dcs = {r["split"]: r for r in rows if r["method"] == "dawin/dcs"}
+    dcs = {r["split"]: r for r in rows if r["method"] == "dawin_dcs"}
     (mix,) = [r for r in rows if r["method"] == "dawin" and r["split"] == "test" and '"offset": true' in r["params"]]
     coeffs = np.array(dawin_store.samples(mix["key"]).to_pydict()["coefficients"])
     assert np.allclose(coeffs.sum(1), 1.0)

@@ -128,15 +128,16 @@ def test_template_filled_with_stand_ins_validates(tiny_zoo):
     assert exp.setting == "multitask"
     assert list(exp.tasks) == ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"]
     assert {"weight_average", "task_arithmetic", "ties", "cart"} <= set(exp.methods)
-    assert {"rank_ratio": 0.12, "lam": 2.0} in exp.methods["cart"]["configs"]
-    assert exp.resources["num_gpus_per_actor"] == 1
+    assert [(c.rank_ratio, c.lam, c.svd) for c in exp.methods["cart"]] == [(0.12, 2.0, "exact")]
+    assert exp.resources.num_gpus_per_actor == 1
 
 
 def test_template_commented_dawin_block_validates(tiny_zoo):
     text = _uncomment_block(TEMPLATE.read_text(), "  # dawin:", "  #  ")
     raw = yaml.safe_load(text)
     exp = config.validate(_fill(raw, tiny_zoo, "multitask"), str(TEMPLATE), TEMPLATE.parent)
-    assert exp.methods["dawin"]["k"] == 1 and exp.methods["dawin"]["samplewise"] is False
+    [dawin] = exp.methods["dawin"]
+    assert dawin.k == 1 and dawin.mixture == "auto" and dawin.lam0 == 0.3
 
 
 def test_template_commented_robust_block_validates(tiny_zoo):

@@ -23,7 +23,8 @@ PLOTS = {"robust_id_vs_ood.png", "robust_dawin_lambda.png", "multitask_rank_swee
 
 
 def make_row(exp: str, method: str, params: dict[str, Any], task: str, split: str, accuracy: float) -> dict[str, Any]:
-    return {"key": row_key(method, params, "pool", task, split), "experiment": exp, "method": method, "params": params,
+    return {"key": row_key({"method": method, "params": params, "task": task, "split": split}), "experiment": exp,
+            "method": method, "params": params,
             "pool": "pool", "task": task, "split": split, "accuracy": accuracy, "n": 100, "seconds": 1.0, "merges": 1}
 
 
@@ -47,16 +48,16 @@ ROBUST = {
     ("zeroshot", ()): (0.60, 0.50, 0.40),
     ("finetuned", (("model", "ft1"),)): (0.90, 0.40, 0.30),
     ("finetuned", (("model", "ft2"),)): (0.86, 0.37, 0.31),
-    ("output_ensemble", (("models", ("zeroshot", "ft1")),)): (0.84, 0.52, 0.44),
+    ("output_ensemble", (("models", ("base", "ft1")),)): (0.84, 0.52, 0.44),
     ("weight_average", ()): (0.89, 0.42, 0.34),
-    ("greedy_soup", (("models", ("ft1", "ft2")),)): (0.91, 0.43, 0.33),
+    ("greedy_soup", ()): (0.91, 0.43, 0.33),
     ("model_stock", ()): (0.88, 0.47, 0.39),
-    ("dawin", (("k", 3), ("offset", True), ("models", ("zeroshot", "ft1")))): (0.89, 0.58, 0.50),
-    ("dawin", (("k", 3), ("offset", False), ("models", ("zeroshot", "ft1")))): (0.88, 0.55, 0.47),
-    ("dawin/samplewise", (("offset", True), ("models", ("zeroshot", "ft1")))): (0.895, 0.585, 0.505),
-    ("dawin/dcs", (("offset", True), ("models", ("zeroshot", "ft1")))): (0.85, 0.53, 0.45),
-    ("dawin/doe", (("offset", True), ("models", ("zeroshot", "ft1")))): (0.87, 0.56, 0.48),
-    ("dawin/oracle (upper bound)", (("models", ("zeroshot", "ft1")),)): (0.97, 0.80, 0.74),
+    ("dawin", (("k", 3), ("mixture", "beta"), ("offset", True), ("scores", "entropy"), ("models", ("base", "ft1")))): (0.89, 0.58, 0.50),
+    ("dawin", (("k", 3), ("mixture", "beta"), ("offset", False), ("scores", "entropy"), ("models", ("base", "ft1")))): (0.88, 0.55, 0.47),
+    ("dawin", (("k", 3), ("mixture", "none"), ("offset", True), ("scores", "entropy"), ("models", ("base", "ft1")))): (0.895, 0.585, 0.505),
+    ("dawin_dcs", (("offset", True), ("models", ("base", "ft1")))): (0.85, 0.53, 0.45),
+    ("dawin_doe", (("offset", True), ("models", ("base", "ft1")))): (0.87, 0.56, 0.48),
+    ("dawin", (("k", 3), ("mixture", "none"), ("offset", False), ("scores", "oracle"), ("models", ("base", "ft1")))): (0.97, 0.80, 0.74),
     **{("wise_ft", (("lam", lam), ("model", "ft1"))): wise_ft_accuracy(lam) for lam in np.round(np.linspace(0, 1, 11), 1)},
 }
 
@@ -85,10 +86,10 @@ def multitask_coefficients(task_index: int, n: int) -> np.ndarray:
 MULTITASK = {
     ("zeroshot", ()): (0.40, 0.35, 0.45, 0.30),
     ("weight_average", ()): (0.60, 0.55, 0.70, 0.62),
-    ("task_arithmetic", (("lam", 0.3), ("selected_on", "validation"))): (0.66, 0.60, 0.78, 0.70),
+    ("task_arithmetic", (("lambdas", (0.3,)),)): (0.66, 0.60, 0.78, 0.70),
     ("ties", (("density", 0.2), ("lam", 1.0))): (0.68, 0.61, 0.80, 0.71),
     ("cart", (("lam", 1.0), ("rank_ratio", 0.08), ("svd", "exact"))): (0.80, 0.70, 0.90, 0.86),
-    ("dawin/samplewise", (("models", TASKS), ("offset", False))): (0.79, 0.69, 0.91, 0.84),
+    ("dawin", (("k", 3), ("mixture", "none"), ("models", TASKS), ("offset", False))): (0.79, 0.69, 0.91, 0.84),
 }
 INDIVIDUAL = (0.90, 0.80, 0.98, 0.97)
 RANK_RATIOS = (0.0, 0.04, 0.08, 0.16, 0.32, 0.5, 0.75, 1.0)
@@ -112,11 +113,12 @@ def multitask_rows() -> list[dict[str, Any]]:
     rows = []
     for (method, params), accs in MULTITASK.items():
         rows += [make_row("multitask", method, dict(params), t, "test", a) for t, a in zip(TASKS, accs)]
-    rows += [make_row("multitask", "individual", {"model": t}, t, "test", a) for t, a in zip(TASKS, INDIVIDUAL)]
+    rows += [make_row("multitask", "finetuned", {"model": t, "own_task": True}, t, "test", a) for t, a in zip(TASKS, INDIVIDUAL)]
+    sweep = {"cart_lam": 1.0, "task_arithmetic_lam": 0.3, "svd": "exact"}
     for rho in RANK_RATIOS:
         for t in TASKS:
-            rows.append(make_row("multitask", "rank_sweep/cart", {"rank_ratio": rho, "lam": 1.0}, t, "test", cart_sweep(rho)))
-            rows.append(make_row("multitask", "rank_sweep/task_arithmetic", {"rank_ratio": rho, "lam": 0.3}, t, "test", ta_sweep(rho)))
+            rows.append(make_row("multitask", "rank_sweep", {"curve": "cart", "rank_ratio": rho, **sweep}, t, "test", cart_sweep(rho)))
+            rows.append(make_row("multitask", "rank_sweep", {"curve": "task_arithmetic", "rank_ratio": rho, **sweep}, t, "test", ta_sweep(rho)))
     for method in ("sweep/cart", "sweep/task_arithmetic"):
         for size in (2, 3, 4):
             for subset in combinations(TASKS, size):
@@ -125,7 +127,7 @@ def multitask_rows() -> list[dict[str, Any]]:
     return rows
 
 
-DAWIN_MULTITASK = ("dawin", (("k", 1), ("models", TASKS), ("offset", False)))
+DAWIN_MULTITASK = ("dawin", (("k", 1), ("mixture", "dirichlet"), ("models", TASKS), ("offset", False)))
 
 
 def build_store(root: Path) -> ResultStore:
@@ -171,7 +173,8 @@ def test_robust_table_ood_average_is_the_mean_of_the_shifts(full_store: ResultSt
     assert zs[1:5] == pytest.approx([60.0, 50.0, 40.0, 45.0])
     idacc, a, b = wise_ft_accuracy(0.3)
     assert wise[1:5] == pytest.approx([100 * idacc, 100 * a, 100 * b, 50 * (a + b)])
-    assert table["dawin k=3 offset=True"][4] == pytest.approx(54.0)
+    assert table["dawin k=3 mixture=beta offset=True"][4] == pytest.approx(54.0)
+    assert table["dawin k=3 mixture=none offset=False scores=oracle"][4] == pytest.approx(77.0)
 
 
 def test_multitask_table_averages_over_tasks_and_leaves_sweeps_out(full_store: ResultStore) -> None:
@@ -180,8 +183,8 @@ def test_multitask_table_averages_over_tasks_and_leaves_sweeps_out(full_store: R
     assert header == ["method", *TASKS, "avg", "seconds", "merges/set"]
     assert table["cart lam=1.0 rank_ratio=0.08"][5] == pytest.approx(100 * (0.80 + 0.70 + 0.90 + 0.86) / 4)
     # each individual model is evaluated on its own task only: its row has one cell, and that is its average
-    assert table["individual model=dtd"][1:6] == [None, pytest.approx(80.0), None, None, pytest.approx(80.0)]
-    assert not [label for label in table if label.startswith(report.SWEEP_PREFIXES)]
+    assert table["finetuned (each on its own task)"][1:6] == pytest.approx([90.0, 80.0, 98.0, 97.0, 91.25])
+    assert not [label for label in table if report.is_sweep(label.split()[0])]
     assert "sweep/" not in report.format_table(rows) and "sweep/" not in report.format_table(rows, markdown=True)
 
 
@@ -195,6 +198,7 @@ def test_write_report_embeds_every_plot_and_the_pngs_are_valid(full_report: Path
     assert set(p.name for p in full_report.parent.glob("*.png")) == PLOTS
     assert not list(full_report.parent.glob(".*.tmp")), "temporary files left behind"
     assert "sweep/" not in text.split("### Accuracy versus rank ratio")[0]
+    assert "rank_sweep" not in text.split("## multitask")[1].split("### ")[0]  # not in the multi-task table
 
 
 def test_id_ood_points_match_the_table(full_store: ResultStore) -> None:
@@ -213,7 +217,8 @@ def test_coefficient_matrix_is_the_mean_coefficient_per_task_and_model(full_stor
 
 
 def test_lambda_by_set_gives_lambda_and_component_means(full_store: ResultStore) -> None:
-    rows = [r for r in experiment_rows(full_store, "robust") if r["method"] == "dawin" and '"offset": true' in r["params"]]
+    rows = [r for r in experiment_rows(full_store, "robust")
+            if r["method"] == "dawin" and '"offset": true' in r["params"] and '"mixture": "beta"' in r["params"]]
     sets = report.lambda_by_set(full_store, rows)
     assert [s.split for s in sets] == ["test", *SHIFTS]
     cols = robust_samples(1)
@@ -256,7 +261,7 @@ def test_rank_sweep_curves_and_references(full_store: ResultStore) -> None:
     assert list(curves) == ["CART lam=1.0", "low-rank task arithmetic lam=0.3"]
     assert curves["CART lam=1.0"] == [(rho, pytest.approx(100 * cart_sweep(rho))) for rho in RANK_RATIOS]
     refs = report.reference_accuracies(rows)
-    assert refs == {"weight_average": pytest.approx(61.75), "task_arithmetic lam=0.3": pytest.approx(68.5),
+    assert refs == {"weight_average": pytest.approx(61.75), "task_arithmetic": pytest.approx(68.5),
                     "individual (upper bound)": pytest.approx(91.25)}
 
 

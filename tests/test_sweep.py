@@ -80,7 +80,7 @@ def test_driver_killed_then_resumed_equals_uninterrupted(tiny_zoo, tmp_path):
 def test_worker_killed_mid_sweep_completes_identically(tiny_zoo, tmp_path, ray_local):
     from raymerge.pipeline import start_run
 
-    methods = {"weight_average": {}, "task_arithmetic": {"lam": 0.3}}
+    methods = {"weight_average": {}, "task_arithmetic": {"lambdas": [0.3]}}
     out = tmp_path / "faulty"
     run = start_run(config.load(_experiment(tiny_zoo, out, methods)), cache_dir=tmp_path / "cache-a")
     victim = ray_local.get(run.pool.actors[0].pid.remote())

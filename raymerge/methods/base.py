@@ -1,0 +1,232 @@
+"""What a merge method is: one registered unit that declares its name, paper, parameters and settings, and yields
+*candidates* (things to evaluate) from a :class:`Pool` of models and tasks.
+
+A unit wires the pure math (:mod:`raymerge.merge`, :mod:`raymerge.cart`, :mod:`raymerge.dawin`) to the pool; it does
+no math itself and knows nothing of Ray or files. Validation (:mod:`raymerge.config`), the sweep's dispatch, row keys,
+``raymerge methods`` and the README's method table all read the registry, so a method is added in one file::
+
+    class MyParams(Params):
+        lam: float = Field(0.5, description="scale of the merged task vector")
+
+    @register("my_merge", paper=Paper("My merge", "2401.00000"), params=MyParams, settings=MERGES)
+    def my_merge(pool: Pool, p: MyParams) -> Iterator[Candidate]:
+        yield Candidate(p.record(), build=lambda: ...)
+
+Third-party packages register units through the ``raymerge.methods`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from raymerge.statedict import StateDict
+
+ROBUST, MULTITASK, SWEEP = "robust", "multitask", "sweep"
+SETTINGS = (ROBUST, MULTITASK, SWEEP)
+MERGES = frozenset(SETTINGS)  # a merge of every fine-tuned model: meaningful in every setting
+
+Pair = tuple[str, str]  # (task, split)
+
+
+class Params(BaseModel):
+    """Base of every method's parameters: unknown keys, wrong types, NaN/Inf and out-of-range values are errors.
+
+    Each field carries its type, default, allowed range and a one-line ``description`` (shown by ``raymerge
+    methods`` and the README's table).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    def record(self, exclude: Sequence[str] = (), **extra: Any) -> dict[str, Any]:
+        """What a row records: the full validated parameters, defaults included, minus ``exclude`` (a grid), plus
+        per-candidate ``extra`` (resolved defaults, the grid point)."""
+        return {**self.model_dump(mode="json", exclude=set(exclude)), **extra}
+
+
+def default_of(fn: Callable[..., Any], name: str) -> Any:
+    """The default of parameter ``name`` of the pure function ``fn``: a unit's defaults are the math's own."""
+    return inspect.signature(fn).parameters[name].default
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    arxiv: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.title} (arXiv:{self.arxiv})" if self.arxiv else self.title
+
+
+class Evaluator(Protocol):
+    """What a unit may ask of the running experiment (the Ray worker pool, or a single process)."""
+
+    def logits(self, weights: Mapping[str, np.ndarray], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
+        """(N, C) float32 logits of ``weights`` on each whole (task, split)."""
+
+    def logits_rows(self, assignments: Sequence[tuple[Mapping[str, np.ndarray], np.ndarray]], pair: Pair) -> np.ndarray:
+        """(N, C) logits of ``pair`` where the rows of each assignment use that assignment's weights."""
+
+    def central(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` where central statistics are computed (a Ray task beside the actors, or inline)."""
+
+    def labels(self, pair: Pair) -> np.ndarray: ...
+
+
+@dataclass
+class Pool:
+    """The models and tasks one method is run on: the whole experiment, or one subset of a sweep.
+
+    ``finetuned`` keeps the experiment's order; ``task_models`` maps each task to its own fine-tuned model
+    (multi-task) or None; ``splits`` lists each task's evaluated sets (test first, then shifts), never validation.
+    """
+
+    setting: str
+    seed: int
+    base: StateDict
+    finetuned: dict[str, StateDict]
+    tasks: list[str]
+    splits: dict[str, list[str]]
+    validation: dict[str, bool]
+    task_models: dict[str, str | None]
+    evaluator: Evaluator
+    max_in_flight: int = 4
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.finetuned)
+
+    @property
+    def models(self) -> list[StateDict]:
+        return list(self.finetuned.values())
+
+    def eval_pairs(self, tasks: Sequence[str] | None = None) -> list[Pair]:
+        """(task, split) pairs a candidate is reported on: test and shifts of each task, never validation."""
+        return [(t, s) for t in (self.tasks if tasks is None else tasks) for s in self.splits[t]]
+
+    def validation_pairs(self) -> list[Pair]:
+        """Every task's validation split; a :class:`ValueError` (caught by validation earlier) when one lacks it."""
+        missing = [t for t in self.tasks if not self.validation[t]]
+        if missing:
+            raise ValueError(f"tasks {missing} have no validation split, which this method selects on")
+        return [(t, "validation") for t in self.tasks]
+
+    def accuracy(self, weights: Mapping[str, np.ndarray], pairs: list[Pair]) -> float:
+        """Mean accuracy of ``weights`` over ``pairs`` (selection on validation splits)."""
+        logits = self.evaluator.logits(weights, pairs)
+        return float(np.mean([np.mean(logits[p].argmax(1) == self.evaluator.labels(p)) for p in pairs]))
+
+
+@dataclass
+class Candidate:
+    """One thing to evaluate, described before any work so the results store can be asked first.
+
+    ``params``: what the row records (a unit's full validated parameters plus per-candidate values such as a grid
+    point). Exactly one of ``build`` (the merged weight set; selection work happens inside it, so a stored candidate
+    skips it) and ``predict`` (output-space methods: predictions and per-sample extras per pair) is set.
+    ``details`` is filled while building (e.g. the λ a selection chose) and stored beside the row.
+    ``models``: the pool models the candidate reads (``"base"`` and fine-tuned names); None means all of them.
+    ``tasks``: the tasks it is judged on; None means every task of the pool.
+    """
+
+    params: dict[str, Any]
+    build: Callable[[], StateDict] | None = None
+    predict: Callable[[list[Pair]], Prediction] | None = None
+    models: list[str] | None = None
+    tasks: list[str] | None = None
+    merges: int = 1
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.build is None) == (self.predict is None):
+            raise ValueError("a candidate has exactly one of build (a weight set) and predict (output-space)")
+
+
+@dataclass
+class Prediction:
+    """What an output-space candidate returns: predictions (N,) or logits (N, C) per pair, per-sample extras per
+    pair (equal-length columns for the samples file), and the merged weight sets evaluated per pair."""
+
+    outputs: dict[Pair, np.ndarray]
+    extras: dict[Pair, dict[str, np.ndarray]] = field(default_factory=dict)
+    merges: dict[Pair, int] = field(default_factory=dict)
+
+
+CandidateFn = Callable[[Pool, Any], Iterator[Candidate]]
+CheckFn = Callable[[Any, str], list[str]]
+
+
+@dataclass(frozen=True)
+class Reads:
+    """Data a candidate's rows depend on beyond their own (task, split) and its head, so row keys cover it.
+
+    ``own``: other splits of the row's task (DaWin's temperatures on ``validation``); ``every_task``: splits of every
+    task of the pool, with their heads (selection on all validation splits, adaptation on all test sets).
+    """
+
+    own: tuple[str, ...] = ()
+    every_task: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: see the module docstring."""
+
+    name: str
+    paper: Paper | None
+    params: type[Params]
+    settings: frozenset[str]
+    candidates: CandidateFn
+    random: bool | Callable[[Any], bool] = False
+    reads: Reads | Callable[[Any], Reads] = Reads()
+    check: CheckFn | None = None
+    summary: str = ""
+
+    def reads_for(self, params: Params) -> Reads:
+        """What rows made with ``params`` read beyond their own set and head (see :class:`Reads`)."""
+        return self.reads(params) if callable(self.reads) else self.reads
+
+    def is_random(self, params: Params) -> bool:
+        """Whether results depend on the seed for these parameters (then the seed is part of every row key)."""
+        return self.random(params) if callable(self.random) else self.random
+
+    def problems(self, params: Params, setting: str, sweep: bool = False) -> list[str]:
+        """Setting-dependent problems of valid parameters (e.g. an option defined for two models only); ``sweep``:
+        the parameters are a sweep's (the pool is then a multi-task subset)."""
+        if (SWEEP if sweep else setting) not in self.settings:
+            where = ", ".join(s for s in SETTINGS if s in self.settings)
+            return [f"applies to the {where} setting(s), not to {'a sweep' if sweep else setting}"]
+        return self.check(params, setting) if self.check else []
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(
+    name: str,
+    *,
+    params: type[Params],
+    settings: frozenset[str] | set[str],
+    paper: Paper | None = None,
+    random: bool | Callable[[Any], bool] = False,
+    reads: Reads | Callable[[Any], Reads] = Reads(),
+    check: CheckFn | None = None,
+) -> Callable[[CandidateFn], CandidateFn]:
+    """Register the decorated candidate generator as method ``name``; its docstring's first line is its summary."""
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown settings {sorted(unknown)} (known: {', '.join(SETTINGS)})")
+
+    def decorate(fn: CandidateFn) -> CandidateFn:
+        if name in REGISTRY and REGISTRY[name].candidates is not fn:
+            raise ValueError(f"method {name!r} is registered twice")
+        summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
+        REGISTRY[name] = Method(name, paper, params, frozenset(settings), fn, random, reads, check, summary)
+        return fn
+
+    return decorate

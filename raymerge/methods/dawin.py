@@ -1,0 +1,142 @@
+"""DaWin: per-sample interpolation coefficients from the candidates' prediction entropies, and its logit-only
+variants (dynamic classifier selection, dynamic output ensemble) and the output ensemble they are compared with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from raymerge import dawin as dawin_math
+from raymerge import merge
+from raymerge.dawin_pipeline import DawinRunner, Outcome, phase1
+from raymerge.methods.base import MERGES, MULTITASK, ROBUST, Candidate, Paper, Params, Pool, Prediction, Reads, register
+from raymerge.methods.wise_ft import theta1
+from raymerge.statedict import StateDict, to_numpy
+
+DAWIN = Paper("Adapting foundation models via training-free dynamic weight interpolation (DaWin)", "2410.03782")
+MODEL_DOC = "robust setting: θ1, a model of model_pool.finetuned (default: the first)"
+OFFSET_DOC = "Eq. 2's domain offset (two models only); default: on for entropies in the robust setting, else off"
+
+
+class DawinParams(Params):
+    k: int = Field(3, ge=1, description="mixture components, i.e. merged models per test set (mixture beta or dirichlet)")
+    mixture: Literal["auto", "beta", "dirichlet", "none"] = Field(
+        "auto", description="beta (two models), dirichlet (many), none (one merge per distinct coefficient: the "
+                            "sample-wise reference); auto: beta for two models, dirichlet for many")
+    offset: bool | None = Field(None, description=OFFSET_DOC)
+    lam0: float = Field(0.3, description="multi-task: θ0 + λ0·T·Σt λt(x)·τt (uniform coefficients give task arithmetic at λ0)")
+    scores: Literal["entropy", "oracle"] = Field(
+        "entropy", description="oracle: cross-entropy with the true label instead of entropy (an upper bound; mixture none)")
+    model: str | None = Field(None, description=MODEL_DOC)
+
+
+def _resolved(p: DawinParams, setting: str) -> dict[str, Any]:
+    robust = setting == ROBUST
+    return {"mixture": p.mixture if p.mixture != "auto" else ("beta" if robust else "dirichlet"),
+            "offset": p.offset if p.offset is not None else robust and p.scores == "entropy"}
+
+
+def _check(p: DawinParams, setting: str) -> list[str]:
+    r, problems = _resolved(p, setting), []
+    if setting != ROBUST and r["offset"]:
+        problems.append("offset: Eq. 2's offset is defined for two models (the robust setting) only")
+    if setting != ROBUST and r["mixture"] == "beta":
+        problems.append("mixture: beta models two candidates; a multi-task pool needs dirichlet")
+    if p.scores == "oracle" and r["mixture"] != "none":
+        problems.append("scores: the oracle is a per-sample upper bound; use it with mixture: none")
+    return problems
+
+
+def _random(p: DawinParams) -> bool:
+    # the mixtures' K-means initialisation is seeded; sample-wise coefficients are deterministic
+    return p.mixture != "none"
+
+
+def candidate_names(pool: Pool, model: str | None) -> list[str]:
+    """DaWin's candidate models: θ0 and θ1 (robust), or the pool's fine-tuned models (multi-task)."""
+    return ["base", theta1(pool, model)] if pool.setting == ROBUST else pool.names
+
+
+def _weights(pool: Pool, names: list[str]) -> list[StateDict]:
+    return [pool.base if n == "base" else pool.finetuned[n] for n in names]
+
+
+def _merge_fn(pool: Pool, names: list[str], lam0: float) -> Callable[[np.ndarray], StateDict]:
+    """The merge a coefficient row (M,) stands for (METHODS §4): robust (1−λ)·θ0 + λ·θ1, multi-task θ0 + λ0·T·Σt λt τt."""
+    models = _weights(pool, names)
+    if pool.setting == ROBUST:
+        return lambda c: merge.interpolate(models[0], models[1], float(c[1]))
+    return lambda c: merge.task_arithmetic(pool.base, models, [lam0 * len(models) * float(x) for x in c], names=names)
+
+
+def runner(pool: Pool, names: list[str], lam0: float, pairs: list[tuple[str, str]]) -> DawinRunner:
+    """Phase 1 (candidate logits, cached; temperatures on each task's validation split; entropies) ready to run."""
+    validation = {t: (t, "validation") if pool.validation[t] else None for t, _ in pairs}
+    p1 = phase1(pool.evaluator, [to_numpy(w) for w in _weights(pool, names)], pairs, validation)
+    return DawinRunner(pool.evaluator, p1, _merge_fn(pool, names, lam0), pool.seed)
+
+
+def _prediction(outcome: Outcome) -> Prediction:
+    return Prediction(outcome.predictions, outcome.extras, outcome.merges)
+
+
+@register("dawin", params=DawinParams, settings=MERGES, paper=DAWIN, random=_random, check=_check,
+          reads=Reads(own=("validation",)))
+def dawin(pool: Pool, p: DawinParams) -> Iterator[Candidate]:
+    """Per-sample coefficients from entropies (Eq. 1/2), reduced to K merges per test set by a mixture."""
+    names, r = candidate_names(pool, p.model), _resolved(p, pool.setting)
+
+    def predict(pairs: list[tuple[str, str]]) -> Prediction:
+        run = runner(pool, names, p.lam0, pairs)
+        if p.scores == "oracle":
+            return _prediction(run.oracle(pairs, r["offset"]))
+        if r["mixture"] == "none":
+            return _prediction(run.samplewise(pairs, r["offset"]))
+        return _prediction(run.mixture(pairs, p.k, r["offset"]))
+
+    yield Candidate(p.record(**r, models=names), predict=predict, models=["base", *(n for n in names if n != "base")])
+
+
+class SelectionParams(Params):
+    offset: bool = Field(True, description="Eq. 2's domain offset on the coefficients")
+    model: str | None = Field(None, description=MODEL_DOC)
+
+
+def _selection(pool: Pool, p: SelectionParams, which: int) -> Candidate:
+    names = candidate_names(pool, p.model)
+
+    def predict(pairs: list[tuple[str, str]]) -> Prediction:
+        return _prediction(runner(pool, names, 0.0, pairs).selection(pairs, p.offset)[which])
+
+    return Candidate(p.record(models=names), predict=predict, models=names, merges=0)
+
+
+@register("dawin_dcs", params=SelectionParams, settings={ROBUST}, paper=DAWIN, reads=Reads(own=("validation",)))
+def dawin_dcs(pool: Pool, p: SelectionParams) -> Iterator[Candidate]:
+    """Dynamic classifier selection (DaWin Table 6): each sample takes its lower-entropy model's prediction."""
+    yield _selection(pool, p, 0)
+
+
+@register("dawin_doe", params=SelectionParams, settings={ROBUST}, paper=DAWIN, reads=Reads(own=("validation",)))
+def dawin_doe(pool: Pool, p: SelectionParams) -> Iterator[Candidate]:
+    """Dynamic output ensemble (DaWin Table 6): softmax outputs averaged with the per-sample coefficients."""
+    yield _selection(pool, p, 1)
+
+
+class EnsembleParams(Params):
+    model: str | None = Field(None, description=MODEL_DOC)
+
+
+@register("output_ensemble", params=EnsembleParams, settings={ROBUST, MULTITASK})
+def output_ensemble(pool: Pool, p: EnsembleParams) -> Iterator[Candidate]:
+    """The plain average of the softmax outputs of θ0 and θ1 (robust) or of every fine-tuned model (multi-task)."""
+    names = candidate_names(pool, p.model)
+
+    def predict(pairs: list[tuple[str, str]]) -> Prediction:
+        per_model = [pool.evaluator.logits(to_numpy(w), pairs) for w in _weights(pool, names)]
+        return Prediction({q: dawin_math.output_ensemble([lg[q] for lg in per_model]) for q in pairs})
+
+    yield Candidate(p.record(models=names), predict=predict, models=names, merges=0)

@@ -1,0 +1,43 @@
+"""Soups of fine-tuned models: the uniform average, Model Stock and the greedy soup."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from raymerge import merge
+from raymerge.methods.base import MERGES, ROBUST, Candidate, Paper, Params, Pool, Reads, register
+from raymerge.statedict import StateDict, to_numpy
+
+SOUPS = Paper("Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
+              "inference time", "2203.05482")
+
+
+class NoParams(Params):
+    pass
+
+
+@register("weight_average", params=NoParams, settings=MERGES, paper=SOUPS)
+def weight_average(pool: Pool, p: NoParams) -> Iterator[Candidate]:
+    """The uniform soup (1/T) Σt θt of the fine-tuned models."""
+    yield Candidate(p.record(), build=lambda: merge.weight_average(pool.models, pool.names), models=pool.names)
+
+
+@register("model_stock", params=NoParams, settings={ROBUST},
+          paper=Paper("Model Stock: All we need is just a few fine-tuned models", "2403.19522"))
+def model_stock(pool: Pool, p: NoParams) -> Iterator[Candidate]:
+    """Per layer t·θ̄ft + (1−t)·θ0, t from the angle between the fine-tuned deltas (≥ 2 fine-tunes of one task)."""
+    yield Candidate(p.record(), build=lambda: merge.model_stock(pool.base, pool.models, names=pool.names))
+
+
+@register("greedy_soup", params=NoParams, settings={ROBUST}, paper=SOUPS, reads=Reads(every_task=("validation",)))
+def greedy_soup(pool: Pool, p: NoParams) -> Iterator[Candidate]:
+    """Fine-tuned models added in order of validation accuracy, each kept only if validation accuracy does not drop."""
+    cand = Candidate(p.record(), build=lambda: _soup(pool, cand), models=pool.names)
+    yield cand
+
+
+def _soup(pool: Pool, cand: Candidate) -> StateDict:
+    pairs = pool.validation_pairs()
+    soup, kept = merge.greedy_soup(pool.finetuned, lambda sd: pool.accuracy(to_numpy(sd), pairs))
+    cand.details["kept"] = kept
+    return soup
