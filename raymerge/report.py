@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from raymerge._io import atomic_file, write_text
 from raymerge.results import ResultStore
 
 Row = dict[str, Any]
@@ -301,16 +301,6 @@ def lambda_by_set(store: ResultStore, rows: Sequence[Row]) -> list[LambdaSet]:
 # Figures: built on the Agg canvas directly (no pyplot, no display, no global figure state), saved atomically.
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temporary sibling renamed into place: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _new_figure(width: float, height: float, layout: str | None = None) -> Figure:
     fig = Figure(figsize=(width, height), dpi=110, layout=layout)
     FigureCanvasAgg(fig)
@@ -319,7 +309,8 @@ def _new_figure(width: float, height: float, layout: str | None = None) -> Figur
 
 def _save_figure(fig: Figure, path: Path) -> Path:
     # bbox "tight" keeps legends placed outside the axes inside the image
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return path
 
 
@@ -609,7 +600,7 @@ def write_report(results_dir: str | Path) -> Path:
         for section in SECTIONS:
             parts += section(store, name, exp_rows, root)
     out = root / "REPORT.md"
-    _atomic_write(out, lambda tmp: tmp.write_text("\n".join(parts)))
+    write_text(out, "\n".join(parts))
     return out
 
 
