@@ -39,8 +39,8 @@ import pyarrow.parquet as pq
 from raymerge._io import atomic_file, write_text
 
 ROW_FIELDS = ("key", "experiment", "method", "params", "pool", "task", "split", "accuracy", "n", "seconds", "merges")
-# written by the store itself: when the row was written (orders rows of one key) and its samples file's name
-STORE_FIELDS = ("written_at", "samples")
+# ROW_FIELDS, then two written by the store itself: when the row was written (ns since the epoch; orders the rows
+# of one key) and the name of its samples file in samples/ (null when it has none)
 SCHEMA = pa.schema([
     ("key", pa.string()), ("experiment", pa.string()), ("method", pa.string()), ("params", pa.string()),
     ("pool", pa.string()), ("task", pa.string()), ("split", pa.string()), ("accuracy", pa.float64()),
@@ -182,8 +182,8 @@ class ResultStore:
         self._refresh()
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per key, the newest; each a dict of :data:`ROW_FIELDS`, :data:`STORE_FIELDS` and any extra
-        columns written with it (``params`` as a JSON string)."""
+        """One row per key, the newest; each a dict of the :data:`SCHEMA` fields and any extra columns written
+        with it (``params`` as a JSON string)."""
         self._refresh()
         return list(self._rows.values())
 
