@@ -63,7 +63,8 @@ def _timed_run_class():
 def _setup(ctx: Context):
     from raymerge import config
     from raymerge.data import ImageDataset
-    from raymerge.pipeline import LoadedTask, LogitCache, load_experiment_inputs
+    from raymerge.cache import LogitCache
+    from raymerge.pipeline import LoadedTask, load_experiment_inputs
     from raymerge.results import ResultStore
     from raymerge.workers import Resources, WorkerPool
 
@@ -89,7 +90,7 @@ def _setup(ctx: Context):
 
 
 def _single_pass(run, pair, weights, cache_dir: Path) -> float:
-    from raymerge.pipeline import LogitCache
+    from raymerge.cache import LogitCache
 
     run.cache = LogitCache(cache_dir)
     start = time.perf_counter()
@@ -98,8 +99,8 @@ def _single_pass(run, pair, weights, cache_dir: Path) -> float:
 
 
 def _dawin_once(run, pair, names, lam0: float, k: int, cache_dir: Path) -> dict[str, float]:
+    from raymerge.cache import LogitCache
     from raymerge.methods.dawin import runner as dawin_runner
-    from raymerge.pipeline import LogitCache
 
     run.cache = LogitCache(cache_dir)
     run.clock.clear()

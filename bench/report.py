@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.mixtures import floor_seconds
+from raymerge._io import write_text
 
 HEADER = """# raymerge benchmarks
 
@@ -124,17 +125,10 @@ def markdown(result: dict, json_name: str) -> str:
     return text + "\n" + "\n".join(body)
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write(result: dict, md_path: Path, json_path: Path) -> None:
-    atomic_write(json_path, json.dumps(result, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
+    write_text(json_path, json.dumps(result, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
     try:
         json_name = os.path.relpath(json_path, md_path.parent)
     except ValueError:
         json_name = str(json_path)
-    atomic_write(md_path, markdown(result, json_name))
+    write_text(md_path, markdown(result, json_name))

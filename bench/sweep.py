@@ -49,7 +49,7 @@ def _sample(plan: list[tuple[str, ...]], n: int) -> list[tuple[str, ...]]:
 def _pass_times(run, tasks: list[str], workdir: Path, reps: int = 2) -> dict[tuple[str, str], float]:
     """Best of ``reps`` single passes of θ0 over each task's test and validation split, on the sweep's own pool, with a
     throwaway logit cache (the sweep's cache stays empty)."""
-    from raymerge.pipeline import LogitCache
+    from raymerge.cache import LogitCache
     from raymerge.statedict import to_numpy
 
     saved = run.cache
@@ -101,7 +101,7 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
         progress("sweep: single-pass times per task (test, validation) on the same pool")
         passes = _pass_times(run, tasks, out, 1 if ctx.quick else 2)
         store_s = [0.0]
-        append, write_samples = run.store.append, run.store.write_samples
+        append = run.store.append  # writes the rows and their samples files
 
         def timed(fn):
             def wrapper(*args, **kwargs):
@@ -112,7 +112,7 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
                     store_s[0] += time.perf_counter() - t
             return wrapper
 
-        run.store.append, run.store.write_samples = timed(append), timed(write_samples)
+        run.store.append = timed(append)
         progress("sweep: sweep_run")
         start = time.perf_counter()
         sweep_run(run)
@@ -154,8 +154,8 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
         "1.0× (merges hidden behind evaluation, no other overhead)",
         f"{per_min:.1f} subsets/min, {evaluations / (wall / 60):.0f} test-set evaluations/min, {candidates} candidates; "
         f"at this rate the whole {len(plan)}-subset sweep takes ~{len(plan) / per_min:.0f} min here (the sample "
-        f"mirrors its size mix); results-store writes {store_s[0]:.1f} s in all (each append re-reads every stored "
-        "part, so this grows with the square of the rows); single-pass times per test set "
+        f"mirrors its size mix); results-store writes (rows and samples files) {store_s[0]:.1f} s "
+        "in all (each part is read once, so this grows linearly with the rows); single-pass times per test set "
         f"{min(test.values()):.2f}–{max(test.values()):.2f} s",
         value=per_min, unit="subsets/min", ratio_means="measured seconds / ideal seconds",
         gap=f"{wall / ideal_total:.1f}× the evaluation-only ideal", ideal_value=1.0)]

@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raymerge._io import atomic_dir
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
@@ -158,30 +160,20 @@ def load_dataset(path: str | Path, name: str | None = None) -> ImageDataset:
 
 
 def write_parquet(dataset: ImageDataset, path: str | Path, shard_rows: int = 4096) -> None:
-    """Write ``dataset`` as a directory of Parquet shards (raw ``pixels``), atomically: a temporary directory
-    is filled and renamed into place, so a reader never sees half a dataset."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        for f in tmp.iterdir():
-            f.unlink()
-    tmp.mkdir(parents=True, exist_ok=True)
+    """Write ``dataset`` as a directory of Parquet shards (raw ``pixels``), replacing whatever is at ``path`` as a
+    whole (:func:`raymerge._io.atomic_dir`), so a reader never sees half a dataset."""
     meta = {
         "raymerge.class_names": json.dumps(list(dataset.class_names)),
         "raymerge.split": dataset.split,
         "raymerge.shape": json.dumps(list(dataset.images.shape[1:])),
     }
     n = len(dataset)
-    for i, start in enumerate(range(0, max(n, 1), shard_rows)):
-        rows = slice(start, min(start + shard_rows, n))
-        pixels = [img.tobytes() for img in dataset.images[rows]]
-        table = pa.table({"pixels": pa.array(pixels, pa.binary()), "label": pa.array(dataset.labels[rows], pa.int64())})
-        pq.write_table(table.replace_schema_metadata(meta), tmp / f"part-{i:05d}.parquet")
-    if path.exists():
-        for f in path.iterdir():
-            f.unlink()
-        path.rmdir()
-    tmp.rename(path)
+    with atomic_dir(path) as tmp:
+        for i, start in enumerate(range(0, max(n, 1), shard_rows)):
+            rows = slice(start, min(start + shard_rows, n))
+            pixels = [img.tobytes() for img in dataset.images[rows]]
+            table = pa.table({"pixels": pa.array(pixels, pa.binary()), "label": pa.array(dataset.labels[rows], pa.int64())})
+            pq.write_table(table.replace_schema_metadata(meta), tmp / f"part-{i:05d}.parquet")
 
 
 def shard_indices(n: int, num_shards: int, align: int = 1) -> list[np.ndarray]:

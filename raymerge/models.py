@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from raymerge._io import atomic_file
 from raymerge.statedict import StateDict, StateDictError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -131,13 +132,10 @@ def _sort_safetensors_metadata(path: Path) -> None:
 
 
 def save_state_dict_file(sd: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write ``sd`` as safetensors, byte-for-byte reproducibly, through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
-    _sort_safetensors_metadata(tmp)
-    tmp.replace(path)
+    """Write ``sd`` as safetensors, byte-for-byte reproducibly, atomically (:func:`raymerge._io.atomic_file`)."""
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+        _sort_safetensors_metadata(tmp)
 
 
 def check_architecture(reference: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], source: str) -> None:

@@ -27,10 +27,12 @@ import ray
 from tqdm import tqdm
 
 from raymerge import methods, models
+from raymerge._io import default_cache_dir
+from raymerge.cache import LogitCache
 from raymerge.config import ConfigError, Experiment, MethodConfigs
 from raymerge.data import DatasetError, ImageDataset, load_dataset
 from raymerge.methods import Candidate, Method, Params, Pool, Prediction
-from raymerge.results import ResultStore, row_key
+from raymerge.results import ResultsError, ResultStore, row_key
 from raymerge.statedict import StateDict, StateDictError, check_compatible, state_dict_hash, to_numpy
 from raymerge.workers import WorkerPool
 
@@ -57,31 +59,6 @@ def phase(name: str) -> Iterator[None]:
     log.info("phase %s: done in %.1f s", name, time.perf_counter() - start)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RAYMERGE_CACHE", Path.home() / ".cache" / "raymerge"))
-
-
-class LogitCache:
-    """Per-sample logits on disk, keyed by (architecture, weights hash, head hash, dataset hash, batch size)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, *parts: str) -> Path:
-        return self.root / (hashlib.sha256("|".join(parts).encode()).hexdigest()[:32] + ".npy")
-
-    def get(self, *parts: str) -> np.ndarray | None:
-        p = self.path(*parts)
-        return np.load(p) if p.exists() else None
-
-    def put(self, logits: np.ndarray, *parts: str) -> None:
-        p = self.path(*parts)
-        tmp = p.with_name(f".{p.stem}.{os.getpid()}.npy")
-        np.save(tmp, logits)
-        os.replace(tmp, p)
-
-
 def load_experiment_inputs(exp: Experiment) -> tuple[StateDict, dict[str, StateDict], dict[str, LoadedTask]]:
     """Read every checkpoint, head and dataset and check them against each other; no model runs yet."""
     base = models.load_encoder_weights(exp.architecture, exp.base)
@@ -102,9 +79,6 @@ def load_experiment_inputs(exp: Experiment) -> tuple[StateDict, dict[str, StateD
                 )
         tasks[name] = LoadedTask(name, head, state_dict_hash(head.to_arrays()), sets, spec.finetuned)
     return base, finetuned, tasks
-
-
-KEY_FORMAT = 2  # bumped whenever what a row key covers changes
 
 
 @dataclass
@@ -194,7 +168,6 @@ class Run:
                 *((t, s) for t in pool.tasks for s in reads.every_task if s in self.tasks[t].sets)}
         models = cand.models if cand.models is not None else ["base", *pool.names]
         return {
-            "format": KEY_FORMAT,
             "method": label,
             "params": cand.params,
             "seed": self.exp.seed if unit.is_random(params) else None,
@@ -239,12 +212,12 @@ class Run:
             weights = to_numpy(cand.build()) if weights is None else weights
             outcome = Prediction(self.logits(weights, pairs), merges=dict.fromkeys(pairs, cand.merges))
         seconds = time.perf_counter() - start
-        rows = []
+        rows, samples = [], {}
         for pair in pairs:
             labels = self.labels(pair)
             out = outcome.outputs[pair]
             pred = out.argmax(1) if out.ndim == 2 else out  # output-space methods hand over predictions
-            self.store.write_samples(keys[pair], {"prediction": pred, "label": labels, **outcome.extras.get(pair, {})})
+            samples[keys[pair]] = {"prediction": pred, "label": labels, **outcome.extras.get(pair, {})}
             rows.append({
                 "key": keys[pair], "experiment": self.exp.name, "method": label, "params": cand.params,
                 "pool": hashlib.sha256(json.dumps(identities[pair]["models"], sort_keys=True).encode()).hexdigest()[:24],
@@ -254,7 +227,8 @@ class Run:
                 "identity": json.dumps(identities[pair], sort_keys=True, default=str),
             })
             self.done.add(keys[pair])
-        self.store.append(rows)
+        # the store writes each samples file under a fresh name and names it in its row; --force supersedes
+        self.store.append(rows, samples=samples, replace=self.force)
         self.evaluated += len(rows)
 
 
@@ -275,14 +249,15 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 
 
 # Errors a user can fix in their files; jobs report them in one line instead of a traceback.
-INPUT_ERRORS = (models.CheckpointError, models.ModelError, DatasetError, StateDictError, ConfigError)
+INPUT_ERRORS = (models.CheckpointError, models.ModelError, DatasetError, StateDictError, ConfigError, ResultsError)
 
 
 def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> Run:
     """Load and check every input, then (and only then) join Ray and start the worker pool."""
+    store = ResultStore(exp.output_dir)
+    store.check()  # a corrupt or older-format results directory is refused before anything is loaded or started
     with phase("load"):
         base, finetuned, tasks = load_experiment_inputs(exp)
-    store = ResultStore(exp.output_dir)
     local = connect(address)
     hashes = {"base": state_dict_hash(base), **{n: state_dict_hash(sd) for n, sd in finetuned.items()}}
     with phase("start workers"):
@@ -292,8 +267,9 @@ def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
             for split, ds in task.sets.items():
                 pool.add_dataset(f"{name}/{split}", ds)
         pool.prepare()
-    return Run(exp, base, finetuned, tasks, pool, LogitCache((cache_dir or default_cache_dir()) / "logits"), store,
-               force=force, model_hashes=hashes, done=set() if force else store.keys())
+    cache = LogitCache((cache_dir or default_cache_dir()) / "logits", bypass_reads=force)
+    return Run(exp, base, finetuned, tasks, pool, cache, store, force=force, model_hashes=hashes,
+               done=set() if force else store.keys())
 
 
 def run_methods(run: Run, configs: MethodConfigs) -> None:

@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from raymerge._io import atomic_file, write_text
 from raymerge.results import ResultStore
 
 Row = dict[str, Any]
@@ -321,16 +322,6 @@ def lambda_by_set(store: ResultStore, rows: Sequence[Row]) -> list[LambdaSet]:
 # Figures: built on the Agg canvas directly (no pyplot, no display, no global figure state), saved atomically.
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temporary sibling renamed into place: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _new_figure(width: float, height: float, layout: str | None = None) -> Figure:
     fig = Figure(figsize=(width, height), dpi=110, layout=layout)
     FigureCanvasAgg(fig)
@@ -339,7 +330,8 @@ def _new_figure(width: float, height: float, layout: str | None = None) -> Figur
 
 def _save_figure(fig: Figure, path: Path) -> Path:
     # bbox "tight" keeps legends placed outside the axes inside the image
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return path
 
 
@@ -629,7 +621,7 @@ def write_report(results_dir: str | Path) -> Path:
         for section in SECTIONS:
             parts += section(store, name, exp_rows, root)
     out = root / "REPORT.md"
-    _atomic_write(out, lambda tmp: tmp.write_text("\n".join(parts)))
+    write_text(out, "\n".join(parts))
     return out
 
 

@@ -49,15 +49,11 @@ Command line: ``python -m raymerge.zoo build [--cache-dir DIR] [--seed N] [--for
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import logging
-import os
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +61,13 @@ import numpy as np
 import open_clip
 import torch
 import yaml
+from filelock import FileLock
 from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
 from raymerge import merge
+from raymerge._io import atomic_dir, default_cache_dir, remove_stale_siblings
 from raymerge.data import ImageDataset, write_parquet
 from raymerge.models import (
     Head,
@@ -434,11 +432,6 @@ def _snapshot(encoder: nn.Module) -> dict[str, torch.Tensor]:
 # Building
 
 
-def default_cache_dir() -> Path:
-    """``$RAYMERGE_CACHE``, else ``~/.cache/raymerge``."""
-    return Path(os.environ.get("RAYMERGE_CACHE") or Path.home() / ".cache" / "raymerge").expanduser()
-
-
 def zoo_dir(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
     """Where the zoo of ``seed`` lives: ``<cache_dir>/zoo-seed<seed>``, ``cache_dir`` defaulting to
     :func:`default_cache_dir`."""
@@ -455,16 +448,10 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    """Exclusive ``flock`` on ``<root>.lock``: serializes builds of one zoo across processes."""
+def _lock(root: Path) -> FileLock:
+    """An exclusive lock on ``<root>.lock``: serializes builds of one zoo across processes."""
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.with_name(root.name + ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(root.with_name(root.name + ".lock"))
 
 
 def _write_dataset(root: Path, rel: str, name: str, images: np.ndarray, labels: np.ndarray,
@@ -641,34 +628,21 @@ def _build_into(root: Path, seed: int, scale_name: str) -> dict:
 
 
 def _build_locked(root: Path, seed: int, scale: str) -> Path:
-    """Build in ``<root>.tmp``, write the manifest last, then swap the directory into place (caller holds the lock)."""
+    """Build in a temporary directory, write the manifest last, then swap it in at ``root`` (caller holds the lock)."""
     if scale not in SCALES:
         raise ValueError(f"unknown zoo scale {scale!r}; expected one of {sorted(SCALES)}")
     if root.exists() and not (root / MANIFEST).is_file() and any(root.iterdir()):
         raise ZooError(f"{root} exists and is not a zoo (no {MANIFEST}); refusing to replace it")
-    tmp, old = root.with_name(root.name + ".tmp"), root.with_name(root.name + ".old")
-    for stale in (tmp, old):  # left by an interrupted build; nobody else can be using them under the lock
-        if stale.exists():
-            shutil.rmtree(stale)
-    tmp.mkdir(parents=True)
+    remove_stale_siblings(root)  # left by a killed build; nobody else can be using them under the lock
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        with torch.random.fork_rng(devices=[]):
+        # built aside and swapped in whole (a Ctrl-C leaves no half-built zoo), the manifest written last
+        with atomic_dir(root) as tmp, torch.random.fork_rng(devices=[]):
             manifest = _build_into(tmp, seed, scale)
-        part = tmp / (MANIFEST + ".tmp")
-        part.write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
-        part.replace(tmp / MANIFEST)
-    except BaseException:  # Ctrl-C included: leave no half-built directory in the cache
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (tmp / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
     finally:
         torch.set_num_threads(threads)
-    if root.exists():  # a previous zoo (or an empty directory): moved aside so the swap is two renames
-        root.rename(old)
-    tmp.rename(root)
-    if old.exists():
-        shutil.rmtree(old)
     logger.info("zoo written to %s in %.1f s", root, manifest["build"]["seconds"])
     return root / MANIFEST
 

@@ -23,8 +23,8 @@ PLOTS = {"robust_id_vs_ood.png", "robust_dawin_lambda.png", "multitask_rank_swee
 
 
 def make_row(exp: str, method: str, params: dict[str, Any], task: str, split: str, accuracy: float) -> dict[str, Any]:
-    return {"key": row_key({"method": method, "params": params, "task": task, "split": split}), "experiment": exp,
-            "method": method, "params": params,
+    key = row_key({"method": method, "params": params, "pool": "pool", "task": task, "split": split})
+    return {"key": key, "experiment": exp, "method": method, "params": params,
             "pool": "pool", "task": task, "split": split, "accuracy": accuracy, "n": 100, "seconds": 1.0, "merges": 1}
 
 
@@ -136,14 +136,13 @@ def build_store(root: Path) -> ResultStore:
     rows = robust_rows(ROBUST) + multitask_rows()
     dawin_mt = [make_row("multitask", DAWIN_MULTITASK[0], dict(DAWIN_MULTITASK[1]), t, "test", a)
                 for t, a in zip(TASKS, (0.81, 0.72, 0.92, 0.88))]
-    store.append(rows + dawin_mt)
-    for r in rows:
-        if r["method"] == "dawin" and r["params"].get("offset") is True:
-            store.write_samples(r["key"], robust_samples(("test", *SHIFTS).index(r["split"])))
+    samples = {r["key"]: robust_samples(("test", *SHIFTS).index(r["split"]))
+               for r in rows if r["method"] == "dawin" and r["params"].get("offset") is True}
     for i, r in enumerate(dawin_mt):
         n = 50 + 10 * i
-        store.write_samples(r["key"], {"prediction": np.zeros(n, np.int64), "label": np.zeros(n, np.int64),
-                                       "coefficients": multitask_coefficients(i, n), "component": np.zeros(n, np.int64)})
+        samples[r["key"]] = {"prediction": np.zeros(n, np.int64), "label": np.zeros(n, np.int64),
+                             "coefficients": multitask_coefficients(i, n), "component": np.zeros(n, np.int64)}
+    store.append(rows + dawin_mt, samples=samples)
     return store
 
 
