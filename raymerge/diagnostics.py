@@ -84,7 +84,8 @@ class Correlation(NamedTuple):
     def __str__(self) -> str:
         if self.reason:
             return f"n/a ({self.reason})"
-        return f"{self.pearson:.2f} / {self.spearman:.2f}"
+        # "+ 0.0" turns a rounded −0.00 into 0.00
+        return f"{round(self.pearson, 2) + 0.0:.2f} / {round(self.spearman, 2) + 0.0:.2f}"
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:

@@ -11,6 +11,7 @@ import statistics
 import numpy as np
 import pytest
 
+from conftest import spearman_by_hand
 from raymerge import dawin, diagnostics
 from raymerge.diagnostics import Correlation
 
@@ -25,23 +26,11 @@ def binary_entropy(p: float) -> float:
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
 
 
-def ranks(values: list[float]) -> list[float]:
-    """Ranks 1..n of distinct values (no two |a| in a column of A are equal, so no entropies tie)."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    for rank, i in enumerate(order, start=1):
-        out[i] = float(rank)
-    return out
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    return statistics.correlation(ranks(x), ranks(y))
-
-
 # Two candidates, two classes, every label 0. Candidate m's logits on sample i are (0, a[i, m]): it is right when
 # a < 0 (p_y = σ(−a) > ½) and wrong when a > 0. Where a candidate is right, its entropy and its cross-entropy
 # −log σ(−a) both fall as |a| grows, so their Spearman ρ is +1; where it is wrong, the entropy falls while the
-# cross-entropy grows, so ρ = −1 (DaWin Fig. 9: wrong models show no or negative correlation).
+# cross-entropy grows, so ρ = −1 (DaWin Fig. 9: wrong models show no or negative correlation). No two |a| in a
+# column are equal, so no entropies tie and ranks need no averaging.
 A = np.array([
     # TT: both right
     [-0.5, -2.0], [-1.0, -0.3], [-2.5, -1.1], [-4.0, -0.7],
@@ -106,14 +95,14 @@ def test_entropy_versus_cross_entropy_per_split(diag: diagnostics.Diagnostics) -
         h, ce = [r[m] for r in hand["h"]], [r[m] for r in hand["ce"]]
         got = diag.splits[0].entropy_vs_loss[m]
         assert got.pearson == pytest.approx(statistics.correlation(h, ce), abs=1e-12)
-        assert got.spearman == pytest.approx(spearman(h, ce), abs=1e-12)
+        assert got.spearman == pytest.approx(spearman_by_hand(h, ce), abs=1e-12)
 
 
 def test_coefficient_versus_oracle_is_lambda_against_lambda_star(diag: diagnostics.Diagnostics) -> None:
     hand = hand_columns(TEMPERATURES)
     got = diag.overall
     assert got.pearson == pytest.approx(statistics.correlation(hand["lam"], hand["oracle"]), abs=1e-12)
-    assert got.spearman == pytest.approx(spearman(hand["lam"], hand["oracle"]), abs=1e-12)
+    assert got.spearman == pytest.approx(spearman_by_hand(hand["lam"], hand["oracle"]), abs=1e-12)
     tf = [hand["lam"][i] for i in SPLITS["TF"]], [hand["oracle"][i] for i in SPLITS["TF"]]
     assert diag.split("TF").coefficient_vs_oracle.pearson == pytest.approx(statistics.correlation(*tf), abs=1e-12)
     # oracle λ*(x) = p1(y) / (p0(y) + p1(y)), since exp(−CE) is the probability of the label
