@@ -44,6 +44,10 @@ def test_distributed_equals_single_process(mini_pool, dawin_store):
             samples = dawin_store.samples(row["key"]).to_pydict()
             assert np.array_equal(samples["prediction"], reference.predictions[pair]), (offset, pair)
             assert np.array_equal(samples["component"], reference.extras[pair]["component"])
+            # the diagnostics' per-sample columns land in the samples Parquet, equal to the reference's
+            for column in ("entropies", "cross_entropies", "entropies_t1", "oracle_coefficients", "candidate_correct",
+                           "candidate_predictions", "merge_coefficients", "output_entropy", "reference_entropy"):
+                np.testing.assert_array_equal(np.array(samples[column]), reference.extras[pair][column], err_msg=column)
             assert row["merges"] == len(np.unique(reference.extras[pair]["component"]))
 
 
