@@ -6,8 +6,11 @@ Everything here is pure math on arrays of logits, entropies and coefficients, co
 - :func:`expertise_coefficients` turns scores into coefficients (Eq. 1, its many-model softmax, Eq. 2);
 - :func:`dynamic_classifier_selection`, :func:`dynamic_output_ensemble` and :func:`output_ensemble` are the
   logit-only variants (DaWin Table 6), which need no merged model;
-- :func:`fit_coefficient_mixture` and :func:`mixture_merge_coefficients` reduce N per-sample coefficients to
-  K merges.
+- :func:`merge_groups` reduces N per-sample coefficients to the few merges actually built (``mixture``: the
+  per-test-set ``mean`` of the released multi-task code, a fitted ``beta`` or ``dirichlet`` mixture, or ``none``:
+  one merge per distinct coefficient row); :func:`fit_coefficient_mixture` and
+  :func:`mixture_merge_coefficients` are its fitted-mixture steps;
+- :func:`merge_for` is the merge one coefficient row stands for, over state dicts.
 
 Shapes: ``N`` samples, ``M`` candidate models, ``C`` classes, ``K`` mixture components. Logits of several models
 are passed as one (N, M, C) array or as a list of M arrays (N, C). Entropies and losses are in nats.
@@ -17,14 +20,18 @@ of the fine-tuned model θ1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
+import torch
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
+from raymerge.merge import interpolate, task_arithmetic
 from raymerge.mixture import BetaMixture, DirichletMixture, check_finite_array
+from raymerge.statedict import StateDict
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 """Search range of :func:`fit_temperature`; the released code hard-codes T ≈ 0.96–0.97 for CLIP ViT-B/32."""
@@ -244,3 +251,89 @@ def mixture_merge_coefficients(
             raise ValueError(f"a BetaMixture models 2 candidate models, got coefficients for M = {c.shape[1]}")
         return mixture.predict(c[:, 1]), np.column_stack([1 - mixture.means_, mixture.means_])
     return mixture.predict(c), mixture.means_.copy()
+
+
+MIXTURES = ("mean", "dirichlet", "beta", "none")
+"""How :func:`merge_groups` turns per-sample coefficients into merges (see there)."""
+
+
+class MergeGroups(NamedTuple):
+    """Which merge evaluates each sample: ``component`` (N,) indexes the rows of ``table`` (K, M), the coefficient
+    rows of the K merges (each row sums to 1). Every row of ``table`` has at least one member, except the empty
+    components a fitted mixture may keep."""
+
+    component: np.ndarray
+    table: np.ndarray
+
+
+def default_mixture(robust: bool) -> str:
+    """The mixture that reproduces the released code: ``beta`` for two candidates (robust fine-tuning), ``mean``
+    for many (multi-task: one coefficient vector per test set, the mean of the per-sample vectors)."""
+    return "beta" if robust else "mean"
+
+
+def merge_groups(coefficients: ArrayLike, mixture: str, k: int = 1, seed: int = 0) -> MergeGroups:
+    """Reduce per-sample coefficients (N, M) of one test set to the merges that evaluate them.
+
+    ``mixture``:
+
+    - ``mean``: one merge for the whole test set with the arithmetic mean of the N coefficient vectors, exactly
+      ``np.mean(coefficients, axis=0)`` in float64. This is what the released multi-task code does in effect: its
+      "K = 1 Dirichlet mixture" silently fits T components whose parameters are responsibility-weighted means of
+      the vectors, and merges with component 0's; re-running its algorithm on random coefficient sets, that is the
+      plain mean within 3e-4 on most draws (on some, component 0 settles on a sub-cluster, 0.07–0.14 away). It
+      uses the test set's identity: every sample of the set shares one vector. ``k`` is ignored.
+    - ``beta`` (M = 2 only) / ``dirichlet``: a K-component mixture fitted by EM (:func:`fit_coefficient_mixture`);
+      each sample takes its most likely component's mean (:func:`mixture_merge_coefficients`); ``k`` ≤ N.
+    - ``none``: one merge per distinct coefficient row (the sample-wise reference; samples with identical rows
+      share one merge); ``k`` is ignored. Rows come out in lexicographic order.
+    """
+    c = _as_matrix(coefficients, "coefficients")
+    if mixture == "mean":
+        return MergeGroups(np.zeros(len(c), dtype=np.int64), np.mean(c, axis=0)[None, :])
+    if mixture == "none":
+        table, component = np.unique(c, axis=0, return_inverse=True)
+        return MergeGroups(component.reshape(-1).astype(np.int64), table)
+    if mixture not in ("beta", "dirichlet"):
+        raise ValueError(f"mixture must be one of {', '.join(MIXTURES)}, got {mixture!r}")
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= len(c):
+        raise ValueError(f"mixture k must be an integer in [1, N={len(c)}], got {k!r}")
+    if mixture == "beta":
+        if c.shape[1] != 2:
+            raise ValueError(f"a beta mixture models 2 candidates (λ), got M = {c.shape[1]}: use dirichlet or mean")
+        fitted: BetaMixture | DirichletMixture = BetaMixture(k, seed=seed).fit(c[:, 1])
+    else:
+        fitted = DirichletMixture(k, seed=seed).fit(c)
+    component, table = mixture_merge_coefficients(fitted, c)
+    return MergeGroups(component.astype(np.int64), table)
+
+
+def merge_for(
+    base: Mapping[str, torch.Tensor],
+    finetuned: Sequence[Mapping[str, torch.Tensor]],
+    coefficients: ArrayLike,
+    *,
+    robust: bool,
+    lam0: float = 0.3,
+    names: Sequence[str] | None = None,
+) -> StateDict:
+    """The merged state dict one DaWin coefficient row (M,) stands for (METHODS §4).
+
+    ``robust=True``: the candidates are θ0 = ``base`` and θ1 = ``finetuned[0]`` (exactly one fine-tuned model,
+    M = 2): ``(1−λ) θ0 + λ θ1`` with λ = ``coefficients[1]`` (``lam0`` unused). ``robust=False`` (multi-task): the
+    candidates are θ0 + τt for the T = M models of ``finetuned``: ``θ0 + λ0·T·Σt λt τt``, so uniform coefficients
+    give task arithmetic at ``lam0``. Computed by :func:`raymerge.merge.interpolate` / ``task_arithmetic`` (float32,
+    validated there); ``names`` label the fine-tuned models in their errors.
+    """
+    c = np.asarray(coefficients, dtype=np.float64)
+    expected = 2 if robust else len(finetuned)
+    if c.shape != (expected,):
+        raise ValueError(f"DaWin coefficients must be ({expected},) for {len(finetuned)} fine-tuned model(s) "
+                         f"({'robust' if robust else 'multi-task'}), got shape {c.shape}")
+    check_finite_array(c, "coefficients")
+    if robust:
+        if len(finetuned) != 1:
+            raise ValueError(f"robust DaWin interpolates θ0 with one fine-tuned model, got {len(finetuned)}")
+        return interpolate(base, finetuned[0], float(c[1]))  # METHODS §4: (1−λ(x)) θ0 + λ(x) θ1
+    # METHODS §4 many models: θ(x) = θ0 + λ0 · T · Σt λt(x) τt
+    return task_arithmetic(base, finetuned, [lam0 * len(finetuned) * float(x) for x in c], names=names)

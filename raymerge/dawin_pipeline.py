@@ -3,8 +3,10 @@
 1. phase 1: logits of every candidate model on every test set (sharded over the workers, cached);
 2. central: temperatures on validation, entropies, coefficients with domain statistics, mixture fit
    (a Ray task on a cluster), component of each sample;
-3. the K merged weight sets are built once each;
-4. phase 2: each sample is evaluated with its component's merged model only.
+3. the merged weight sets are built once each;
+4. phase 2: each sample is evaluated with its component's merged model only, at most ``max_in_flight`` merged
+   weight sets alive at once;
+5. per-sample diagnostics (:mod:`raymerge.diagnostics`): does entropy track the loss on this test set?
 
 The Ray worker pool (:class:`raymerge.pipeline.Run`) and :class:`LocalEvaluator` (one process, no Ray) both
 implement :class:`Evaluator`, so the single-process reference runs exactly this code with another evaluator.
@@ -18,7 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from raymerge import dawin, models
+from raymerge import dawin, diagnostics, models
+from raymerge.diagnostics import Diagnostics
 from raymerge.statedict import StateDict, to_numpy
 
 Pair = tuple[str, str]  # (task, split)
@@ -78,11 +81,15 @@ class Phase1:
 
 @dataclass
 class Outcome:
-    """What one DaWin variant reports per test set: predictions (N,), per-sample extras, merges built."""
+    """What one DaWin variant reports per test set: predictions (N,), per-sample extras (the columns of
+    :mod:`raymerge.diagnostics`, written to the samples Parquet), merged weight sets evaluated, phase-2 logits
+    (N, C) where merged models were evaluated, and the diagnostics of the set."""
 
     predictions: dict[Pair, np.ndarray]
     extras: dict[Pair, dict[str, np.ndarray]] = field(default_factory=dict)
     merges: dict[Pair, int] = field(default_factory=dict)
+    logits: dict[Pair, np.ndarray] = field(default_factory=dict)
+    diagnostics: dict[Pair, Diagnostics] = field(default_factory=dict)
 
 
 def phase1(ev: Evaluator, candidates: Sequence[Weights], pairs: list[Pair], validation: Mapping[str, Pair | None]) -> Phase1:
@@ -100,65 +107,134 @@ def phase1(ev: Evaluator, candidates: Sequence[Weights], pairs: list[Pair], vali
     return Phase1(logits, entropies, temperatures)
 
 
-def _mixture_assignments(coefficients: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    mixture = dawin.fit_coefficient_mixture(coefficients, k, seed=seed)
-    return dawin.mixture_merge_coefficients(mixture, coefficients)
-
-
 @dataclass
 class DawinRunner:
-    """The DaWin variants over one evaluator. ``merge`` maps a coefficient row (M,) to a merged state dict."""
+    """The DaWin variants over one evaluator. ``merge`` maps a coefficient row (M,) to a merged state dict
+    (e.g. ``lambda c: dawin.merge_for(base, finetuned, c, robust=..., lam0=...)``).
+
+    ``max_in_flight`` bounds the merged weight sets that exist at once in phase 2: merges are built, evaluated and
+    dropped in batches of at most that many (a ViT-L/14 merge is ~1.2 GB in float32). ``names`` label the
+    candidates in the diagnostics. ``reference`` evaluates the uniform-coefficient merge (the static merge DaWin
+    is compared with: weight average of the two candidates, or task arithmetic at λ0) once per test set, for the
+    mean-entropy comparison; it costs one extra evaluation pass per test set, shared by all variants.
+
+    Every variant returns an :class:`Outcome` whose extras hold the per-sample columns of
+    :mod:`raymerge.diagnostics` (stored in the samples Parquet; the report recomputes the diagnostics from them),
+    and whose ``diagnostics`` holds the same numbers for the job log (:func:`raymerge.diagnostics.warn_if_weak`).
+    """
 
     ev: Evaluator
     p1: Phase1
     merge: Callable[[np.ndarray], StateDict]
     seed: int = 0
+    max_in_flight: int = 4
+    names: Sequence[str] | None = None
+    reference: bool = True
+    _columns: dict[Pair, dict[str, np.ndarray]] = field(default_factory=dict, init=False, repr=False)
+    _reference: dict[Pair, np.ndarray] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be a positive integer, got {self.max_in_flight!r}")
 
     def coefficients(self, pair: Pair, offset: bool) -> np.ndarray:
         return dawin.expertise_coefficients(self.p1.entropies[pair], offset=offset)
 
-    def _evaluate(self, pair: Pair, rows_by_coeff: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Phase 2: each (coefficient row, member rows) gets one merged model evaluated on its members only."""
-        assignments = [(to_numpy(self.merge(c)), rows) for c, rows in rows_by_coeff if len(rows)]
-        return self.ev.logits_rows(assignments, pair).argmax(1)
-
-    def mixture(self, pairs: list[Pair], k: int, offset: bool) -> Outcome:
-        """DaWin with a K-component mixture per test set: K merges per set instead of N."""
-        out = Outcome({})
+    def sample_columns(self, pairs: Sequence[Pair]) -> dict[Pair, dict[str, np.ndarray]]:
+        """The coefficient-independent per-sample columns of each pair (computed once): entropies,
+        cross-entropies, oracle coefficients, candidate predictions and correctness."""
         for pair in pairs:
-            c = self.coefficients(pair, offset)
-            if not 1 <= k <= len(c):
-                raise ValueError(f"dawin k must be in [1, N={len(c)}] for {pair[0]}/{pair[1]}, got {k}")
-            component, table = self.ev.central(_mixture_assignments, c, k, self.seed)
-            groups = [(table[j], np.flatnonzero(component == j)) for j in range(len(table))]
-            out.predictions[pair] = self._evaluate(pair, groups)
-            out.extras[pair] = {"coefficients": c, "component": component, "entropies": self.p1.entropies[pair]}
-            out.merges[pair] = sum(1 for _, rows in groups if len(rows))
+            if pair not in self._columns:
+                self._columns[pair] = diagnostics.sample_columns(
+                    self.p1.logits[pair], self.ev.labels(pair), self.p1.temperatures[pair[0]])
+        return {p: self._columns[p] for p in pairs}
+
+    def reference_entropy(self, pairs: Sequence[Pair]) -> dict[Pair, np.ndarray]:
+        """Entropy (N,) at temperature 1 of the static merge (uniform coefficients) on each pair, computed once:
+        one merge, evaluated on all pairs not seen yet."""
+        missing = [p for p in pairs if p not in self._reference]
+        if missing:
+            m = self.p1.logits[missing[0]].shape[1]
+            static = self.ev.logits(to_numpy(self.merge(np.full(m, 1.0 / m))), missing)
+            self._reference.update((p, dawin.entropy(static[p])) for p in missing)
+        return {p: self._reference[p] for p in pairs}
+
+    def _evaluate(self, pair: Pair, groups: dawin.MergeGroups) -> np.ndarray:
+        """Phase 2: logits (N, C) where each sample is evaluated by the merge of its group only.
+
+        At most ``max_in_flight`` merged weight sets exist at once: each batch of groups is merged, evaluated
+        and dropped before the next batch is merged. Empty groups get no merge.
+        """
+        order = np.argsort(groups.component, kind="stable")
+        counts = np.bincount(groups.component, minlength=len(groups.table))
+        members = [(j, rows) for j, rows in enumerate(np.split(order, np.cumsum(counts)[:-1])) if len(rows)]
+        out: np.ndarray | None = None
+        for start in range(0, len(members), self.max_in_flight):
+            batch = members[start:start + self.max_in_flight]
+            assignments = [(to_numpy(self.merge(groups.table[j])), rows) for j, rows in batch]
+            logits = self.ev.logits_rows(assignments, pair)
+            del assignments  # before the next batch is merged, so only one batch is ever alive
+            if out is None:
+                out = np.full(logits.shape, np.nan, dtype=logits.dtype)
+            for _, rows in batch:
+                out[rows] = logits[rows]
+        assert out is not None  # N ≥ 1, so some group has members
         return out
+
+    def _outcome(self, pairs: Sequence[Pair], coefficients: Callable[[Pair], np.ndarray], mixture: str | None,
+                 k: int = 1) -> Outcome:
+        """Per-sample columns, diagnostics and, unless ``mixture`` is None (logit-only variants), the phase-2
+        evaluation with the merges of :func:`raymerge.dawin.merge_groups`."""
+        out = Outcome({})
+        static = self.reference_entropy(pairs) if self.reference and mixture is not None else {}
+        for pair, columns in self.sample_columns(pairs).items():
+            c = coefficients(pair)
+            extras = {**columns, "coefficients": c}
+            if mixture is not None:
+                fitted = mixture in ("beta", "dirichlet")  # EM runs where central statistics run
+                groups = self.ev.central(dawin.merge_groups, c, mixture, k, self.seed) if fitted else \
+                    dawin.merge_groups(c, mixture, k, self.seed)
+                logits = self._evaluate(pair, groups)
+                out.logits[pair] = logits
+                out.predictions[pair] = logits.argmax(1)
+                out.merges[pair] = int(np.count_nonzero(np.bincount(groups.component)))
+                extras.update(component=groups.component, merge_coefficients=groups.table[groups.component],
+                              output_entropy=dawin.entropy(logits))
+                if pair in static:
+                    extras["reference_entropy"] = static[pair]
+            out.extras[pair] = extras
+            out.diagnostics[pair] = diagnostics.diagnose(extras, self.names)
+        return out
+
+    def mixture(self, pairs: list[Pair], k: int, offset: bool, mixture: str | None = None) -> Outcome:
+        """DaWin with its coefficients reduced per test set by ``mixture`` (:func:`raymerge.dawin.merge_groups`:
+        ``mean``, ``dirichlet``, ``beta`` or ``none``); the default fits a K-component ``beta`` mixture for two
+        candidates and a ``dirichlet`` one for more. A fitted mixture runs where central statistics run."""
+        for pair in pairs:
+            n = len(self.p1.entropies[pair])
+            if mixture in (None, "beta", "dirichlet") and not 1 <= k <= n:
+                raise ValueError(f"dawin k must be in [1, N={n}] for {pair[0]}/{pair[1]}, got {k}")
+        if mixture is None:
+            mixture = "beta" if next(iter(self.p1.entropies.values())).shape[1] == 2 else "dirichlet"
+        return self._outcome(pairs, lambda pair: self.coefficients(pair, offset), mixture, k)
 
     def samplewise(self, pairs: list[Pair], offset: bool, scores: Mapping[Pair, np.ndarray] | None = None) -> Outcome:
-        """One merge per sample (the slow reference); ``scores`` replaces entropies (the oracle's losses)."""
-        out = Outcome({})
-        for pair in pairs:
-            c = dawin.expertise_coefficients(scores[pair], offset=offset) if scores else self.coefficients(pair, offset)
-            out.predictions[pair] = self._evaluate(pair, [(c[i], np.array([i])) for i in range(len(c))])
-            out.extras[pair] = {"coefficients": c}
-            out.merges[pair] = len(c)
-        return out
+        """One merge per distinct coefficient row (the slow reference), at most ``max_in_flight`` alive at once;
+        ``scores`` replaces the entropies (the oracle's losses)."""
+        score = scores if scores else self.p1.entropies
+        return self._outcome(pairs, lambda pair: dawin.expertise_coefficients(score[pair], offset=offset), "none")
 
     def oracle(self, pairs: list[Pair], offset: bool = False) -> Outcome:
         """Pilot oracle (upper bound, uses labels): cross-entropy with the true label in place of entropy."""
-        scores = {}
-        for pair in pairs:
-            scores[pair] = dawin.oracle_losses(self.p1.logits[pair], self.ev.labels(pair), self.p1.temperatures[pair[0]])
-        return self.samplewise(pairs, offset=offset, scores=scores)
+        columns = self.sample_columns(pairs)
+        return self.samplewise(pairs, offset=offset, scores={p: columns[p]["cross_entropies"] for p in pairs})
 
     def selection(self, pairs: list[Pair], offset: bool) -> tuple[Outcome, Outcome]:
         """Dynamic classifier selection and dynamic output ensemble: logits only, no merged model."""
-        dcs, doe = Outcome({}), Outcome({})
+        dcs = self._outcome(pairs, lambda pair: self.coefficients(pair, offset), None)
+        doe = Outcome({}, {p: dict(e) for p, e in dcs.extras.items()}, diagnostics=dict(dcs.diagnostics))
         for pair in pairs:
-            c = self.coefficients(pair, offset)
+            c = dcs.extras[pair]["coefficients"]
             dcs.predictions[pair] = dawin.dynamic_classifier_selection(self.p1.logits[pair], c)
             doe.predictions[pair] = dawin.dynamic_output_ensemble(self.p1.logits[pair], c, self.p1.temperatures[pair[0]])
-            dcs.extras[pair] = doe.extras[pair] = {"coefficients": c, "entropies": self.p1.entropies[pair]}
         return dcs, doe

@@ -10,6 +10,8 @@ Plots, written next to ``REPORT.md`` when their rows are present (accuracy alway
 - average accuracy versus rank ratio ρ from the ``rank_sweep`` rows (CART Fig. 1/5);
 - DaWin's per-sample λ(x) histogram per test set, robust setting;
 - DaWin's mean coefficient per (evaluated task, candidate model), multi-task setting (DaWin Fig. 4);
+- DaWin's diagnostics per test set: entropy-based against oracle coefficients, split by which candidates are
+  right (DaWin Fig. 11), beside tables of correlations, mean entropies and a verdict (:mod:`raymerge.diagnostics`);
 - average accuracy versus number of merged tasks from the ``sweep/*`` rows (CART Fig. 6).
 """
 
@@ -32,7 +34,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from raymerge import diagnostics
 from raymerge._io import atomic_file, write_text
+from raymerge.diagnostics import Diagnostics
 from raymerge.results import ResultStore
 
 Row = dict[str, Any]
@@ -262,18 +266,33 @@ def format_sweep_table(rows: Sequence[Row], markdown: bool = False) -> str:
     return _render(["tasks", *curves], body, markdown)
 
 
-def _coefficients(store: ResultStore, row: Row) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """A DaWin row's per-sample coefficients (N, M) and mixture component (N,) if stored; None when its samples
-    file or coefficient column is absent (the plot then leaves the row out instead of failing the report)."""
+def _column_array(table: pa.Table, name: str) -> np.ndarray:
+    """A stored per-sample column as numpy: (N,) for a plain column, (N, M) for a list column (rows of one length)."""
+    column = table.column(name).combine_chunks()
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
+    return column.to_numpy(zero_copy_only=False)
+
+
+def _sample_columns(store: ResultStore, row: Row, required: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """Every per-sample column of ``row`` as numpy, or None when its samples file is unreadable or lacks one of
+    ``required`` (the report then leaves the row out instead of failing)."""
     try:
         table = store.samples(row["key"])
     except (OSError, pa.ArrowException):
         return None
-    if "coefficients" not in table.column_names:
+    if not set(required) <= set(table.column_names):
         return None
-    coefficients = np.asarray(table.column("coefficients").to_pylist(), dtype=np.float64)
-    component = table.column("component").to_numpy() if "component" in table.column_names else None
-    return coefficients, component
+    return {name: _column_array(table, name) for name in table.column_names}
+
+
+def _coefficients(store: ResultStore, row: Row) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A DaWin row's per-sample coefficients (N, M) and mixture component (N,) if stored; None when its samples
+    file or coefficient column is absent (the plot then leaves the row out instead of failing the report)."""
+    columns = _sample_columns(store, row, ["coefficients"])
+    if columns is None:
+        return None
+    return columns["coefficients"].astype(np.float64), columns.get("component")
 
 
 def coefficient_matrix(store: ResultStore, rows: Sequence[Row]) -> tuple[list[str], list[str], np.ndarray]:
@@ -316,6 +335,53 @@ def lambda_by_set(store: ResultStore, rows: Sequence[Row]) -> list[LambdaSet]:
             (float(lam[component == j].mean()), int((component == j).sum())) for j in np.unique(component))
         out.append(LambdaSet(r["split"], lam, comps))
     return out
+
+
+DIAGNOSTIC_COLUMNS = ("entropies", "cross_entropies", "coefficients", "oracle_coefficients", "candidate_correct")
+
+
+@dataclass(frozen=True)
+class SetDiagnostics:
+    """DaWin's diagnostics on one test set, recomputed from a row's stored per-sample columns."""
+
+    task: str
+    split: str
+    diagnostics: Diagnostics
+
+
+def dawin_diagnostics(store: ResultStore, rows: Sequence[Row]) -> list[SetDiagnostics]:
+    """Per test set of one DaWin configuration's rows (the ID split first, then the others by name, tasks in store
+    order): :func:`raymerge.diagnostics.diagnose` on the stored per-sample columns, the candidates named by the
+    ``models`` parameter. Rows whose samples lack the diagnostic columns (older results) are left out."""
+    out = []
+    for r in sorted(rows, key=lambda r: (r["split"] != ID_SPLIT, r["split"])):
+        columns = _sample_columns(store, r, DIAGNOSTIC_COLUMNS)
+        if columns is None:
+            continue
+        names = _params(r).get("models")
+        if names is None or len(names) != columns["entropies"].shape[1]:
+            names = None
+        out.append(SetDiagnostics(r["task"], r["split"], diagnostics.diagnose(columns, names)))
+    return out
+
+
+def diagnostics_table(d: Diagnostics) -> tuple[list[str], list[list[str]]]:
+    """Split table of one test set: group size, Pearson r / Spearman ρ of each candidate's entropy with its
+    cross-entropy, and of the entropy-based coefficient with the oracle coefficient ("n/a (reason)" when undefined).
+    """
+    compared = "λ vs oracle λ* (r / ρ)" if len(d.names) == 2 else "coefficients vs oracle (r / ρ)"
+    header = ["split", "n", *(f"H vs CE: {name} (r / ρ)" for name in d.names), compared]
+    body = [[s.name, str(s.size), *(str(c) for c in s.entropy_vs_loss), str(s.coefficient_vs_oracle)] for s in d.splits]
+    return header, body
+
+
+def mean_entropy_table(d: Diagnostics) -> tuple[list[str], list[list[str]]]:
+    """Mean entropy in nats (temperature 1) per split of the candidates, the static merge and DaWin's output
+    (DaWin Fig. 12); "-" for an empty split. Empty table when no entropies at temperature 1 were stored."""
+    labels = list(d.splits[0].mean_entropies)
+    body = [[s.name, *("-" if math.isnan(s.mean_entropies[k]) else f"{s.mean_entropies[k]:.3f}" for k in labels)]
+            for s in d.splits] if labels else []
+    return ["split", *labels], body
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -500,6 +566,49 @@ def plot_coefficient_heatmap(tasks: Sequence[str], models: Sequence[str], matrix
     return _save_figure(fig, path)
 
 
+def _set_name(s: SetDiagnostics, robust: bool) -> str:
+    if not robust:
+        return s.task
+    return "ID (test)" if s.split == ID_SPLIT else s.split
+
+
+def plot_coefficient_vs_oracle(sets: Sequence[SetDiagnostics], path: Path, title: str, robust: bool) -> Path | None:
+    """DaWin Fig. 11: histograms of DaWin's entropy-based coefficient (filled) against the oracle's
+    cross-entropy-based one (outline), in % of each panel's samples over [0, 1]. Two candidates: one row per test
+    set, one column per split (all, TT, TF, FT, FF) of λ(x). More candidates: one panel per test set with every
+    entry of the coefficient matrices. Panel titles give n and Pearson r. None without sets."""
+    if not sets:
+        return None
+    two = len(sets[0].diagnostics.names) == 2
+    panels = [(s, split.name) for s in sets for split in (s.diagnostics.splits if two else s.diagnostics.splits[:1])]
+    cols = len(sets[0].diagnostics.splits) if two else min(len(sets), 4)
+    nrows = math.ceil(len(panels) / cols)
+    fig = _new_figure(2.9 * cols, 2.3 * nrows + 0.7, layout="constrained")
+    axes = fig.subplots(nrows, cols, sharex=True, squeeze=False).ravel()
+    for ax, (s, split) in zip(axes, panels):
+        edges, ours, theirs = s.diagnostics.histogram(split, bins=20)
+        total = max(int(ours.sum()), 1)
+        ax.stairs(100.0 * ours / total, edges, fill=True, color="tab:blue", alpha=0.6, label="DaWin (entropy)")
+        ax.stairs(100.0 * theirs / total, edges, color="tab:red", lw=1.4, label="oracle (cross-entropy)")
+        stats = s.diagnostics.split(split)
+        r = stats.coefficient_vs_oracle
+        ax.set_title(f"{_set_name(s, robust)} · {split}\nn={stats.size}, r={r.pearson:.2f}" if not r.reason
+                     else f"{_set_name(s, robust)} · {split}\nn={stats.size}, r n/a", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[::cols]:
+        ax.set_ylabel("% of samples", fontsize=8)
+    for ax in axes[max(len(panels) - cols, 0):len(panels)]:
+        ax.set_xlabel(f"λ(x), weight of {sets[0].diagnostics.names[1]}" if two else "coefficient (every candidate)",
+                      fontsize=8)
+    axes[0].set_xlim(0.0, 1.0)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.suptitle(title)
+    return _save_figure(fig, path)
+
+
 def plot_task_count(curves: dict[str, list[TaskCountPoint]], path: Path, title: str) -> Path | None:
     """Accuracy versus number of merged tasks (CART Fig. 6): x = subset size, y = mean over subsets of the
     per-subset average accuracy (%), error bars ± one standard error; one line per method. None without curves."""
@@ -587,6 +696,40 @@ def _heatmap_section(store: ResultStore, name: str, rows: Sequence[Row], root: P
         _markdown_table(["task \\ model", *models], body))
 
 
+def _diagnostics_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
+    robust = any(r["split"] != ID_SPLIT for r in rows)
+    dawin_rows = (_latest_config(rows, "dawin", offset=True) if robust else []) or _latest_config(rows, "dawin")
+    sets = dawin_diagnostics(store, dawin_rows)
+    label = method_label("dawin", _params(dawin_rows[0])) if dawin_rows else "dawin"
+    path = plot_coefficient_vs_oracle(sets, _plot_path(root, name, "dawin_diagnostics"),
+                                      f"{name}: DaWin coefficients against the oracle's ({label})", robust)
+    if path is None:
+        return []
+    split_help = ("TT/TF/FT/FF: which candidate is right (T) or wrong (F), first letter candidate 0 "
+                  f"({sets[0].diagnostics.names[0]})" if len(sets[0].diagnostics.names) == 2 else
+                  "'<model> right': the samples that candidate gets right (groups overlap); 'none right': no candidate")
+    lines = [
+        "### DaWin diagnostics: does entropy track the loss?", "",
+        f"DaWin ({label}) weights each candidate by exp(−entropy) as a label-free stand-in for exp(−cross-entropy). "
+        "Per test set and per split of its samples (" + split_help + "): Pearson r / Spearman ρ of each candidate's "
+        "entropy with its cross-entropy (fitted temperatures), and of DaWin's coefficient with the oracle's "
+        "(Eq. 1 on cross-entropies; λ for two candidates, every entry for more). The verdict uses r of the "
+        f"coefficients over all samples: ≥ {diagnostics.STRONG_CORRELATION} tracks, below "
+        f"{diagnostics.WEAK_CORRELATION} does not, and then DaWin's merges sit near the static interpolation. "
+        "Mean entropies (nats) are at temperature 1 for candidates and merged models alike; 'static merge' is the "
+        "merge with uniform coefficients. Recomputed from the per-sample columns of the samples files.", "",
+    ]
+    for s in sets:
+        lines += [f"**{_set_name(s, robust)}**: {s.diagnostics.verdict}", "", _markdown_table(*diagnostics_table(s.diagnostics)), ""]
+        header, body = mean_entropy_table(s.diagnostics)
+        if body:
+            lines += ["Mean entropy (nats):", "", _markdown_table(header, body), ""]
+    lines += [f"![DaWin coefficients against the oracle's]({path.name})", "",
+              "*Histograms of DaWin's entropy-based coefficients (filled) and the oracle's cross-entropy-based ones "
+              "(outline), in % of each panel's samples (DaWin Fig. 11).*", ""]
+    return lines
+
+
 def _task_count_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
     path = plot_task_count(accuracy_by_task_count(rows), _plot_path(root, name, "tasks_vs_accuracy"),
                            f"{name}: accuracy versus number of tasks")
@@ -598,7 +741,7 @@ def _task_count_section(store: ResultStore, name: str, rows: Sequence[Row], root
 
 
 SECTIONS: list[Callable[[ResultStore, str, Sequence[Row], Path], list[str]]] = [
-    _id_ood_section, _lambda_section, _rank_sweep_section, _heatmap_section, _task_count_section,
+    _id_ood_section, _lambda_section, _rank_sweep_section, _heatmap_section, _diagnostics_section, _task_count_section,
 ]
 
 

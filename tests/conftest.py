@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,18 @@ def random_dataset(seed: int, n: int, num_classes: int, name: str = "ds") -> Ima
     images = rng.integers(0, 256, size=(n, 16, 16), dtype=np.uint8)
     labels = rng.integers(0, num_classes, size=n).astype(np.int64)
     return ImageDataset(name, images, labels, tuple(str(i) for i in range(num_classes)))
+
+
+def spearman_by_hand(x: list[float], y: list[float]) -> float:
+    """Spearman ρ of values without ties, in plain Python: the Pearson correlation (``statistics``) of ranks 1..n."""
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        for rank, i in enumerate(order, start=1):
+            out[i] = float(rank)
+        return out
+
+    return statistics.correlation(ranks(x), ranks(y))
 
 
 @pytest.fixture(scope="session")

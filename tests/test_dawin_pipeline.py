@@ -1,14 +1,19 @@
-"""DaWin's two-phase pipeline on Ray actors gives the same predictions as a single-process reference."""
+"""DaWin's two-phase pipeline on Ray actors gives the same predictions as a single-process reference; the runner's
+phase 2, merge bound and per-sample columns on a fake linear evaluator."""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
+import torch
 
 from conftest import ARCH
-from raymerge import config, models, pipeline
+from raymerge import config, dawin, diagnostics, models, pipeline
 from raymerge.data import load_dataset
-from raymerge.dawin_pipeline import DawinRunner, LocalEvaluator, phase1
+from raymerge.dawin_pipeline import DawinRunner, LocalEvaluator, Phase1, phase1
 from raymerge.merge import interpolate
 from raymerge.statedict import to_numpy
 
@@ -39,6 +44,10 @@ def test_distributed_equals_single_process(mini_pool, dawin_store):
             samples = dawin_store.samples(row["key"]).to_pydict()
             assert np.array_equal(samples["prediction"], reference.predictions[pair]), (offset, pair)
             assert np.array_equal(samples["component"], reference.extras[pair]["component"])
+            # the diagnostics' per-sample columns land in the samples Parquet, equal to the reference's
+            for column in ("entropies", "cross_entropies", "entropies_t1", "oracle_coefficients", "candidate_correct",
+                           "candidate_predictions", "merge_coefficients", "output_entropy", "reference_entropy"):
+                np.testing.assert_array_equal(np.array(samples[column]), reference.extras[pair][column], err_msg=column)
             assert row["merges"] == len(np.unique(reference.extras[pair]["component"]))
 
 
@@ -49,3 +58,133 @@ def test_dcs_and_doe_rows_match_formulas(mini_pool, dawin_store):
     coeffs = np.array(dawin_store.samples(mix["key"]).to_pydict()["coefficients"])
     assert np.allclose(coeffs.sum(1), 1.0)
     assert set(dcs) == {"test", "rotate", "noise"} and all(r["merges"] == 0 for r in dcs.values())
+
+
+# --- the runner on a fake evaluator: linear "models" logits = X @ W, no Ray, no encoder --------------------------
+
+PAIR = ("toy", "test")
+
+
+class LinearEvaluator:
+    """Evaluator whose weights are one matrix ``w`` (d, C): logits of a set are ``X @ w`` in float64."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray) -> None:
+        self.x, self._labels = x, labels
+        self.rows_calls: list[int] = []  # weight sets per logits_rows call
+
+    def logits(self, weights, pairs):
+        return {p: self.x @ weights["w"] for p in pairs}
+
+    def logits_rows(self, assignments, pair):
+        self.rows_calls.append(len(assignments))
+        out = np.full((len(self.x), assignments[0][0]["w"].shape[1]), np.nan)
+        for weights, rows in assignments:
+            out[rows] = self.x[rows] @ weights["w"]
+        return out
+
+    def central(self, fn, *args):
+        return fn(*args)
+
+    def labels(self, pair):
+        return self._labels
+
+
+class CountingMerge:
+    """``c ↦ Σm cm Wm`` as a state dict; counts the merged weight sets alive (not yet garbage) and the peak."""
+
+    def __init__(self, candidates: Sequence[np.ndarray]) -> None:
+        self.candidates = candidates
+        self.alive = self.peak = self.made = 0
+
+    def _dropped(self) -> None:
+        self.alive -= 1
+
+    def __call__(self, c: np.ndarray) -> dict[str, torch.Tensor]:
+        w = sum(float(cm) * wm for cm, wm in zip(c, self.candidates))
+        # torch.from_numpy shares w's memory, so w lives exactly as long as the runner keeps any view of this merge
+        weakref.finalize(w, self._dropped)
+        self.alive += 1
+        self.made += 1
+        self.peak = max(self.peak, self.alive)
+        return {"w": torch.from_numpy(w)}
+
+
+def toy(n: int, m: int = 2, d: int = 6, c: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    labels = rng.integers(0, c, size=n)
+    candidates = [rng.normal(size=(d, c)) for _ in range(m)]
+    logits = np.stack([x @ w for w in candidates], axis=1)  # (N, M, C)
+    temperatures = [0.9, 1.2, 1.0, 0.8][:m]
+    p1 = Phase1({PAIR: logits}, {PAIR: dawin.entropy(logits, temperatures)}, {"toy": temperatures})
+    return LinearEvaluator(x, labels), p1, candidates
+
+
+@pytest.mark.parametrize("n", [10, 100, 1000])
+def test_samplewise_keeps_at_most_max_in_flight_merges_alive(n):
+    ev, p1, candidates = toy(n)
+    merge = CountingMerge(candidates)
+    runner = DawinRunner(ev, p1, merge, max_in_flight=3)
+    outcome = runner.samplewise([PAIR], offset=True)
+    assert merge.made == n + 1  # one per distinct coefficient row, plus the static reference
+    assert merge.peak == 3 and max(ev.rows_calls) == 3 and sum(ev.rows_calls) == n
+    assert merge.alive == 0  # every merge dropped after use
+    # each sample evaluated by its own merge: logits x_i @ (Σm c_im W_m)
+    c = dawin.expertise_coefficients(p1.entropies[PAIR], offset=True)
+    expected = np.stack([ev.x[i] @ (c[i, 0] * candidates[0] + c[i, 1] * candidates[1]) for i in range(n)])
+    np.testing.assert_allclose(outcome.logits[PAIR], expected, rtol=1e-12)
+    np.testing.assert_array_equal(outcome.predictions[PAIR], expected.argmax(1))
+    assert outcome.merges[PAIR] == n
+
+
+def test_samples_sharing_a_coefficient_row_share_one_merge():
+    ev, p1, candidates = toy(12)
+    # samples 0..5 repeat samples 6..11 exactly: identical logits, identical coefficient rows
+    ev.x[6:] = ev.x[:6]
+    logits = np.stack([ev.x @ w for w in candidates], axis=1)
+    p1 = Phase1({PAIR: logits}, {PAIR: dawin.entropy(logits, p1.temperatures["toy"])}, p1.temperatures)
+    merge = CountingMerge(candidates)
+    outcome = DawinRunner(ev, p1, merge, max_in_flight=4, reference=False).samplewise([PAIR], offset=False)
+    assert merge.made == 6 and outcome.merges[PAIR] == 6 and merge.peak == 4
+    np.testing.assert_array_equal(outcome.extras[PAIR]["component"][:6], outcome.extras[PAIR]["component"][6:])
+
+
+def test_mean_mixture_evaluates_every_sample_with_the_mean_row():
+    ev, p1, candidates = toy(50, m=3)
+    merge = CountingMerge(candidates)
+    outcome = DawinRunner(ev, p1, merge, names=["a", "b", "c"]).mixture([PAIR], k=1, offset=False, mixture="mean")
+    mean = np.mean(dawin.expertise_coefficients(p1.entropies[PAIR]), axis=0)
+    np.testing.assert_allclose(outcome.logits[PAIR], ev.x @ sum(cm * w for cm, w in zip(mean, candidates)), rtol=1e-12)
+    assert outcome.merges[PAIR] == 1 and merge.made == 2  # the mean merge and the static reference
+    np.testing.assert_array_equal(outcome.extras[PAIR]["merge_coefficients"], np.tile(mean, (50, 1)))
+
+
+def test_outcome_extras_follow_the_samples_contract():
+    ev, p1, candidates = toy(40)
+    runner = DawinRunner(ev, p1, CountingMerge(candidates), names=["zeroshot", "ft"])
+    outcome = runner.mixture([PAIR], k=2, offset=True)
+    extras = outcome.extras[PAIR]
+    shapes = {name: (40, 2) for name in ("entropies", "cross_entropies", "entropies_t1", "coefficients",
+                                         "oracle_coefficients", "candidate_correct", "candidate_predictions",
+                                         "merge_coefficients")}
+    shapes.update(component=(40,), output_entropy=(40,), reference_entropy=(40,))
+    assert {k: v.shape for k, v in extras.items()} == shapes
+    assert extras["candidate_correct"].dtype == bool
+    logits = p1.logits[PAIR]
+    np.testing.assert_array_equal(extras["candidate_predictions"], logits.argmax(-1))
+    np.testing.assert_allclose(extras["cross_entropies"], dawin.oracle_losses(logits, ev.labels(PAIR), [0.9, 1.2]))
+    np.testing.assert_allclose(extras["coefficients"], dawin.expertise_coefficients(p1.entropies[PAIR], offset=True))
+    np.testing.assert_allclose(extras["output_entropy"], dawin.entropy(outcome.logits[PAIR]))
+    static = ev.x @ (0.5 * candidates[0] + 0.5 * candidates[1])
+    np.testing.assert_allclose(extras["reference_entropy"], dawin.entropy(static), rtol=1e-12)
+    # the diagnostics handed to the job are the ones the report recomputes from the stored columns
+    again = diagnostics.diagnose(extras, ["zeroshot", "ft"])
+    assert outcome.diagnostics[PAIR].splits == again.splits
+    dcs, doe = runner.selection([PAIR], offset=True)
+    assert "output_entropy" not in dcs.extras[PAIR] and dcs.merges == {} and set(doe.extras[PAIR]) == set(dcs.extras[PAIR])
+
+
+def test_max_in_flight_must_be_positive():
+    ev, p1, candidates = toy(5)
+    with pytest.raises(ValueError, match="max_in_flight must be a positive integer, got 0"):
+        DawinRunner(ev, p1, CountingMerge(candidates), max_in_flight=0)

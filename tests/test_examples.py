@@ -137,7 +137,7 @@ def test_template_commented_dawin_block_validates(tiny_zoo):
     raw = yaml.safe_load(text)
     exp = config.validate(_fill(raw, tiny_zoo, "multitask"), str(TEMPLATE), TEMPLATE.parent)
     [dawin] = exp.methods["dawin"]
-    assert dawin.k == 1 and dawin.mixture == "auto" and dawin.lam0 == 0.3
+    assert dawin.mixture == "mean" and dawin.lam0 == 0.3
 
 
 def test_template_commented_robust_block_validates(tiny_zoo):

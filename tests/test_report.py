@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import spearman_by_hand
 from raymerge import report
 from raymerge.results import ResultStore, row_key
 
@@ -19,7 +21,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SHIFTS = ("shift_a", "shift_b")
 TASKS = ("cars", "dtd", "eurosat", "gtsrb")
 PLOTS = {"robust_id_vs_ood.png", "robust_dawin_lambda.png", "multitask_rank_sweep.png",
-         "multitask_dawin_coefficients.png", "multitask_tasks_vs_accuracy.png"}
+         "multitask_dawin_coefficients.png", "multitask_tasks_vs_accuracy.png", "robust_dawin_diagnostics.png",
+         "multitask_dawin_diagnostics.png"}
+SAMPLE_PLOTS = {"robust_dawin_lambda.png", "multitask_dawin_coefficients.png", "robust_dawin_diagnostics.png",
+                "multitask_dawin_diagnostics.png"}
 
 
 def make_row(exp: str, method: str, params: dict[str, Any], task: str, split: str, accuracy: float) -> dict[str, Any]:
@@ -65,12 +70,27 @@ ROBUST = {
 CLUSTERS = (0.15, 0.5, 0.85)
 
 
+def diagnostic_columns(seed: int, coefficients: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-sample diagnostic columns of a DaWin row, made up directly (no logits): cross-entropies follow the
+    entropies loosely, the oracle coefficient is the softmax of −cross-entropy, a candidate is right when its
+    cross-entropy is below log 2."""
+    n, m = coefficients.shape
+    rng = np.random.default_rng(100 + seed)
+    h = rng.gamma(2.0, 0.5, size=(n, m))
+    ce = h * rng.uniform(0.3, 1.7, size=(n, m)) + rng.gamma(1.0, 0.2, size=(n, m))
+    oracle = np.exp(-ce) / np.exp(-ce).sum(1, keepdims=True)
+    return {"entropies": h, "cross_entropies": ce, "entropies_t1": 1.1 * h, "oracle_coefficients": oracle,
+            "candidate_correct": ce < math.log(2), "candidate_predictions": rng.integers(0, 10, size=(n, m)),
+            "reference_entropy": 0.9 * h.mean(1), "output_entropy": 0.8 * h.min(1)}
+
+
 def robust_samples(seed: int, n: int = 300) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     component = rng.integers(0, 3, size=n)
     lam = np.clip(np.array(CLUSTERS)[component] + rng.normal(0, 0.06, size=n), 0, 1)
+    coefficients = np.column_stack([1 - lam, lam])
     return {"prediction": np.zeros(n, np.int64), "label": np.zeros(n, np.int64),
-            "coefficients": np.column_stack([1 - lam, lam]), "component": component, "entropies": rng.random((n, 2))}
+            "coefficients": coefficients, "component": component, **diagnostic_columns(seed, coefficients)}
 
 
 def multitask_coefficients(task_index: int, n: int) -> np.ndarray:
@@ -140,8 +160,10 @@ def build_store(root: Path) -> ResultStore:
                for r in rows if r["method"] == "dawin" and r["params"].get("offset") is True}
     for i, r in enumerate(dawin_mt):
         n = 50 + 10 * i
+        coefficients = multitask_coefficients(i, n)
         samples[r["key"]] = {"prediction": np.zeros(n, np.int64), "label": np.zeros(n, np.int64),
-                             "coefficients": multitask_coefficients(i, n), "component": np.zeros(n, np.int64)}
+                             "coefficients": coefficients, "component": np.zeros(n, np.int64),
+                             **diagnostic_columns(10 + i, coefficients)}
     store.append(rows + dawin_mt, samples=samples)
     return store
 
@@ -280,4 +302,83 @@ def test_missing_samples_and_empty_store_do_not_crash(tmp_path: Path) -> None:
     for f in store.samples_dir.glob("*.parquet"):
         f.unlink()
     report.write_report(store.root)
-    assert {p.name for p in store.root.glob("*.png")} == PLOTS - {"robust_dawin_lambda.png", "multitask_dawin_coefficients.png"}
+    assert {p.name for p in store.root.glob("*.png")} == PLOTS - SAMPLE_PLOTS
+
+
+# --- DaWin diagnostics, recomputed from the stored per-sample columns ------------------------------------------
+
+
+def r_rho(x: list[float], y: list[float]) -> str:
+    # the made-up columns are continuous, so no ties
+    return f"{statistics.correlation(x, y):.2f} / {spearman_by_hand(x, y):.2f}"
+
+
+def test_dawin_diagnostics_tables_from_the_samples_files(full_store: ResultStore) -> None:
+    rows = report._latest_config(experiment_rows(full_store, "robust"), "dawin", offset=True)
+    sets = report.dawin_diagnostics(full_store, rows[::-1])
+    assert [s.split for s in sets] == ["test", *SHIFTS]
+    cols = robust_samples(1)  # shift_a
+    d = sets[1].diagnostics
+    assert d.names == ("base", "ft1")
+    header, body = report.diagnostics_table(d)
+    assert header == ["split", "n", "H vs CE: base (r / ρ)", "H vs CE: ft1 (r / ρ)", "λ vs oracle λ* (r / ρ)"]
+    correct = cols["candidate_correct"]
+    masks = {"all": np.ones(300, bool), "TT": correct[:, 0] & correct[:, 1], "TF": correct[:, 0] & ~correct[:, 1],
+             "FT": ~correct[:, 0] & correct[:, 1], "FF": ~correct[:, 0] & ~correct[:, 1]}
+    assert [row[0] for row in body] == list(masks)
+    for row, mask in zip(body, masks.values()):
+        assert row[1] == str(int(mask.sum()))
+        idx = np.flatnonzero(mask).tolist()
+        for j in range(2):
+            h, ce = [cols["entropies"][i, j] for i in idx], [cols["cross_entropies"][i, j] for i in idx]
+            assert row[2 + j] == r_rho(h, ce)
+        lam, oracle = [cols["coefficients"][i, 1] for i in idx], [cols["oracle_coefficients"][i, 1] for i in idx]
+        assert row[4] == r_rho(lam, oracle)
+    r = statistics.correlation(cols["coefficients"][:, 1].tolist(), cols["oracle_coefficients"][:, 1].tolist())
+    assert d.verdict.endswith(f"(r = {r:.2f})" if r >= 0.4 else f"(r = {r:.2f}): expect DaWin ≈ static interpolation")
+
+    header, body = report.mean_entropy_table(d)
+    assert header == ["split", "base", "ft1", "static merge", "DaWin"]
+    tf = np.flatnonzero(masks["TF"]).tolist()
+    expected = [statistics.fmean(1.1 * cols["entropies"][i, 0] for i in tf),
+                statistics.fmean(1.1 * cols["entropies"][i, 1] for i in tf),
+                statistics.fmean(0.9 * (cols["entropies"][i, 0] + cols["entropies"][i, 1]) / 2 for i in tf),
+                statistics.fmean(0.8 * min(cols["entropies"][i]) for i in tf)]
+    assert body[2] == ["TF", *(f"{v:.3f}" for v in expected)]
+
+
+def test_many_candidate_diagnostics_use_task_names_and_flattened_coefficients(full_store: ResultStore) -> None:
+    rows = [r for r in experiment_rows(full_store, "multitask") if r["method"] == "dawin"]
+    sets = report.dawin_diagnostics(full_store, rows)
+    assert [s.task for s in sets] == list(TASKS)
+    d = sets[2].diagnostics
+    assert [s.name for s in d.splits] == ["all", *(f"{t} right" for t in TASKS), "none right"]
+    coefficients = multitask_coefficients(2, 70)
+    oracle = diagnostic_columns(12, coefficients)["oracle_coefficients"]
+    header, body = report.diagnostics_table(d)
+    assert header[-1] == "coefficients vs oracle (r / ρ)"
+    assert body[0][-1] == r_rho(coefficients.ravel().tolist(), oracle.ravel().tolist())
+
+
+def test_report_shows_a_verdict_per_test_set(full_report: Path) -> None:
+    text = full_report.read_text()
+    robust, multitask = text.split("## multitask")
+    section = robust.split("### DaWin diagnostics: does entropy track the loss?")[1]
+    verdicts = re.findall(r"^\*\*(.+?)\*\*: (.+)$", section, flags=re.M)
+    assert [name for name, _ in verdicts] == ["ID (test)", *SHIFTS]
+    assert all("entropy" in v for _, v in verdicts)
+    assert "| split | n | H vs CE: base (r / ρ) |" in section and "Mean entropy (nats):" in section
+    assert "![DaWin coefficients against the oracle's](robust_dawin_diagnostics.png)" in section
+    mt_verdicts = re.findall(r"^\*\*(.+?)\*\*: ", multitask.split("### DaWin diagnostics")[1], flags=re.M)
+    assert mt_verdicts == list(TASKS)
+
+
+def test_old_samples_without_diagnostic_columns_skip_the_section(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    rows = [r for r in robust_rows(ROBUST) if r["method"] == "dawin"]
+    store.append(rows, samples={r["key"]: {k: v for k, v in robust_samples(0).items()
+                                           if k in ("prediction", "label", "coefficients", "component", "entropies")}
+                                for r in rows})
+    assert report.dawin_diagnostics(store, rows) == []
+    text = report.write_report(tmp_path).read_text()
+    assert "DaWin diagnostics" not in text and "robust_dawin_lambda.png" in text

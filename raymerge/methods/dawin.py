@@ -3,6 +3,7 @@ variants (dynamic classifier selection, dynamic output ensemble) and the output 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -10,7 +11,7 @@ import numpy as np
 from pydantic import Field
 
 from raymerge import dawin as dawin_math
-from raymerge import merge
+from raymerge import diagnostics
 from raymerge.dawin_pipeline import DawinRunner, Outcome, phase1
 from raymerge.methods.base import MERGES, MULTITASK, ROBUST, Candidate, Paper, Params, Pool, Prediction, Reads, register
 from raymerge.methods.wise_ft import theta1
@@ -21,11 +22,15 @@ MODEL_DOC = "robust setting: θ1, a model of model_pool.finetuned (default: the 
 OFFSET_DOC = "Eq. 2's domain offset (two models only); default: on for entropies in the robust setting, else off"
 
 
+log = logging.getLogger("raymerge")
+
+
 class DawinParams(Params):
     k: int = Field(3, ge=1, description="mixture components, i.e. merged models per test set (mixture beta or dirichlet)")
-    mixture: Literal["auto", "beta", "dirichlet", "none"] = Field(
-        "auto", description="beta (two models), dirichlet (many), none (one merge per distinct coefficient: the "
-                            "sample-wise reference); auto: beta for two models, dirichlet for many")
+    mixture: Literal["auto", "beta", "dirichlet", "mean", "none"] = Field(
+        "auto", description="beta (two models), dirichlet (many), mean (one merge per test set with the mean "
+                            "coefficients, as released), none (one merge per distinct coefficient: the sample-wise "
+                            "reference); auto: beta for two models, mean for many (the released code)")
     offset: bool | None = Field(None, description=OFFSET_DOC)
     lam0: float = Field(0.3, description="multi-task: θ0 + λ0·T·Σt λt(x)·τt (uniform coefficients give task arithmetic at λ0)")
     scores: Literal["entropy", "oracle"] = Field(
@@ -35,7 +40,7 @@ class DawinParams(Params):
 
 def _resolved(p: DawinParams, setting: str) -> dict[str, Any]:
     robust = setting == ROBUST
-    return {"mixture": p.mixture if p.mixture != "auto" else ("beta" if robust else "dirichlet"),
+    return {"mixture": p.mixture if p.mixture != "auto" else dawin_math.default_mixture(robust),
             "offset": p.offset if p.offset is not None else robust and p.scores == "entropy"}
 
 
@@ -44,15 +49,15 @@ def _check(p: DawinParams, setting: str) -> list[str]:
     if setting != ROBUST and r["offset"]:
         problems.append("offset: Eq. 2's offset is defined for two models (the robust setting) only")
     if setting != ROBUST and r["mixture"] == "beta":
-        problems.append("mixture: beta models two candidates; a multi-task pool needs dirichlet")
+        problems.append("mixture: beta models two candidates; a multi-task pool needs dirichlet or mean")
     if p.scores == "oracle" and r["mixture"] != "none":
         problems.append("scores: the oracle is a per-sample upper bound; use it with mixture: none")
     return problems
 
 
 def _random(p: DawinParams) -> bool:
-    # the mixtures' K-means initialisation is seeded; sample-wise coefficients are deterministic
-    return p.mixture != "none"
+    # the fitted mixtures' K-means initialisation is seeded (auto may resolve to one); mean and none are deterministic
+    return p.mixture not in ("mean", "none")
 
 
 def candidate_names(pool: Pool, model: str | None) -> list[str]:
@@ -64,19 +69,16 @@ def _weights(pool: Pool, names: list[str]) -> list[StateDict]:
     return [pool.base if n == "base" else pool.finetuned[n] for n in names]
 
 
-def _merge_fn(pool: Pool, names: list[str], lam0: float) -> Callable[[np.ndarray], StateDict]:
-    """The merge a coefficient row (M,) stands for (METHODS §4): robust (1−λ)·θ0 + λ·θ1, multi-task θ0 + λ0·T·Σt λt τt."""
-    models = _weights(pool, names)
-    if pool.setting == ROBUST:
-        return lambda c: merge.interpolate(models[0], models[1], float(c[1]))
-    return lambda c: merge.task_arithmetic(pool.base, models, [lam0 * len(models) * float(x) for x in c], names=names)
-
-
 def runner(pool: Pool, names: list[str], lam0: float, pairs: list[tuple[str, str]]) -> DawinRunner:
     """Phase 1 (candidate logits, cached; temperatures on each task's validation split; entropies) ready to run."""
     validation = {t: (t, "validation") if pool.validation[t] else None for t, _ in pairs}
     p1 = phase1(pool.evaluator, [to_numpy(w) for w in _weights(pool, names)], pairs, validation)
-    return DawinRunner(pool.evaluator, p1, _merge_fn(pool, names, lam0), pool.seed)
+    robust = pool.setting == ROBUST
+    fts = _weights(pool, names[1:] if robust else names)
+    ft_names = names[1:] if robust else names
+    return DawinRunner(pool.evaluator, p1, lambda c: dawin_math.merge_for(pool.base, fts, c, robust=robust, lam0=lam0,
+                                                                           names=ft_names),
+                       pool.seed, max_in_flight=pool.max_in_flight, names=names)
 
 
 def _prediction(outcome: Outcome) -> Prediction:
@@ -93,9 +95,9 @@ def dawin(pool: Pool, p: DawinParams) -> Iterator[Candidate]:
         run = runner(pool, names, p.lam0, pairs)
         if p.scores == "oracle":
             return _prediction(run.oracle(pairs, r["offset"]))
-        if r["mixture"] == "none":
-            return _prediction(run.samplewise(pairs, r["offset"]))
-        return _prediction(run.mixture(pairs, p.k, r["offset"]))
+        outcome = run.mixture(pairs, p.k, r["offset"], r["mixture"])
+        diagnostics.warn_if_weak(outcome.diagnostics, log)
+        return _prediction(outcome)
 
     yield Candidate(p.record(**r, models=names), predict=predict, models=["base", *(n for n in names if n != "base")])
 
