@@ -232,10 +232,12 @@ def start_head(start: str, home: Path, gcs_port: int | None = None, **env: str) 
     Client server accept connections."""
     # short, private temp dir: Ray's unix sockets live under it (path length limit ~107 characters)
     temp_dir = Path(tempfile.mkdtemp(prefix="rmhead-", dir="/tmp"))
-    names = ("gcs", "dashboard", "agent_http", "agent_grpc", "client", "metrics", "runtime_env")
+    names = ("gcs", "dashboard", "agent_http", "agent_grpc", "client", "metrics", "runtime_env", "node_manager",
+             "object_manager")
     ports = dict(zip(names, free_ports(len(names))))
     ports["gcs"] = gcs_port or ports["gcs"]
     flags = (f"--block --port {ports['gcs']} --dashboard-port {ports['dashboard']} "
+             f"--node-manager-port {ports['node_manager']} --object-manager-port {ports['object_manager']} "
              f"--dashboard-agent-listen-port {ports['agent_http']} --dashboard-agent-grpc-port {ports['agent_grpc']} "
              f"--ray-client-server-port {ports['client']} --metrics-export-port {ports['metrics']} "
              f"--runtime-env-agent-port {ports['runtime_env']} --temp-dir {temp_dir} --disable-usage-stats")

@@ -79,17 +79,26 @@ def test_http_endpoints_refuse_missing_and_wrong_tokens(secure_head: Head, tmp_p
 
 @pytest.mark.slow
 def test_grpc_services_refuse_calls_without_the_token(secure_head: Head):
-    from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+    from ray.core.generated import (node_manager_pb2, node_manager_pb2_grpc, ray_client_pb2, ray_client_pb2_grpc,
+                                    reporter_pb2, reporter_pb2_grpc)
 
     from raymerge import cluster
 
     for host in (node_ip(), "127.0.0.1"):
         assert cluster.gcs_auth_enabled(f"{host}:{secure_head.ports['gcs']}") is True
-    with grpc.insecure_channel(f"{node_ip()}:{secure_head.ports['client']}") as channel:
-        with pytest.raises(grpc.RpcError) as refused:
-            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(
-                ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=10)
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    calls = {  # one harmless call to each of the other gRPC servers the head runs on the machine's address
+        "client": lambda ch: ray_client_pb2_grpc.RayletDriverStub(ch).ClusterInfo(
+            ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=10),
+        "node_manager": lambda ch: node_manager_pb2_grpc.NodeManagerServiceStub(ch).GetNodeStats(
+            node_manager_pb2.GetNodeStatsRequest(), timeout=10),
+        "agent_grpc": lambda ch: reporter_pb2_grpc.ReporterServiceStub(ch).GetTraceback(
+            reporter_pb2.GetTracebackRequest(pid=1), timeout=10),
+    }
+    for port, call in calls.items():
+        with grpc.insecure_channel(f"{node_ip()}:{secure_head.ports[port]}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                call(channel)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, port
 
 
 @pytest.mark.slow
