@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ray
+from ray.core.generated import autoscaler_pb2
 
 from raymerge.errors import InputError
 
@@ -182,7 +183,7 @@ def actor_bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:
 
 def fits(node: Mapping[str, float], bundle: Mapping[str, float]) -> float:
     """How many actors asking ``bundle`` one node with resources ``node`` holds at once (inf if it asks nothing)."""
-    # Ray accounts resources in units of 1e-4; the epsilon keeps 1.0 / 0.1 from flooring to 9
+    # Ray accounts resources in units of 1e-4; the epsilon keeps 2.0 / 0.1 (19.999999999999996) from flooring to 19
     counts = [math.floor(node.get(k, 0.0) / v + 1e-6) for k, v in bundle.items() if v > 0]
     return min(counts) if counts else math.inf
 
@@ -196,7 +197,7 @@ def _status() -> dict:
     return json.loads(raw) if raw else {}
 
 
-def _cluster_config():
+def _cluster_config() -> autoscaler_pb2.ClusterConfig | None:
     """Node groups an autoscaler v2 / KubeRay reports to the GCS (ray.autoscaler.v2), None when none is."""
     from ray._private.state import state
 
