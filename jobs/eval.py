@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from raymerge import config, pipeline, report
+from raymerge import cluster, config, pipeline, report
+from raymerge.errors import input_errors
 
 DEFAULT_EXPERIMENTS = ["robust.yaml", "multitask.yaml"]
 
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    cluster.warn_if_unauthenticated(args.address)  # first: a cluster open to anyone is worth knowing before any work
     if args.cache_dir:
         os.environ["RAYMERGE_CACHE"] = str(args.cache_dir)
     files = args.config or [str(Path(config.__file__).parent / "experiments" / f) for f in DEFAULT_EXPERIMENTS]
@@ -43,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             config.check(f, args.set)
         experiments = [config.load(f, args.set) for f in files]
         if args.num_cpus and not args.address:
-            pipeline.connect(None, args.num_cpus)
+            cluster.connect(None, args.num_cpus)
         stores = [pipeline.run_experiment(exp, args.force, args.cache_dir, args.address) for exp in experiments]
-    except pipeline.INPUT_ERRORS as err:
+    except input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     written = []

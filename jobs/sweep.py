@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from raymerge import config, pipeline, report, sweep
+from raymerge import cluster, config, report, sweep
+from raymerge.errors import input_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,12 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    cluster.warn_if_unauthenticated(args.address)  # first: a cluster open to anyone is worth knowing before any work
     if args.cache_dir:
         os.environ["RAYMERGE_CACHE"] = str(args.cache_dir)
     try:
         exp = config.load(args.config, args.set)
         store = sweep.run_sweep(exp, args.force, args.cache_dir, args.address)
-    except pipeline.INPUT_ERRORS as err:
+    except input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = [r for r in store.rows() if r["method"].startswith("sweep/")]

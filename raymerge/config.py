@@ -23,13 +23,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raymerge import methods
+from raymerge.errors import InputError
 from raymerge.methods import MULTITASK, ROBUST, SWEEP, Params
 
 EMBEDDED = "embedded"
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """An experiment file is invalid; ``problems`` lists every problem found, each with its dotted path."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
@@ -65,6 +66,8 @@ class Resources(Spec):
     num_gpus_per_actor: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1, description="every batch is zero-padded to this shape (part of row keys)")
     max_merges_in_flight: int = Field(4, ge=1, description="merged weight sets alive at once in DaWin's phase 2")
+    # an autoscaler launching GPU nodes takes minutes; past this the job gives up with the pending demand
+    start_timeout_s: float | None = Field(1800.0, gt=0, description="seconds to wait for the actors to start")
 
 
 DEFAULT_SWEEP_METHODS: dict[str, Any] = {

@@ -14,19 +14,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymerge._io import atomic_dir
+from raymerge.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset cannot be read or is unusable (empty, labels out of range); the message names the file."""
 
 
@@ -68,11 +71,43 @@ class ImageDataset:
             )
 
 
+# How many unreadable images one error message lists by name; the count is always complete.
+MAX_LISTED = 20
+
+
 def _decode(blob: bytes) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(blob)) as img:
         return np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img, dtype=np.uint8)
+
+
+def _read_images(items: list, read: Callable[[Any], np.ndarray], names: list[str], source: str) -> np.ndarray:
+    """``read`` every item and stack the images (N, H, W[, C]); ``names[i]`` names item i in errors.
+
+    Every item is tried before anything is reported: one :class:`DatasetError` lists all unreadable images,
+    or every image size found with an example of each. Pillow signals a damaged file with many exception
+    types (OSError, SyntaxError, ValueError, struct.error, EOFError, ...) depending on the format and where
+    the damage is, hence the broad ``except``: any failure to decode one image means that image is unreadable,
+    and the user needs its name, not Pillow's stack.
+    """
+    images, bad = [], []
+    for item, name in zip(items, names):
+        try:
+            images.append(read(item))
+        except Exception as err:  # noqa: BLE001 (see docstring)
+            bad.append(f"{name} ({type(err).__name__}: {err})")
+    if bad:
+        listed = "\n".join(f"  - {b}" for b in bad[:MAX_LISTED])
+        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        raise DatasetError(f"{source}: {len(bad)} of {len(items)} images cannot be read:\n{listed}{more}")
+    sizes: dict[tuple[int, ...], list[str]] = {}
+    for im, name in zip(images, names):
+        sizes.setdefault(im.shape, []).append(name)
+    if len(sizes) > 1:
+        found = "; ".join(f"{'x'.join(map(str, shape))}: {len(ns)} (e.g. {ns[0]})" for shape, ns in sizes.items())
+        raise DatasetError(f"{source} mixes image sizes ({found}); resize them to one size first")
+    return np.stack(images)
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -112,7 +147,8 @@ def load_parquet(path: str | Path, name: str | None = None) -> ImageDataset:
             raise DatasetError(f"dataset {path}: 'pixels' bytes do not match shape {list(shape)} per row")
         images = images.reshape((table.num_rows, *shape))
     elif "image" in table.column_names:
-        images = np.stack([_decode(b) for b in table.column("image").to_pylist()])
+        images = _read_images(table.column("image").to_pylist(), _decode, [f"row {i}" for i in range(table.num_rows)],
+                              f"dataset {path}, column 'image'")
     else:
         raise DatasetError(f"dataset {path} needs a 'pixels' or 'image' column (columns: {table.column_names})")
     if "raymerge.class_names" in meta:
@@ -129,24 +165,28 @@ def load_parquet(path: str | Path, name: str | None = None) -> ImageDataset:
     )
 
 
-def load_image_folder(root: str | Path, name: str | None = None, split: str = "test") -> ImageDataset:
-    """Read ``root/<class>/<image>`` into memory; all images must share one size."""
+def _read_image_file(path: Path) -> np.ndarray:
     from PIL import Image
 
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_image_folder(root: str | Path, name: str | None = None, split: str = "test") -> ImageDataset:
+    """Read ``root/<class>/<image>`` into memory; all images must share one size.
+
+    Every image is read before anything is reported, so one :class:`DatasetError` names every unreadable file.
+    """
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        for f in sorted((root / cls).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(f) as img:
-                    images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
-                labels.append(label)
-    if not images:
+    files = [(f, label) for label, cls in enumerate(classes)
+             for f in sorted((root / cls).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
         raise DatasetError(f"image folder {root} holds no images under <class>/ subdirectories")
-    if len({im.shape for im in images}) > 1:
-        raise DatasetError(f"image folder {root} mixes image sizes; resize them to one size first")
-    return ImageDataset(name or root.name, np.stack(images), np.asarray(labels, dtype=np.int64), tuple(classes), split, str(root))
+    paths = [f for f, _ in files]
+    images = _read_images(paths, _read_image_file, [str(f) for f in paths], f"image folder {root}")
+    labels = np.asarray([label for _, label in files], dtype=np.int64)
+    return ImageDataset(name or root.name, images, labels, tuple(classes), split, str(root))
 
 
 def load_dataset(path: str | Path, name: str | None = None) -> ImageDataset:

@@ -25,6 +25,7 @@ from raymerge.diagnostics import Diagnostics
 from raymerge.statedict import StateDict, to_numpy
 
 Pair = tuple[str, str]  # (task, split)
+CENTRAL_CPUS = 0.5  # what a central-statistics task (a mixture fit) asks Ray for, beside the actors
 Weights = Mapping[str, np.ndarray]
 
 

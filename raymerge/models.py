@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from raymerge.errors import InputError
 from raymerge._io import atomic_file
 from raymerge.statedict import StateDict, StateDictError
 
@@ -34,11 +35,11 @@ DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file cannot be read, or does not fit the architecture; the message names the file."""
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """An unknown model name or an inconsistent model/head pair."""
 
 

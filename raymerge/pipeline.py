@@ -34,6 +34,8 @@ from raymerge.data import DatasetError, ImageDataset, load_dataset
 from raymerge.methods import Candidate, Method, Params, Pool, Prediction
 from raymerge.results import ResultsError, ResultStore, row_key
 from raymerge.statedict import StateDict, StateDictError, check_compatible, state_dict_hash, to_numpy
+from raymerge.cluster import connect
+from raymerge.dawin_pipeline import CENTRAL_CPUS
 from raymerge.workers import WorkerPool
 
 log = logging.getLogger("raymerge")
@@ -140,7 +142,7 @@ class Run:
 
     def central(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Central statistics (coefficients, mixture fit) as one Ray task beside the actors."""
-        return ray.get(ray.remote(fn).options(num_cpus=0.5).remote(*args))
+        return ray.get(ray.remote(fn).options(num_cpus=CENTRAL_CPUS).remote(*args))
 
     def labels(self, pair: Pair) -> np.ndarray:
         return self.tasks[pair[0]].sets[pair[1]].labels
@@ -232,26 +234,6 @@ class Run:
         self.evaluated += len(rows)
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Join or start Ray; True when the Ray in use runs on this machine only (started here, or already running).
-
-    A cluster address (or RAY_ADDRESS, which ``ray job submit`` sets) joins that cluster; ``"local"`` always starts
-    a fresh local Ray; nothing lets plain ``ray.init()`` decide (a recorded local head, else a new local Ray).
-    ``num_cpus`` applies only to a local start (RAY-NOTES.md).
-    """
-    if ray.is_initialized():
-        return True
-    if address not in (None, "local") or (address is None and os.environ.get("RAY_ADDRESS")):
-        ray.init(address=address, log_to_driver=True)
-        return False
-    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    return True
-
-
-# Errors a user can fix in their files; jobs report them in one line instead of a traceback.
-INPUT_ERRORS = (models.CheckpointError, models.ModelError, DatasetError, StateDictError, ConfigError, ResultsError)
-
-
 def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> Run:
     """Load and check every input, then (and only then) join Ray and start the worker pool."""
     store = ResultStore(exp.output_dir)
@@ -261,7 +243,9 @@ def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
     local = connect(address)
     hashes = {"base": state_dict_hash(base), **{n: state_dict_hash(sd) for n, sd in finetuned.items()}}
     with phase("start workers"):
-        pool = WorkerPool(exp.architecture, exp.resources, cpu_fallback=local)
+        configs = {**exp.methods, **(exp.sweep.methods if exp.sweep else {})}
+        task_cpus = max((methods.get(name).task_cpus for name in configs), default=0.0)
+        pool = WorkerPool(exp.architecture, exp.resources, cpu_fallback=local, task_cpus=task_cpus)
         for name, task in tasks.items():
             pool.add_head(name, task.head)
             for split, ds in task.sets.items():

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raymerge.errors import InputError
 from raymerge._io import atomic_file, write_text
 
 ROW_FIELDS = ("key", "experiment", "method", "params", "pool", "task", "split", "accuracy", "n", "seconds", "merges")
@@ -55,7 +56,7 @@ _KEY = re.compile(r"[0-9a-f]+")
 _OLD_SAMPLES = re.compile(r"[0-9a-f]{24}\.parquet")  # format 1 named samples files by their 24-hex key alone
 
 
-class ResultsError(RuntimeError):
+class ResultsError(InputError):
     """The results directory holds a file that cannot be trusted or used; the message names it and what to do."""
 
 

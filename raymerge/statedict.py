@@ -11,10 +11,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from raymerge.errors import InputError
+
 StateDict = dict[str, torch.Tensor]
 
 
-class StateDictError(ValueError):
+class StateDictError(InputError):
     """A checkpoint (or set of checkpoints) cannot be merged or loaded as asked; the message names the key and model."""
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from raymerge import models
+from raymerge import cluster, models
 from raymerge.config import Resources
 from raymerge.data import ImageDataset, shard_indices
 from raymerge.statedict import state_dict_hash
@@ -91,15 +91,22 @@ class WorkerPool:
     :func:`evaluate_local` with the same batch size.
     """
 
-    def __init__(self, architecture: str, resources: Resources, max_restarts: int = -1, cpu_fallback: bool = True) -> None:
+    def __init__(self, architecture: str, resources: Resources, max_restarts: int = -1, cpu_fallback: bool = True,
+                 task_cpus: float = 0.0) -> None:
         """``cpu_fallback``: drop the GPU request when the cluster has no GPU. Only for a Ray the driver started
-        itself: an autoscaling cluster whose GPU workers scale from 0 has none *yet*, and must see the request."""
+        itself: an autoscaling cluster whose GPU workers scale from 0 has none *yet*, and must see the request.
+        ``task_cpus``: CPUs that tasks run beside the actors will need (see :func:`cluster.check_resources`).
+
+        Returns once every actor runs; :class:`cluster.ClusterResourceError` if the cluster can never run them,
+        or (autoscaling, busy) they have not started within ``resources.start_timeout_s``.
+        """
         self.architecture = architecture
         self.resources = resources
         gpus = resources.num_gpus_per_actor
         if gpus and cpu_fallback and ray.cluster_resources().get("GPU", 0) == 0:
             log.warning("this local Ray has no GPUs: actors fall back to CPU")
             gpus = 0.0
+        cluster.check_resources(resources.num_actors, resources.num_cpus_per_actor, gpus, task_cpus=task_cpus)
         actor = ray.remote(EvalWorker).options(
             num_cpus=resources.num_cpus_per_actor,
             num_gpus=gpus,
@@ -108,6 +115,8 @@ class WorkerPool:
         )
         threads = max(1, int(resources.num_cpus_per_actor))
         self.actors = [actor.remote(architecture, resources.batch_size, threads) for _ in range(resources.num_actors)]
+        cluster.wait_for_actors(self.actors, cluster.actor_bundle(resources.num_cpus_per_actor, gpus),
+                                resources.start_timeout_s)
         self.shards: dict[str, list[np.ndarray]] = {}
         self.shard_specs: dict[str, list[list]] = {}
         self.head_specs: dict[str, list] = {}

@@ -66,6 +66,7 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
+from raymerge.errors import InputError
 from raymerge import merge
 from raymerge._io import atomic_dir, default_cache_dir, remove_stale_siblings
 from raymerge.data import ImageDataset, write_parquet
@@ -103,7 +104,7 @@ SPLIT_FRACTIONS = {"pretrain": 0.15, "train": 0.45, "validation": 0.10, "test": 
 TASK_SPLIT_FRACTIONS = {"train": 0.60, "validation": 0.15, "test": 0.25}
 
 
-class ZooError(RuntimeError):
+class ZooError(InputError):
     """A zoo is missing, incomplete or corrupted; the message names the file."""
 
 

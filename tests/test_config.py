@@ -53,7 +53,7 @@ def test_value_checks(mini_pool):
     text = str(info.value)
     assert "methods.wise_ft.lambdas.1: input should be a valid number, got str 'x'" in text
     assert "methods.dawin.0.k: input should be greater than or equal to 1, got int 0" in text
-    assert "methods.dawin.1.mixture: input should be 'auto', 'beta', 'dirichlet' or 'none', got str 'gauss'" in text
+    assert "methods.dawin.1.mixture: input should be 'auto', 'beta', 'dirichlet', 'mean' or 'none', got str 'gauss'" in text
     assert "methods.dawin.2: scores: the oracle is a per-sample upper bound; use it with mixture: none" in text
     assert "methods.ties.lam: input should be a finite number, got float nan" in text
     assert "model_pool.architecture: unknown model name 'ViT-Q-99'" in text

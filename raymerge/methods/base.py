@@ -186,6 +186,7 @@ class Method:
     reads: Reads | Callable[[Any], Reads] = Reads()
     check: CheckFn | None = None
     summary: str = ""
+    task_cpus: float = 0.0
 
     def reads_for(self, params: Params) -> Reads:
         """What rows made with ``params`` read beyond their own set and head (see :class:`Reads`)."""
@@ -216,8 +217,13 @@ def register(
     random: bool | Callable[[Any], bool] = False,
     reads: Reads | Callable[[Any], Reads] = Reads(),
     check: CheckFn | None = None,
+    task_cpus: float = 0.0,
 ) -> Callable[[CandidateFn], CandidateFn]:
-    """Register the decorated candidate generator as method ``name``; its docstring's first line is its summary."""
+    """Register the decorated candidate generator as method ``name``; its docstring's first line is its summary.
+
+    ``task_cpus``: the CPUs one of its Ray tasks asks for (SVD jobs, mixture fits), which must stay free beside the
+    evaluation actors or the tasks would wait forever.
+    """
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise ValueError(f"method {name!r}: unknown settings {sorted(unknown)} (known: {', '.join(SETTINGS)})")
@@ -226,7 +232,7 @@ def register(
         if name in REGISTRY and REGISTRY[name].candidates is not fn:
             raise ValueError(f"method {name!r} is registered twice")
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        REGISTRY[name] = Method(name, paper, params, frozenset(settings), fn, random, reads, check, summary)
+        REGISTRY[name] = Method(name, paper, params, frozenset(settings), fn, random, reads, check, summary, task_cpus)
         return fn
 
     return decorate

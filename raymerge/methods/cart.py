@@ -30,7 +30,7 @@ def _randomized(p: CartParams | RankSweepParams) -> bool:
     return p.svd == "randomized"
 
 
-@register("cart", params=CartParams, settings=MERGES, paper=CART, random=_randomized)
+@register("cart", params=CartParams, settings=MERGES, paper=CART, random=_randomized, task_cpus=1.0)
 def cart(pool: Pool, p: CartParams) -> Iterator[Candidate]:
     """θavg + λ Σt SVDk(θt − θavg) per weight matrix; the SVDs run as Ray tasks."""
     yield Candidate(p.record(), build=lambda: distributed_cart(
@@ -46,7 +46,7 @@ class RankSweepParams(Params):
     svd: SVD = Field(default_of(cart_math.cart, "svd"), description=SVD_DOC)
 
 
-@register("rank_sweep", params=RankSweepParams, settings={MULTITASK}, paper=CART, random=_randomized)
+@register("rank_sweep", params=RankSweepParams, settings={MULTITASK}, paper=CART, random=_randomized, task_cpus=1.0)
 def rank_sweep(pool: Pool, p: RankSweepParams) -> Iterator[Candidate]:
     """Accuracy versus rank ratio (CART Fig. 1/5): CART and task arithmetic with rank-k task vectors per ρ."""
     for rho in p.rank_ratios:

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from raymerge import dawin as dawin_math
 from raymerge import diagnostics
-from raymerge.dawin_pipeline import DawinRunner, Outcome, phase1
+from raymerge.dawin_pipeline import CENTRAL_CPUS, DawinRunner, Outcome, phase1
 from raymerge.methods.base import MERGES, MULTITASK, ROBUST, Candidate, Paper, Params, Pool, Prediction, Reads, register
 from raymerge.methods.wise_ft import theta1
 from raymerge.statedict import StateDict, to_numpy
@@ -86,7 +86,7 @@ def _prediction(outcome: Outcome) -> Prediction:
 
 
 @register("dawin", params=DawinParams, settings=MERGES, paper=DAWIN, random=_random, check=_check,
-          reads=Reads(own=("validation",)))
+          reads=Reads(own=("validation",)), task_cpus=CENTRAL_CPUS)
 def dawin(pool: Pool, p: DawinParams) -> Iterator[Candidate]:
     """Per-sample coefficients from entropies (Eq. 1/2), reduced to K merges per test set by a mixture."""
     names, r = candidate_names(pool, p.model), _resolved(p, pool.setting)
