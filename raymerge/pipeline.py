@@ -189,22 +189,21 @@ class Run:
         """The row keys of ``cand``, one per (task, split) it is judged on."""
         return [row_key(i) for i in self._identities(unit, params, cand, pool, label).values()]
 
-    def is_done(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> bool:
-        """True when every row of ``cand`` is stored already and ``--force`` is off (counted as skipped)."""
-        keys = self.keys(unit, params, cand, pool, label)
-        if not self.force and all(k in self.done for k in keys):
-            self.skipped += len(keys)
-            return True
-        return False
+    def pending(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> dict[Pair, dict[str, Any]]:
+        """The identities of the rows of ``cand`` still to compute: those not stored yet, or all under ``--force``."""
+        identities = self._identities(unit, params, cand, pool, label)
+        return {pair: i for pair, i in identities.items() if self.force or row_key(i) not in self.done}
 
     def evaluate(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str | None = None,
                  weights: Mapping[str, np.ndarray] | None = None) -> None:
-        """Evaluate ``cand`` on its pairs unless all its rows are stored (and ``--force`` is off); ``weights`` are
-        its merge when it was built ahead of time."""
+        """Evaluate ``cand`` on the pairs whose rows are not stored (all of them under ``--force``); ``weights`` are
+        its merge when it was built ahead of time. Rows are independent per pair, so a changed test set recomputes
+        its own rows only."""
         label = label or unit.name
-        if self.is_done(unit, params, cand, pool, label):
+        identities = self.pending(unit, params, cand, pool, label)
+        self.skipped += len(pool.eval_pairs(cand.tasks)) - len(identities)
+        if not identities:
             return
-        identities = self._identities(unit, params, cand, pool, label)
         keys = {pair: row_key(identity) for pair, identity in identities.items()}
         pairs = list(identities)
         start = time.perf_counter()

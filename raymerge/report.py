@@ -65,8 +65,15 @@ def method_label(method: str, params: str | dict[str, Any]) -> str:
         return f"{method} (each on its own task)"
     keep = SHOWN_ALWAYS.get(method, set())
     shown = " ".join(f"{k}={v}" for k, v in sorted(p.items())
-                     if (k not in HIDDEN_PARAMS or k in keep) and (k, v) not in HIDDEN_VALUES)
+                     if (k not in HIDDEN_PARAMS or k in keep) and (k, v) not in HIDDEN_VALUES and v is not None)
     return f"{method} {shown}".strip()
+
+
+def row_label(row: Row) -> str:
+    """A table row's label: :func:`method_label`, and the λ a selection on validation chose (task arithmetic)."""
+    details = json.loads(row.get("details") or "{}")
+    chosen = f" (λ={details['lam']:g} on validation)" if "validation_accuracy" in details else ""
+    return method_label(row["method"], row["params"]) + chosen
 
 
 def is_sweep(method: str) -> bool:
@@ -77,6 +84,15 @@ def is_sweep(method: str) -> bool:
 def is_oracle(method: str, params: dict[str, Any]) -> bool:
     """DaWin with label-based coefficients: an upper bound, never a method to pick."""
     return method == "dawin" and params.get("scores") == "oracle"
+
+
+def current_rows(rows: Sequence[Row]) -> list[Row]:
+    """The newest row of each (experiment, method, params, task, split): a row superseded because an input changed
+    (another test set, head or seed gives it another key) is left out of tables and plots, though it stays stored."""
+    newest: dict[tuple, Row] = {}
+    for r in sorted(rows, key=lambda r: r.get("written_at") or 0):
+        newest[(r["experiment"], r["method"], json.dumps(_params(r), sort_keys=True), r["task"], r["split"])] = r
+    return list(newest.values())
 
 
 def table_rows(rows: Sequence[Row]) -> list[Row]:
@@ -95,7 +111,7 @@ def build_table(rows: Sequence[Row]) -> tuple[list[str], list[list[Any]]]:
     cells: dict[str, dict[str, float]] = {}
     extra: dict[str, tuple[float, int]] = {}
     for r in rows:
-        label = method_label(r["method"], r["params"])
+        label = row_label(r)
         column = r["split"] if robust else r["task"]
         cells.setdefault(label, {})[column] = 100.0 * r["accuracy"]
         secs, merges = extra.get(label, (0.0, 0))
@@ -753,7 +769,7 @@ def write_report(results_dir: str | Path) -> Path:
     root = Path(results_dir)
     store = ResultStore(root)
     by_exp: dict[str, list[Row]] = {}
-    for r in store.rows():
+    for r in current_rows(store.rows()):
         by_exp.setdefault(r["experiment"], []).append(r)
     parts = [f"# raymerge report: {root.name}", ""]
     for name, exp_rows in by_exp.items():

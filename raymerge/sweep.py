@@ -69,8 +69,13 @@ def sweep_run(run: Run) -> None:
     """The sweep loop over a started :class:`Run` (its worker pool stays up)."""
     cfg = run.exp.sweep
     plan = subsets(cfg.tasks or list(run.tasks), cfg.min_size, cfg.max_size)
-    todo = [(unit, params, c, pool) for s in plan for unit, params, c, pool in sweep_candidates(run, s, cfg.methods)
-            if not run.is_done(unit, params, c, pool, label(unit.name))]
+    todo = []
+    for s in plan:
+        for unit, params, c, pool in sweep_candidates(run, s, cfg.methods):
+            if run.pending(unit, params, c, pool, label(unit.name)):
+                todo.append((unit, params, c, pool))
+            else:
+                run.skipped += len(pool.eval_pairs(c.tasks))
     log.info("sweep: %d subsets x %d method configurations; %d candidates to evaluate, %d rows already stored skipped",
              len(plan), sum(map(len, cfg.methods.values())), len(todo), run.skipped)
     evaluations = sum(len(pool.eval_pairs(c.tasks)) for _, _, c, pool in todo)

@@ -198,11 +198,12 @@ class Head:
         return f"{self.submit.split(' -- ')[0]} -- {shlex.join(entrypoint)}"
 
 
-def start_readme_head(authenticated: bool = True) -> Head:
+def start_readme_head(authenticated: bool = True, **env: str) -> Head:
     """Start a head exactly as the README's block says (see the module docstring for the substitutions).
 
     ``authenticated=False`` drops the token steps and the ``RAY_AUTH_MODE=token`` of `ray start`: the head a user
-    gets from a plain ``ray start --head``, to show what raymerge says on it.
+    gets from a plain ``ray start --head``, to show what raymerge says on it. ``env``: variables of the head's
+    environment (what its jobs' drivers inherit), e.g. a prebuilt zoo's ``RAYMERGE_CACHE``.
     """
     commands = readme_commands()
     home = Path(tempfile.mkdtemp(prefix="rmhome-", dir="/tmp"))
@@ -213,7 +214,7 @@ def start_readme_head(authenticated: bool = True) -> Head:
         make_token(home, commands)
     else:
         start = start.replace("RAY_AUTH_MODE=token ", "")
-    head = start_head(start, home)
+    head = start_head(start, home, **env)
     head.submit = submit.replace(":8265", f":{head.ports['dashboard']}")
     return head
 

@@ -12,24 +12,61 @@ Nothing here calls ``ray.init``: the job's driver and actors run in the head's p
 from __future__ import annotations
 
 import json
+import re
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from ray_head import run_shell, start_readme_head, stop_head, submitted_job_id
+from raymerge.results import ResultStore
+from raymerge.zoo import build_zoo
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the head's processes in /proc")
 
-JOB_TIMEOUT_S = 300  # a bound for the failure case; the job itself takes ~30 s on 2 shared cores
+JOB_TIMEOUT_S = 600  # a bound for the failure case; the jobs take 30-120 s on 2 shared cores
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    head = start_readme_head(authenticated=True)
+def ray_head(tmp_path_factory):
+    """The README's head. Its environment points RAYMERGE_CACHE at a prebuilt embedded zoo at its tiny scale (seconds
+    to build, same structure), where `python jobs/eval.py` looks for the zoo, so a job with no arguments runs the
+    packaged experiments without minutes of zoo building."""
+    cache = tmp_path_factory.mktemp("zoo-cache")
+    build_zoo(cache / "zoo-seed0", seed=0, scale="tiny")
+    head = start_readme_head(authenticated=True, RAYMERGE_CACHE=str(cache))
     yield head
     stop_head(head)
+
+
+def _submit(head, line: str) -> tuple[str, dict, str]:
+    """Run a `ray job submit` line; the submission id, its final info and its logs."""
+    submit = run_shell(line, head.env, timeout=JOB_TIMEOUT_S)
+    submission_id = submitted_job_id(f"{line}\n{submit.stdout}\n{submit.stderr}")
+    info = json.loads(head.request(f"/api/jobs/{submission_id}", token=head.token)[1])
+    logs = head.cli("job", "logs", submission_id, "--address", head.address)
+    assert logs.returncode == 0, logs.stderr
+    return submission_id, info, logs.stdout
+
+
+@pytest.mark.slow
+def test_the_readme_command_exactly_as_typed(ray_head):
+    """`ray job submit ... -- python jobs/eval.py` with no argument: the packaged experiments run, and the rows are
+    where the job's last lines say, in a durable place (not the job's temporary working directory)."""
+    assert ray_head.submit.split(" -- ", 1)[1] == "python jobs/eval.py"
+    _, info, text = _submit(ray_head, ray_head.submit)
+    assert info["status"] == "SUCCEEDED", f"{info.get('message')}\n{text[-6000:]}"
+    located = dict(re.findall(r"^(\w+): rows in (\S+), report in \S+$", text, flags=re.M))
+    assert set(located) == {"robust", "multitask"}, text[-3000:]
+    expected = ray_head.home / "raymerge-results" / "results" / "default"
+    assert {Path(p) for p in located.values()} == {expected / "rows"}
+    assert f"ray rsync-down cluster.yaml {expected}/" in text
+    rows = ResultStore(expected).rows()
+    assert {r["experiment"] for r in rows} == {"robust", "multitask"}
+    assert {"zeroshot", "wise_ft", "dawin", "cart", "rank_sweep"} <= {r["method"] for r in rows}
+    assert (expected / "REPORT.md").is_file()
 
 
 @pytest.mark.slow
@@ -41,15 +78,8 @@ def test_eval_job_via_ray_job_submit(ray_head, mini_pool, tmp_path):
                   "--set", f"output_dir={out}", "--cache-dir", str(cache)]
     # the README's command, which waits for the job; the working dir is uploaded, mini_pool's files stay
     # outside it (absolute paths, one machine)
-    line = head.submit_command(entrypoint)
-    submit = run_shell(line, head.env, timeout=JOB_TIMEOUT_S)
-    submission_id = submitted_job_id(f"{line}\n{submit.stdout}\n{submit.stderr}")
-    info = json.loads(head.request(f"/api/jobs/{submission_id}", token=head.token)[1])
+    submission_id, info, text = _submit(head, head.submit_command(entrypoint))
     assert info["status"] in TERMINAL, info
-
-    logs = head.cli("job", "logs", submission_id, "--address", head.address)
-    assert logs.returncode == 0, logs.stderr
-    text = logs.stdout
     assert info["status"] == "SUCCEEDED", f"{info.get('message')}\n{text[-6000:]}"
     status = head.cli("job", "status", submission_id, "--address", head.address, "--log-color", "false")
     assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, status.stdout + status.stderr

@@ -39,8 +39,10 @@ class DawinParams(Params):
 
 
 def _resolved(p: DawinParams, setting: str) -> dict[str, Any]:
+    """What the parameters mean in ``setting``; ``k`` is None where no mixture is fitted (it changes nothing)."""
     robust = setting == ROBUST
-    return {"mixture": p.mixture if p.mixture != "auto" else dawin_math.default_mixture(robust),
+    mixture = p.mixture if p.mixture != "auto" else dawin_math.default_mixture(robust)
+    return {"mixture": mixture, "k": p.k if mixture in ("beta", "dirichlet") else None,
             "offset": p.offset if p.offset is not None else robust and p.scores == "entropy"}
 
 
