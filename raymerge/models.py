@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raymerge.statedict import StateDict, StateDictError
+from raymerge import statedict
+from raymerge.statedict import StateDict
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -87,11 +88,20 @@ def _strip_prefix(sd: StateDict) -> StateDict:
     return sd
 
 
-def load_state_dict_file(path: str | Path) -> StateDict:
-    """Read a state dict from ``.safetensors`` or, with ``weights_only=True``, a torch file.
+def _pickled_globals(path: Path) -> list[str]:
+    """Globals a torch zip file pickles beyond plain tensors (a static scan: nothing is built)."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # not a torch zip file: the caller reports the original read error
+        return []
 
-    Pickled modules (e.g. task_vectors' ``torch.save(image_encoder)``) are refused rather than unpickled:
-    convert them once with ``raymerge convert`` in a trusted environment.
+
+def read_tensor_file(path: str | Path) -> StateDict:
+    """Every tensor of a ``.safetensors`` file or, read with ``weights_only=True``, of a torch file, keys unchanged.
+
+    A ``{"state_dict": ...}`` wrapper is opened and a TALL-masks ``model_name`` string entry dropped. Every
+    floating tensor is checked for NaN and Inf. Pickled modules (task_vectors' ``torch.save(image_encoder)``)
+    are refused here; :mod:`raymerge.formats` reads them with a restricted unpickler.
     """
     path = Path(path)
     if not path.is_file():
@@ -101,15 +111,45 @@ def load_state_dict_file(path: str | Path) -> StateDict:
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any parse failure (truncated, not safetensors, unsafe pickle) is a bad file
-        raise CheckpointError(f"checkpoint {path} cannot be read safely: {type(err).__name__}: {err}") from err
+    except Exception as err:  # truncated, not safetensors, or pickled objects: never pass on torch's advice
+        pickled = _pickled_globals(path)
+        if pickled:
+            shown = ", ".join(pickled[:3]) + (", ..." if len(pickled) > 3 else "")
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read safely as a state dict: it pickles Python objects ({shown}). "
+                f"For task_vectors / TALL-masks modules run `raymerge import {path} --model ARCH --out "
+                f"{path.stem}.safetensors` (a restricted unpickler that runs nothing from the file), or name the "
+                "file in the experiment as it is"
+            ) from None
+        reason = f"{type(err).__name__}: {err}".split("\n", 1)[0]
+        raise CheckpointError(f"checkpoint {path} cannot be read safely: {reason}") from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
+    if isinstance(sd, Mapping) and isinstance(sd.get("model_name"), str):
+        sd = {k: v for k, v in sd.items() if k != "model_name"}
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint {path} is not a state dict of tensors (got {type(sd).__name__})")
     if not sd:
         raise CheckpointError(f"checkpoint {path} holds no tensors")
-    return _strip_prefix(dict(sd))
+    check_finite(sd, f"checkpoint {path}")
+    return dict(sd)
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` naming ``source`` and the first key with a NaN or an Inf."""
+    try:
+        statedict.check_finite([sd], [source])
+    except statedict.StateDictError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def load_state_dict_file(path: str | Path) -> StateDict:
+    """Read an encoder state dict from ``.safetensors`` or, with ``weights_only=True``, a torch file.
+
+    Encoder weights under ``visual.`` (a whole open_clip CLIP) or ``model.visual.`` (a task_vectors
+    ``ImageEncoder``) are taken from there. Pickled modules are refused; :func:`load_encoder_weights` reads them.
+    """
+    return _strip_prefix(read_tensor_file(path))
 
 
 def _sort_safetensors_metadata(path: Path) -> None:
@@ -155,12 +195,16 @@ def check_architecture(reference: Mapping[str, torch.Tensor], sd: Mapping[str, t
         raise CheckpointError(f"{source} has key {extra[0]!r} that the architecture does not have")
 
 
-def load_encoder_weights(model_name: str, path: str | Path) -> StateDict:
-    """Load the encoder state dict at ``path`` and check it against ``model_name``'s architecture."""
-    reference = build_encoder(model_name).state_dict()
-    sd = load_state_dict_file(path)
-    check_architecture(reference, sd, f"checkpoint {path} (model {model_name})")
-    return sd
+def load_encoder_weights(model_name: str, path: str | Path, projection_from: str | Path | None = None) -> StateDict:
+    """Load the encoder weights at ``path``, in any format :mod:`raymerge.formats` reads, checked against ``model_name``.
+
+    raymerge / open_clip / TALL-masks state dicts are read as they are; task_vectors pickles and Hugging Face
+    directories are converted once and cached under ``$RAYMERGE_CACHE/imports``. ``projection_from`` names the
+    checkpoint that supplies ``proj`` when ``path`` has none (a Hugging Face ``CLIPVisionModel``).
+    """
+    from raymerge import formats
+
+    return formats.load_encoder(path, model_name, projection_from=projection_from)
 
 
 @dataclass(frozen=True)
@@ -203,15 +247,19 @@ def save_head(head: Head, path: str | Path) -> None:
 
 
 def load_head(path: str | Path) -> Head:
-    """Read a head written by :func:`save_head` (or any safetensors file with a (C, D) ``weight``)."""
+    """Read a head written by :func:`save_head` (or any safetensors file with a (C, D) ``weight``), or a task_vectors
+    ``ClassificationHead`` pickle / torch state dict with ``weight`` and ``bias`` (via :func:`raymerge.formats.read_head`).
+    """
     path = Path(path)
-    sd = load_state_dict_file(path)
+    if path.suffix != ".safetensors":
+        from raymerge import formats
+
+        return formats.read_head(path)
+    sd = read_tensor_file(path)
     if "weight" not in sd or sd["weight"].ndim != 2:
         raise CheckpointError(f"head {path} needs a 2-D 'weight' tensor of shape (classes, features)")
-    meta = {}
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
     num_classes = sd["weight"].shape[0]
     names = tuple(json.loads(meta["class_names"])) if "class_names" in meta else tuple(str(i) for i in range(num_classes))
     if len(names) != num_classes:
@@ -244,6 +292,30 @@ def preprocess(images: np.ndarray, size: int, mean=DEFAULT_MEAN, std=DEFAULT_STD
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return ((x - mean_t) / std_t).contiguous()
+
+
+def preprocess_config(model_name: str) -> dict:
+    """open_clip's inference preprocessing for ``model_name``: size, mean, std, interpolation, resize mode.
+
+    open_clip's defaults (OpenAI's mean and std, bicubic, shortest-side resize) overridden by the model config's
+    ``preprocess_cfg``, with the size of its vision tower, as ``open_clip.create_model`` sets them.
+    """
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = encoder_config(model_name)
+    merged = merge_preprocess_dict(asdict(PreprocessCfg()), cfg.get("preprocess_cfg", {}))
+    merged["size"] = image_size(model_name)
+    return merged
+
+
+def image_transform(model_name: str):
+    """PIL image → float32 (3, S, S) tensor, exactly as open_clip preprocesses ``model_name``'s inputs at evaluation
+    (resize the shortest side, center crop, normalize)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**preprocess_config(model_name)), is_train=False)
 
 
 @torch.no_grad()
