@@ -95,9 +95,7 @@ def class_names(spec: str | Path | Sequence[str]) -> tuple[str, ...]:
         names = [str(n) for n in spec]
     if not names:
         raise HeadError("the list of class names is empty")
-    duplicate = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if duplicate is not None:
-        raise HeadError(f"class name {duplicate!r} appears twice in {spec if isinstance(spec, (str, Path)) else 'the list'}")
+    # repeated names are allowed: OpenAI's ImageNet list has two 'missile' and two 'sunglasses' classes
     return tuple(names)
 
 

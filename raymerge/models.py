@@ -88,6 +88,14 @@ def _strip_prefix(sd: StateDict) -> StateDict:
     return sd
 
 
+def torch_load_reason(err: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, without torch's advice to retry with ``weights_only=False``."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    return " ".join(text.split()) or type(err).__name__
+
+
 def _pickled_globals(path: Path) -> list[str]:
     """Globals a torch zip file pickles beyond plain tensors (a static scan: nothing is built)."""
     try:
@@ -121,8 +129,9 @@ def read_tensor_file(path: str | Path) -> StateDict:
                 f"{path.stem}.safetensors` (a restricted unpickler that runs nothing from the file), or name the "
                 "file in the experiment as it is"
             ) from None
-        reason = f"{type(err).__name__}: {err}".split("\n", 1)[0]
-        raise CheckpointError(f"checkpoint {path} cannot be read safely: {reason}") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read safely: {type(err).__name__}: {torch_load_reason(err)}"
+        ) from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if isinstance(sd, Mapping) and isinstance(sd.get("model_name"), str):
@@ -156,18 +165,20 @@ def _sort_safetensors_metadata(path: Path) -> None:
     """Rewrite a safetensors header with its metadata keys sorted, in place and at the same length.
 
     safetensors keeps metadata in a hash map whose order changes from one write to the next, so identical
-    weights would give files with different bytes (and hashes); tensor offsets are untouched.
+    weights would give files with different bytes (and hashes); tensor offsets are untouched, and only the
+    header is read and written.
     """
-    data = path.read_bytes()
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
-    if "__metadata__" not in header:
-        return
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(text) > size:
-        raise CheckpointError(f"cannot canonicalize the safetensors header of {path}: it would grow")
-    path.write_bytes(data[:8] + text.ljust(size, b" ") + data[8 + size :])
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise CheckpointError(f"cannot canonicalize the safetensors header of {path}: it would grow")
+        f.seek(8)
+        f.write(text.ljust(size, b" "))
 
 
 def save_state_dict_file(sd: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

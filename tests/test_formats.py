@@ -23,9 +23,21 @@ from raymerge.formats import UnsafePickleError
 BASE_HF = ("hf", "base")
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("raymerge_cache")
+
+
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private RAYMERGE_CACHE: conversions of these fixtures never land in the shared one."""
+def cache(session_cache, monkeypatch):
+    """A RAYMERGE_CACHE for these tests alone (never the user's), shared by them: conversions are deterministic."""
+    monkeypatch.setenv("RAYMERGE_CACHE", str(session_cache))
+    return session_cache
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty RAYMERGE_CACHE, for tests that count what gets cached."""
     monkeypatch.setenv("RAYMERGE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
@@ -36,8 +48,9 @@ def assert_same(got: dict, expected: dict) -> None:
         assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
 
 
+@pytest.mark.slow  # the ViT-B-32 pool
 @pytest.mark.parametrize("fmt", ["task_vectors", "tall_masks", "hf", "open_clip", "raymerge"])
-def test_every_format_imports_the_same_state_dict(clip_pool, cache, fmt):
+def test_every_format_imports_the_same_state_dict(clip_pool, cache, tmp_path, fmt):
     base_hf = clip_pool.files["hf"]["base"]
     for name, path in clip_pool.files[fmt].items():
         assert formats.detect_format(path) == fmt
@@ -47,13 +60,15 @@ def test_every_format_imports_the_same_state_dict(clip_pool, cache, fmt):
         assert "src.modeling" not in sys.modules and "src" not in sys.modules  # no task_vectors code was needed
     # ...and `raymerge import` with the format named
     name, path = list(clip_pool.files[fmt].items())[-1]
-    out = cache.parent / f"{fmt}.safetensors"
+    out = tmp_path / f"{fmt}.safetensors"
     assert cli.main(["import", str(path), "--out", str(out), "--model", ARCH, "--format", fmt,
                      "--projection-from", str(base_hf)]) == 0
     assert_same(models.load_state_dict_file(out), clip_pool.encoder(name))
 
 
-def test_conversions_are_cached_by_source_bytes(clip_pool, cache, tmp_path, monkeypatch):
+@pytest.mark.slow  # the ViT-B-32 pool
+def test_conversions_are_cached_by_source_bytes(clip_pool, fresh_cache, tmp_path, monkeypatch):
+    cache = fresh_cache
     src = clip_pool.files["task_vectors"][TASKS[1]]
     first = models.load_encoder_weights(ARCH, src)
     cached = list((cache / "imports").glob("*.safetensors"))
@@ -72,6 +87,7 @@ def test_conversions_are_cached_by_source_bytes(clip_pool, cache, tmp_path, monk
     assert len(list((cache / "imports").glob("*.safetensors"))) == 3
 
 
+@pytest.mark.slow  # the ViT-B-32 pool
 def test_task_vectors_heads(clip_pool, tmp_path):
     for task, (weight, bias, normalize) in clip_pool.heads.items():
         path = clip_pool.root / "task_vectors" / f"head_{task}.pt"
@@ -100,6 +116,7 @@ def _images(tmp_path, size: tuple[int, int], n: int = 4) -> list:
     return sorted(paths)
 
 
+@pytest.mark.slow  # the ViT-B-32 pool
 @torch.no_grad()
 def test_image_features_match_transformers(clip_pool, cache, tmp_path):
     from transformers import CLIPVisionModelWithProjection
@@ -140,6 +157,7 @@ class _RunsACommand:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
 def test_pickle_that_would_run_a_command_is_refused(tmp_path, cache):
     marker = tmp_path / "pwned"
     zip_file, legacy = tmp_path / "evil.pt", tmp_path / "evil_legacy.pt"
@@ -156,9 +174,17 @@ def test_pickle_that_would_run_a_command_is_refused(tmp_path, cache):
     with pytest.raises(models.CheckpointError, match=r"evil.pt cannot be read safely as a state dict.*raymerge import") as err:
         models.load_state_dict_file(zip_file)
     assert "weights_only" not in str(err.value)
+    # pickle protocol 4 (STACK_GLOBAL) cannot even be scanned: refused all the same
+    protocol4 = tmp_path / "evil4.pt"
+    torch.save({"payload": _RunsACommand(marker)}, protocol4, pickle_protocol=4)
+    for load in (models.load_state_dict_file, lambda p: models.load_encoder_weights(ARCH, p), models.load_head):
+        with pytest.raises(models.CheckpointError, match="evil4.pt cannot be read safely") as err:
+            load(protocol4)
+        assert "weights_only" not in str(err.value)
     assert not marker.exists() and not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow  # the ViT-B-32 pool
 def test_pickle_with_an_unexpected_global_names_it(clip_pool, tmp_path, capsys):
     # a real encoder pickle with one extra class that is not on the allowlist
     src = clip_pool.files["task_vectors"]["base"]
@@ -177,6 +203,7 @@ def test_pickle_with_an_unexpected_global_names_it(clip_pool, tmp_path, capsys):
     assert "raymerge import" in err and "weights_only" not in err
 
 
+@pytest.mark.slow  # the ViT-B-32 pool
 def test_hf_directory_of_another_architecture(clip_pool, tmp_path):
     base = clip_pool.files["hf"]["base"]
     # OpenAI CLIP's QuickGELU read as open_clip's GELU ViT-B-32: shapes agree, the activation does not
@@ -199,9 +226,17 @@ def test_hf_directory_of_another_architecture(clip_pool, tmp_path):
         formats.read_encoder(clip_pool.files["hf"][TASKS[0]], ARCH)
 
 
+@pytest.mark.slow  # the ViT-B-32 pool
 def test_checkpoint_that_does_not_fit_the_model(clip_pool, tmp_path):
-    with pytest.raises(models.CheckpointError, match=r"zeroshot.pt \(model ViT-B-16\): key 'positional_embedding' has shape \(50, 768\)"):
-        models.load_encoder_weights("ViT-B-16", clip_pool.files["task_vectors"]["base"])
+    # OpenAI CLIP pickles hold QuickGELU modules: open_clip's plain ViT-B-32 has the same shapes but GELU
+    with pytest.raises(models.CheckpointError, match=r"zeroshot.pt was pickled with quick_gelu activations in its "
+                                                     r"image tower, but ViT-B-32 uses gelu: name ViT-B-32-quickgelu"):
+        models.load_encoder_weights("ViT-B-32", clip_pool.files["task_vectors"]["base"])
+    with pytest.raises(models.CheckpointError, match=r"MNIST/finetuned.pt was pickled with quick_gelu"):  # legacy names
+        models.load_encoder_weights("ViT-B-32", clip_pool.files["task_vectors"][TASKS[0]])
+    with pytest.raises(models.CheckpointError, match=r"zeroshot.pt \(model ViT-B-16-quickgelu\): key 'positional_embedding' "
+                                                     r"has shape \(50, 768\)"):
+        models.load_encoder_weights("ViT-B-16-quickgelu", clip_pool.files["task_vectors"]["base"])
     with pytest.raises(models.CheckpointError, match=r"nonlinear_zeroshot.pt is an ImageEncoder state dict .*not format hf"):
         formats.read_encoder(clip_pool.files["tall_masks"]["base"], ARCH, fmt="hf")
     with pytest.raises(models.CheckpointError, match="head_MNIST.pt is a classification head"):
@@ -213,6 +248,7 @@ def test_checkpoint_that_does_not_fit_the_model(clip_pool, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow  # the ViT-B-32 pool
 def test_nan_and_inf_weights_are_named(clip_pool, tmp_path):
     sd = clip_pool.encoder("base")
     bad = dict(sd, **{"transformer.resblocks.3.mlp.c_fc.weight": sd["transformer.resblocks.3.mlp.c_fc.weight"].clone()})
@@ -227,6 +263,7 @@ def test_nan_and_inf_weights_are_named(clip_pool, tmp_path):
         models.load_encoder_weights(ARCH, tmp_path / "inf.pt")
 
 
+@pytest.mark.slow  # the ViT-B-32 pool
 def test_open_clip_pretrained_file_and_tag(clip_pool, tmp_path, monkeypatch):
     out = tmp_path / "b32.safetensors"
     oc = str(clip_pool.files["open_clip"]["base"])

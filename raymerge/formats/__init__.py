@@ -74,8 +74,11 @@ def _is_pickle(path: Path) -> bool:
     if zipfile.is_zipfile(path):
         try:
             return bool(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-        except Exception as err:
-            raise CheckpointError(f"checkpoint {path} cannot be read: {type(err).__name__}: {err}") from None
+        except Exception as err:  # e.g. pickle protocol >= 4, which torch.save never writes by default
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read safely: its pickle cannot be scanned by torch's restricted reader "
+                f"({type(err).__name__}: {models.torch_load_reason(err)}); nothing was loaded"
+            ) from None
     # the legacy (pre-1.6) format cannot be scanned: a failed weights_only read means pickled objects
     try:
         models.read_tensor_file(path)
@@ -117,6 +120,7 @@ class _Read:
     is_head: bool = False
     normalize: bool = True
     kind: str = ""
+    activation: str | None = None  # the image tower's MLP activation, where the file records it
 
 
 def _head_like(keys) -> bool:
@@ -136,9 +140,10 @@ def _read_pickle(path: Path) -> _Read:
         return _Read("task_vectors", sd, is_head=True, normalize=bool(pickles.pickled_attribute(obj, "normalize", False)),
                      kind=cls)
     if cls.endswith(".ImageEncoder"):
-        return _Read("task_vectors", _strip(sd, "model."), kind=cls)
+        visual = pickles.activation(pickles.submodule(obj, "model.visual"))
+        return _Read("task_vectors", _strip(sd, "model."), kind=cls, activation=visual)
     if cls in ("open_clip.model.CLIP", "open_clip.model.CustomTextCLIP"):
-        return _Read("task_vectors", sd, kind=cls)
+        return _Read("task_vectors", sd, kind=cls, activation=pickles.activation(pickles.submodule(obj, "visual")))
     raise CheckpointError(
         f"{path} pickles a {cls}: raymerge imports pickled ImageEncoder, ClassificationHead and open_clip CLIP modules"
     )
@@ -213,6 +218,7 @@ def _encoder(got: _Read, path: Path, architecture: str, projection_from: str | P
     encoder = {k[len("visual.") :]: v for k, v in got.tensors.items() if k.startswith("visual.")}
     if not encoder:
         raise CheckpointError(f"{path} holds no image encoder weights (no visual.* keys in open_clip's names)")
+    _check_activation(got, path, architecture)
     if "proj" in reference and "proj" not in encoder:
         if projection_from is None:
             raise CheckpointError(
@@ -223,6 +229,20 @@ def _encoder(got: _Read, path: Path, architecture: str, projection_from: str | P
     encoder = {k: v.float() if v.is_floating_point() else v for k, v in encoder.items()}
     models.check_architecture(reference, encoder, f"checkpoint {path} (model {architecture})")
     return encoder
+
+
+def _check_activation(got: _Read, path: Path, architecture: str) -> None:
+    """OpenAI's CLIP weights need QuickGELU (open_clip's ``-quickgelu`` names): the same shapes with GELU would load
+    and silently compute something else."""
+    expected = "quick_gelu" if models.encoder_config(architecture).get("quick_gelu", False) else "gelu"
+    if got.activation is None or got.activation == expected:
+        return
+    other = architecture + "-quickgelu" if got.activation == "quick_gelu" else architecture.removesuffix("-quickgelu")
+    hint = f": name {other}" if other in models.model_names() else ""
+    raise CheckpointError(
+        f"{path} was pickled with {got.activation} activations in its image tower, but {architecture} uses "
+        f"{expected}{hint}"
+    )
 
 
 def read_clip(path: str | Path, architecture: str) -> StateDict:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from raymerge import models
 from raymerge.models import CheckpointError
 
 # What task_vectors-style checkpoints reference, read from real pickles' opcodes (pickletools) and from the class
@@ -118,7 +119,7 @@ def load_pickled_modules(path: str | Path) -> object:
         match = _TORCH_GLOBAL.search(text)
         if match:
             raise _refuse(path, [match.group(1)]) from None
-        reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
+        reason = models.torch_load_reason(err)
         if not zipfile.is_zipfile(path):
             reason += " (pickled modules are read from the zip format torch >= 1.6 writes, not the legacy one)"
         raise CheckpointError(f"{path} cannot be read by raymerge's restricted unpickler: {reason}") from None
@@ -156,3 +157,31 @@ def pickled_class(obj: object) -> str:
 def pickled_attribute(obj: StandIn, name: str, default=None):
     """A plain attribute the pickled object carried (``normalize`` of a ClassificationHead)."""
     return vars(obj).get(name, default)
+
+
+_ACTIVATIONS = {
+    "open_clip.transformer.QuickGELU": "quick_gelu",
+    "open_clip.model.QuickGELU": "quick_gelu",
+    "torch.nn.modules.activation.GELU": "gelu",
+}
+
+
+def submodule(obj: object, dotted: str) -> object | None:
+    """The pickled child module at ``dotted`` (``model.visual``), or None."""
+    for name in dotted.split("."):
+        modules = vars(obj).get("_modules") if isinstance(obj, StandIn) else None
+        obj = modules.get(name) if isinstance(modules, dict) else None
+    return obj
+
+
+def activation(obj: object) -> str | None:
+    """``quick_gelu`` or ``gelu``: the activation the pickled tower's MLPs use (shapes cannot tell them apart)."""
+    if not isinstance(obj, StandIn):
+        return None
+    if obj.pickled_name in _ACTIVATIONS:
+        return _ACTIVATIONS[obj.pickled_name]
+    for child in (vars(obj).get("_modules") or {}).values():
+        found = activation(child)
+        if found is not None:
+            return found
+    return None
