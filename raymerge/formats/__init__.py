@@ -1,6 +1,6 @@
 """Every checkpoint format users arrive with, read into raymerge's own: open_clip's vision-tower state dict.
 
-Formats (FORMATS.md in the project notes has the details):
+Formats:
 
 - ``task_vectors``: pickled ``src.modeling.ImageEncoder`` / ``ClassificationHead`` modules (task_vectors,
   AdaMerging, CART; TALL-masks heads), read by a restricted unpickler (:mod:`raymerge.formats.pickles`);
@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,11 +80,13 @@ def _is_pickle(path: Path) -> bool:
                 f"checkpoint {path} cannot be read safely: its pickle cannot be scanned by torch's restricted reader "
                 f"({type(err).__name__}: {models.torch_load_reason(err)}); nothing was loaded"
             ) from None
-    # the legacy (pre-1.6) format cannot be scanned: a failed weights_only read means pickled objects
+    # the legacy (pre-1.6) format cannot be scanned: torch's weights_only reader refusing it means pickled objects
     try:
-        models.read_tensor_file(path)
-    except CheckpointError:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
         return True
+    except Exception:  # not a torch file at all: reading it as a state dict gives the message
+        return False
     return False
 
 
@@ -299,6 +302,8 @@ def import_checkpoint(
     path = resolve_source(src, architecture or "")
     check = (lambda ckpt: hf.check_vision_config(ckpt, architecture)) if architecture else None
     got = _read(path, fmt, hf_check=check)
+    if class_names is not None and not got.is_head:
+        raise CheckpointError(f"{path} is an image encoder: class names go with a classification head")
     if got.is_head:
         head = _head(got, path, class_names)
         models.save_head(head, out)

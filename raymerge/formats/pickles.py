@@ -108,7 +108,12 @@ def load_pickled_modules(path: str | Path) -> object:
     """
     path = Path(path)
     if zipfile.is_zipfile(path):
-        unknown = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - ALLOWED_GLOBALS)
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as err:  # e.g. pickle protocol >= 4, which the restricted reader does not handle
+            raise CheckpointError(f"{path} cannot be scanned by raymerge's restricted unpickler: "
+                                  f"{models.torch_load_reason(err)}; nothing was loaded") from None
+        unknown = sorted(set(found) - ALLOWED_GLOBALS)
         if unknown:
             raise _refuse(path, unknown)
     try:
