@@ -243,3 +243,22 @@ def build_clip_pool(root: Path) -> ClipPool:
 @pytest.fixture(scope="session")
 def clip_pool(tmp_path_factory) -> ClipPool:
     return build_clip_pool(tmp_path_factory.mktemp("clip_pool"))
+
+
+@pytest.fixture(scope="session")
+def _session_raymerge_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("raymerge_cache")
+
+
+@pytest.fixture
+def raymerge_cache(_session_raymerge_cache, monkeypatch) -> Path:
+    """A RAYMERGE_CACHE for these tests alone (never the user's), shared by them: conversions are deterministic."""
+    monkeypatch.setenv("RAYMERGE_CACHE", str(_session_raymerge_cache))
+    return _session_raymerge_cache
+
+
+@pytest.fixture
+def fresh_raymerge_cache(tmp_path, monkeypatch) -> Path:
+    """An empty RAYMERGE_CACHE, for tests that count what gets cached."""
+    monkeypatch.setenv("RAYMERGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

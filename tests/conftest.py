@@ -76,4 +76,4 @@ def tiny_zoo(tmp_path_factory) -> Path:
 
 
 # a real-sized ViT-B-32 pool in every checkpoint format (tests/clip_fixtures.py), built once per session
-from clip_fixtures import clip_pool  # noqa: E402, F401
+from clip_fixtures import _session_raymerge_cache, clip_pool, fresh_raymerge_cache, raymerge_cache  # noqa: E402, F401

@@ -19,26 +19,8 @@ from raymerge import cli, formats, models
 from raymerge.data import load_dataset
 from raymerge.formats import UnsafePickleError
 
-BASE_HF = ("hf", "base")
-
-
-@pytest.fixture(scope="session")
-def session_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("raymerge_cache")
-
-
-@pytest.fixture
-def cache(session_cache, monkeypatch):
-    """A RAYMERGE_CACHE for these tests alone (never the user's), shared by them: conversions are deterministic."""
-    monkeypatch.setenv("RAYMERGE_CACHE", str(session_cache))
-    return session_cache
-
-
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    """An empty RAYMERGE_CACHE, for tests that count what gets cached."""
-    monkeypatch.setenv("RAYMERGE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+# never the user's cache: conversions and heads of these fixtures go to a test-only RAYMERGE_CACHE
+pytestmark = pytest.mark.usefixtures("raymerge_cache")
 
 
 def assert_same(got: dict, expected: dict) -> None:
@@ -49,7 +31,7 @@ def assert_same(got: dict, expected: dict) -> None:
 
 @pytest.mark.slow  # the ViT-B-32 pool
 @pytest.mark.parametrize("fmt", ["task_vectors", "tall_masks", "hf", "open_clip", "raymerge"])
-def test_every_format_imports_the_same_state_dict(clip_pool, cache, tmp_path, fmt):
+def test_every_format_imports_the_same_state_dict(clip_pool, raymerge_cache, tmp_path, fmt):
     base_hf = clip_pool.files["hf"]["base"]
     for name, path in clip_pool.files[fmt].items():
         assert formats.detect_format(path) == fmt
@@ -66,8 +48,8 @@ def test_every_format_imports_the_same_state_dict(clip_pool, cache, tmp_path, fm
 
 
 @pytest.mark.slow  # the ViT-B-32 pool
-def test_conversions_are_cached_by_source_bytes(clip_pool, fresh_cache, tmp_path, monkeypatch):
-    cache = fresh_cache
+def test_conversions_are_cached_by_source_bytes(clip_pool, fresh_raymerge_cache, tmp_path, monkeypatch):
+    cache = fresh_raymerge_cache
     src = clip_pool.files["task_vectors"][TASKS[1]]
     first = models.load_encoder_weights(ARCH, src)
     cached = list((cache / "imports").glob("*.safetensors"))
@@ -117,7 +99,7 @@ def _images(tmp_path, size: tuple[int, int], n: int = 4) -> list:
 
 @pytest.mark.slow  # the ViT-B-32 pool
 @torch.no_grad()
-def test_image_features_match_transformers(clip_pool, cache, tmp_path):
+def test_image_features_match_transformers(clip_pool, raymerge_cache, tmp_path):
     from transformers import CLIPVisionModelWithProjection
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -157,7 +139,7 @@ class _RunsACommand:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
-def test_pickle_that_would_run_a_command_is_refused(tmp_path, cache):
+def test_pickle_that_would_run_a_command_is_refused(tmp_path, raymerge_cache):
     marker = tmp_path / "pwned"
     zip_file, legacy = tmp_path / "evil.pt", tmp_path / "evil_legacy.pt"
     torch.save({"weight": torch.zeros(2, 2), "payload": _RunsACommand(marker)}, zip_file)

@@ -14,29 +14,13 @@ from raymerge import cli, heads, models
 CLASSES = ("cat", "dog", "airplane")
 TEMPLATES = ("a photo of a {}.", "a blurry drawing of the {}.")
 
-
-@pytest.fixture(scope="session")
-def session_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("raymerge_cache")
-
-
-@pytest.fixture
-def cache(session_cache, monkeypatch):
-    """A RAYMERGE_CACHE for these tests alone (never the user's), shared by them: conversions are deterministic."""
-    monkeypatch.setenv("RAYMERGE_CACHE", str(session_cache))
-    return session_cache
-
-
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    """An empty RAYMERGE_CACHE, for tests that count what gets cached."""
-    monkeypatch.setenv("RAYMERGE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+# never the user's cache: conversions and heads of these fixtures go to a test-only RAYMERGE_CACHE
+pytestmark = pytest.mark.usefixtures("raymerge_cache")
 
 
 @pytest.mark.slow  # the ViT-B-32 pool
 @torch.no_grad()
-def test_head_equals_open_clip_zero_shot_classifier(clip_pool, cache):
+def test_head_equals_open_clip_zero_shot_classifier(clip_pool, raymerge_cache):
     path = clip_pool.files["open_clip"]["base"]
     head = heads.zero_shot_head(ARCH, path, "MNIST", "EuroSAT", device="cpu")
     # open_clip alone: its own checkpoint loader, tokenizer and classifier builder, times the logit scale
@@ -51,7 +35,7 @@ def test_head_equals_open_clip_zero_shot_classifier(clip_pool, cache):
 
 @pytest.mark.slow  # the ViT-B-32 pool
 @torch.no_grad()
-def test_hugging_face_text_tower_gives_the_same_head(clip_pool, cache):
+def test_hugging_face_text_tower_gives_the_same_head(clip_pool, raymerge_cache):
     from transformers import CLIPModel
 
     hf_dir = clip_pool.files["hf"]["base"]
@@ -72,8 +56,8 @@ def test_hugging_face_text_tower_gives_the_same_head(clip_pool, cache):
 
 
 @pytest.mark.slow  # the ViT-B-32 pool
-def test_heads_are_cached_by_text_weights_classes_and_templates(clip_pool, fresh_cache, monkeypatch):
-    cache = fresh_cache
+def test_heads_are_cached_by_text_weights_classes_and_templates(clip_pool, fresh_raymerge_cache, monkeypatch):
+    cache = fresh_raymerge_cache
     first = heads.zero_shot_head(ARCH, clip_pool.files["open_clip"]["base"], list(CLASSES), list(TEMPLATES), device="cpu")
     with monkeypatch.context() as m:
         m.setattr(heads, "build_head", lambda *a, **k: pytest.fail("the head was built again"))
@@ -85,7 +69,7 @@ def test_heads_are_cached_by_text_weights_classes_and_templates(clip_pool, fresh
 
 
 @pytest.mark.slow  # the ViT-B-32 pool
-def test_head_command(clip_pool, cache, tmp_path):
+def test_head_command(clip_pool, raymerge_cache, tmp_path):
     (tmp_path / "classes.txt").write_text("cat\ndog\n\nairplane\n")
     (tmp_path / "templates.txt").write_text("a photo of a {}.\na blurry drawing of the {}.\n")
     out = tmp_path / "head.safetensors"
