@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -241,8 +242,10 @@ def build_clip_pool(root: Path) -> ClipPool:
 
 
 @pytest.fixture(scope="session")
-def clip_pool(tmp_path_factory) -> ClipPool:
-    return build_clip_pool(tmp_path_factory.mktemp("clip_pool"))
+def clip_pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clip_pool")
+    yield build_clip_pool(root)
+    shutil.rmtree(root)  # about 8 GB: pytest would keep it with its last three runs' temporary directories
 
 
 @pytest.fixture(scope="session")
