@@ -19,9 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raymerge.errors import InputError
+from raymerge import statedict
 from raymerge._io import atomic_file
-from raymerge.statedict import StateDict, StateDictError
+from raymerge.errors import InputError
+from raymerge.statedict import StateDict
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -89,11 +90,28 @@ def _strip_prefix(sd: StateDict) -> StateDict:
     return sd
 
 
-def load_state_dict_file(path: str | Path) -> StateDict:
-    """Read a state dict from ``.safetensors`` or, with ``weights_only=True``, a torch file.
+def torch_load_reason(err: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, without torch's advice to retry with ``weights_only=False``."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    return " ".join(text.split()) or type(err).__name__
 
-    Pickled modules (e.g. task_vectors' ``torch.save(image_encoder)``) are refused rather than unpickled:
-    convert them once with ``raymerge convert`` in a trusted environment.
+
+def _pickled_globals(path: Path) -> list[str]:
+    """Globals a torch zip file pickles beyond plain tensors (a static scan: nothing is built)."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # not a torch zip file: the caller reports the original read error
+        return []
+
+
+def read_tensor_file(path: str | Path) -> StateDict:
+    """Every tensor of a ``.safetensors`` file or, read with ``weights_only=True``, of a torch file, keys unchanged.
+
+    A ``{"state_dict": ...}`` wrapper is opened and a TALL-masks ``model_name`` string entry dropped. Every
+    floating tensor is checked for NaN and Inf. Pickled modules (task_vectors' ``torch.save(image_encoder)``)
+    are refused here; :mod:`raymerge.formats` reads them with a restricted unpickler.
     """
     path = Path(path)
     if not path.is_file():
@@ -103,33 +121,66 @@ def load_state_dict_file(path: str | Path) -> StateDict:
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any parse failure (truncated, not safetensors, unsafe pickle) is a bad file
-        raise CheckpointError(f"checkpoint {path} cannot be read safely: {type(err).__name__}: {err}") from err
+    except Exception as err:  # truncated, not safetensors, or pickled objects: never pass on torch's advice
+        pickled = _pickled_globals(path)
+        if pickled:
+            shown = ", ".join(pickled[:3]) + (", ..." if len(pickled) > 3 else "")
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read safely as a state dict: it pickles Python objects ({shown}). "
+                f"For task_vectors / TALL-masks modules run `raymerge import {path} --model ARCH --out "
+                f"{path.stem}.safetensors` (a restricted unpickler that runs nothing from the file), or name the "
+                "file in the experiment as it is"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read safely: {type(err).__name__}: {torch_load_reason(err)}"
+        ) from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
+    if isinstance(sd, Mapping) and isinstance(sd.get("model_name"), str):
+        sd = {k: v for k, v in sd.items() if k != "model_name"}
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint {path} is not a state dict of tensors (got {type(sd).__name__})")
     if not sd:
         raise CheckpointError(f"checkpoint {path} holds no tensors")
-    return _strip_prefix(dict(sd))
+    check_finite(sd, f"checkpoint {path}")
+    return dict(sd)
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` naming ``source`` and the first key with a NaN or an Inf."""
+    try:
+        statedict.check_finite([sd], [source])
+    except statedict.StateDictError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def load_state_dict_file(path: str | Path) -> StateDict:
+    """Read an encoder state dict from ``.safetensors`` or, with ``weights_only=True``, a torch file.
+
+    Encoder weights under ``visual.`` (a whole open_clip CLIP) or ``model.visual.`` (a task_vectors
+    ``ImageEncoder``) are taken from there. Pickled modules are refused; :func:`load_encoder_weights` reads them.
+    """
+    return _strip_prefix(read_tensor_file(path))
 
 
 def _sort_safetensors_metadata(path: Path) -> None:
     """Rewrite a safetensors header with its metadata keys sorted, in place and at the same length.
 
     safetensors keeps metadata in a hash map whose order changes from one write to the next, so identical
-    weights would give files with different bytes (and hashes); tensor offsets are untouched.
+    weights would give files with different bytes (and hashes); tensor offsets are untouched, and only the
+    header is read and written.
     """
-    data = path.read_bytes()
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
-    if "__metadata__" not in header:
-        return
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(text) > size:
-        raise CheckpointError(f"cannot canonicalize the safetensors header of {path}: it would grow")
-    path.write_bytes(data[:8] + text.ljust(size, b" ") + data[8 + size :])
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise CheckpointError(f"cannot canonicalize the safetensors header of {path}: it would grow")
+        f.seek(8)
+        f.write(text.ljust(size, b" "))
 
 
 def save_state_dict_file(sd: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -154,12 +205,16 @@ def check_architecture(reference: Mapping[str, torch.Tensor], sd: Mapping[str, t
         raise CheckpointError(f"{source} has key {extra[0]!r} that the architecture does not have")
 
 
-def load_encoder_weights(model_name: str, path: str | Path) -> StateDict:
-    """Load the encoder state dict at ``path`` and check it against ``model_name``'s architecture."""
-    reference = build_encoder(model_name).state_dict()
-    sd = load_state_dict_file(path)
-    check_architecture(reference, sd, f"checkpoint {path} (model {model_name})")
-    return sd
+def load_encoder_weights(model_name: str, path: str | Path, projection_from: str | Path | None = None) -> StateDict:
+    """Load the encoder weights at ``path``, in any format :mod:`raymerge.formats` reads, checked against ``model_name``.
+
+    raymerge / open_clip / TALL-masks state dicts are read as they are; task_vectors pickles and Hugging Face
+    directories are converted once and cached under ``$RAYMERGE_CACHE/imports``. ``projection_from`` names the
+    checkpoint that supplies ``proj`` when ``path`` has none (a Hugging Face ``CLIPVisionModel``).
+    """
+    from raymerge import formats
+
+    return formats.load_encoder(path, model_name, projection_from=projection_from)
 
 
 @dataclass(frozen=True)
@@ -202,15 +257,19 @@ def save_head(head: Head, path: str | Path) -> None:
 
 
 def load_head(path: str | Path) -> Head:
-    """Read a head written by :func:`save_head` (or any safetensors file with a (C, D) ``weight``)."""
+    """Read a head written by :func:`save_head` (or any safetensors file with a (C, D) ``weight``), or a task_vectors
+    ``ClassificationHead`` pickle / torch state dict with ``weight`` and ``bias`` (via :func:`raymerge.formats.read_head`).
+    """
     path = Path(path)
-    sd = load_state_dict_file(path)
+    if path.suffix != ".safetensors":
+        from raymerge import formats
+
+        return formats.read_head(path)
+    sd = read_tensor_file(path)
     if "weight" not in sd or sd["weight"].ndim != 2:
         raise CheckpointError(f"head {path} needs a 2-D 'weight' tensor of shape (classes, features)")
-    meta = {}
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
     num_classes = sd["weight"].shape[0]
     names = tuple(json.loads(meta["class_names"])) if "class_names" in meta else tuple(str(i) for i in range(num_classes))
     if len(names) != num_classes:
@@ -243,6 +302,30 @@ def preprocess(images: np.ndarray, size: int, mean=DEFAULT_MEAN, std=DEFAULT_STD
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return ((x - mean_t) / std_t).contiguous()
+
+
+def preprocess_config(model_name: str) -> dict:
+    """open_clip's inference preprocessing for ``model_name``: size, mean, std, interpolation, resize mode.
+
+    open_clip's defaults (OpenAI's mean and std, bicubic, shortest-side resize) overridden by the model config's
+    ``preprocess_cfg``, with the size of its vision tower, as ``open_clip.create_model`` sets them.
+    """
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = encoder_config(model_name)
+    merged = merge_preprocess_dict(asdict(PreprocessCfg()), cfg.get("preprocess_cfg", {}))
+    merged["size"] = image_size(model_name)
+    return merged
+
+
+def image_transform(model_name: str):
+    """PIL image → float32 (3, S, S) tensor, exactly as open_clip preprocesses ``model_name``'s inputs at evaluation
+    (resize the shortest side, center crop, normalize)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**preprocess_config(model_name)), is_train=False)
 
 
 @torch.no_grad()

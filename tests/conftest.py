@@ -86,3 +86,7 @@ def tiny_zoo(tmp_path_factory) -> Path:
     from raymerge.zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("tinyzoo") / "zoo", seed=0, scale="tiny")
+
+
+# a real-sized ViT-B-32 pool in every checkpoint format (tests/clip_fixtures.py), built once per session
+from clip_fixtures import _session_raymerge_cache, clip_pool, fresh_raymerge_cache, raymerge_cache  # noqa: E402, F401
