@@ -14,10 +14,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,14 +34,19 @@ class DatasetError(InputError):
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """``images`` uint8 (N, H, W) or (N, H, W, C); ``labels`` int64 (N,) indexing ``class_names``."""
+    """A labelled image set: ``labels`` int64 (N,) indexing ``class_names``, and the images either decoded
+    (``images``: uint8 (N, H, W) or (N, H, W, C), e.g. the embedded zoo's raw pixels) or ``encoded`` (one JPEG/PNG
+    file's bytes per image, named by ``names`` in errors), which are decoded and preprocessed only where they are
+    evaluated (:func:`raymerge.models.prepare_images`, on the actors), never on the driver."""
 
     name: str
-    images: np.ndarray
+    images: np.ndarray | None
     labels: np.ndarray
     class_names: tuple[str, ...]
     split: str = "test"
     source: str = ""
+    encoded: tuple[bytes, ...] | None = None
+    names: tuple[str, ...] = ()
     _hash: list = field(default_factory=list, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -50,15 +54,36 @@ class ImageDataset:
 
     @property
     def hash(self) -> str:
-        """SHA-256 of pixels, labels and class names: the dataset half of the logits cache key."""
+        """SHA-256 of the images (pixels, or each encoded file's bytes), labels and class names: part of every row
+        key and logit-cache key that reads this set."""
         if not self._hash:
             h = hashlib.sha256()
-            h.update(str(self.images.shape).encode())
-            h.update(np.ascontiguousarray(self.images).tobytes())
+            if self.encoded is not None:
+                for blob in self.encoded:
+                    h.update(len(blob).to_bytes(8, "little"))
+                    h.update(blob)
+            else:
+                h.update(str(self.images.shape).encode())
+                h.update(np.ascontiguousarray(self.images).tobytes())
             h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
             h.update(json.dumps(list(self.class_names)).encode())
             self._hash.append(h.hexdigest())
         return self._hash[0]
+
+    def subset(self, rows: np.ndarray) -> ImageDataset:
+        """Rows ``rows`` (an index array) of this set: what one actor's shard holds."""
+        return replace(
+            self,
+            images=None if self.images is None else self.images[rows],
+            labels=self.labels[rows],
+            encoded=None if self.encoded is None else tuple(self.encoded[i] for i in rows),
+            names=tuple(self.names[i] for i in rows) if self.names else (),
+            _hash=[],
+        )
+
+    def relabel(self, labels: np.ndarray, class_names: tuple[str, ...]) -> ImageDataset:
+        """The same images with ``labels`` indexing ``class_names`` (a class subset's positions)."""
+        return replace(self, labels=labels, class_names=class_names, _hash=[])
 
     def check_labels(self, num_classes: int, head_source: str) -> None:
         """Raise :class:`DatasetError` if a label cannot index a head with ``num_classes`` outputs."""
@@ -73,41 +98,44 @@ class ImageDataset:
 
 # How many unreadable images one error message lists by name; the count is always complete.
 MAX_LISTED = 20
+JPEG_END = b"\xff\xd9"
 
 
-def _decode(blob: bytes) -> np.ndarray:
+def _unreadable(blob: bytes) -> str | None:
+    """Why an encoded image cannot be read, from its header and structure alone (no pixel decoding): Pillow
+    identifies the format and ``verify()`` checks what it can without decoding (PNG chunks and CRCs); a JPEG must
+    end with its end-of-image marker, which a truncated file lacks. None when it looks whole."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(blob)) as img:
-        return np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img, dtype=np.uint8)
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            fmt = img.format
+            img.verify()
+    except Exception as err:  # noqa: BLE001: Pillow signals damage with many exception types
+        return f"{type(err).__name__}: {err}"
+    if fmt == "JPEG" and JPEG_END not in blob[-1024:]:
+        return "truncated JPEG (no end-of-image marker)"
+    return None
 
 
-def _read_images(items: list, read: Callable[[Any], np.ndarray], names: list[str], source: str) -> np.ndarray:
-    """``read`` every item and stack the images (N, H, W[, C]); ``names[i]`` names item i in errors.
-
-    Every item is tried before anything is reported: one :class:`DatasetError` lists all unreadable images,
-    or every image size found with an example of each. Pillow signals a damaged file with many exception
-    types (OSError, SyntaxError, ValueError, struct.error, EOFError, ...) depending on the format and where
-    the damage is, hence the broad ``except``: any failure to decode one image means that image is unreadable,
-    and the user needs its name, not Pillow's stack.
-    """
-    images, bad = [], []
-    for item, name in zip(items, names):
-        try:
-            images.append(read(item))
-        except Exception as err:  # noqa: BLE001 (see docstring)
-            bad.append(f"{name} ({type(err).__name__}: {err})")
+def check_encoded(blobs: Sequence[bytes], names: Sequence[str], source: str) -> None:
+    """One :class:`DatasetError` listing every image of ``blobs`` that cannot be read (see :func:`_unreadable`)."""
+    bad = [f"{name} ({why})" for blob, name in zip(blobs, names) if (why := _unreadable(blob))]
     if bad:
         listed = "\n".join(f"  - {b}" for b in bad[:MAX_LISTED])
         more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        raise DatasetError(f"{source}: {len(bad)} of {len(items)} images cannot be read:\n{listed}{more}")
-    sizes: dict[tuple[int, ...], list[str]] = {}
-    for im, name in zip(images, names):
-        sizes.setdefault(im.shape, []).append(name)
-    if len(sizes) > 1:
-        found = "; ".join(f"{'x'.join(map(str, shape))}: {len(ns)} (e.g. {ns[0]})" for shape, ns in sizes.items())
-        raise DatasetError(f"{source} mixes image sizes ({found}); resize them to one size first")
-    return np.stack(images)
+        raise DatasetError(f"{source}: {len(bad)} of {len(blobs)} images cannot be read:\n{listed}{more}")
+
+
+def decode(blob: bytes, name: str):
+    """An encoded image as an RGB PIL image; :class:`DatasetError` naming it when it cannot be decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            return img.convert("RGB")
+    except Exception as err:  # noqa: BLE001: see _unreadable
+        raise DatasetError(f"image {name} cannot be decoded ({type(err).__name__}: {err})") from None
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -137,6 +165,7 @@ def load_parquet(path: str | Path, name: str | None = None) -> ImageDataset:
     if table.num_rows == 0:
         raise DatasetError(f"dataset {path} is empty")
     labels = table.column("label").to_numpy().astype(np.int64)
+    encoded, names = None, ()
     if "pixels" in table.column_names:
         if "raymerge.shape" not in meta:
             raise DatasetError(f"dataset {path} has a 'pixels' column but no 'raymerge.shape' metadata")
@@ -147,8 +176,10 @@ def load_parquet(path: str | Path, name: str | None = None) -> ImageDataset:
             raise DatasetError(f"dataset {path}: 'pixels' bytes do not match shape {list(shape)} per row")
         images = images.reshape((table.num_rows, *shape))
     elif "image" in table.column_names:
-        images = _read_images(table.column("image").to_pylist(), _decode, [f"row {i}" for i in range(table.num_rows)],
-                              f"dataset {path}, column 'image'")
+        images = None
+        encoded = tuple(table.column("image").to_pylist())
+        names = tuple(f"{path} row {i}" for i in range(table.num_rows))
+        check_encoded(encoded, names, f"dataset {path}, column 'image'")
     else:
         raise DatasetError(f"dataset {path} needs a 'pixels' or 'image' column (columns: {table.column_names})")
     if "raymerge.class_names" in meta:
@@ -162,20 +193,15 @@ def load_parquet(path: str | Path, name: str | None = None) -> ImageDataset:
         class_names=class_names,
         split=meta.get("raymerge.split", "test"),
         source=str(path),
+        encoded=encoded,
+        names=names,
     )
 
 
-def _read_image_file(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
 def load_image_folder(root: str | Path, name: str | None = None, split: str = "test") -> ImageDataset:
-    """Read ``root/<class>/<image>`` into memory; all images must share one size.
+    """``root/<class>/<image>``, classes in sorted order, images of any size kept encoded (decoded where evaluated).
 
-    Every image is read before anything is reported, so one :class:`DatasetError` names every unreadable file.
+    Every image is checked before anything is reported, so one :class:`DatasetError` names every unreadable file.
     """
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -183,10 +209,11 @@ def load_image_folder(root: str | Path, name: str | None = None, split: str = "t
              for f in sorted((root / cls).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise DatasetError(f"image folder {root} holds no images under <class>/ subdirectories")
-    paths = [f for f, _ in files]
-    images = _read_images(paths, _read_image_file, [str(f) for f in paths], f"image folder {root}")
+    encoded = tuple(f.read_bytes() for f, _ in files)
+    names = tuple(str(f) for f, _ in files)
+    check_encoded(encoded, names, f"image folder {root}")
     labels = np.asarray([label for _, label in files], dtype=np.int64)
-    return ImageDataset(name or root.name, images, labels, tuple(classes), split, str(root))
+    return ImageDataset(name or root.name, None, labels, tuple(classes), split, str(root), encoded, names)
 
 
 def load_dataset(path: str | Path, name: str | None = None) -> ImageDataset:
@@ -200,19 +227,21 @@ def load_dataset(path: str | Path, name: str | None = None) -> ImageDataset:
 
 
 def write_parquet(dataset: ImageDataset, path: str | Path, shard_rows: int = 4096) -> None:
-    """Write ``dataset`` as a directory of Parquet shards (raw ``pixels``), replacing whatever is at ``path`` as a
-    whole (:func:`raymerge._io.atomic_dir`), so a reader never sees half a dataset."""
-    meta = {
-        "raymerge.class_names": json.dumps(list(dataset.class_names)),
-        "raymerge.split": dataset.split,
-        "raymerge.shape": json.dumps(list(dataset.images.shape[1:])),
-    }
+    """Write ``dataset`` as a directory of Parquet shards (raw ``pixels``, or the encoded files as ``image``),
+    replacing whatever is at ``path`` as a whole (:func:`raymerge._io.atomic_dir`), so a reader never sees half a
+    dataset."""
+    meta = {"raymerge.class_names": json.dumps(list(dataset.class_names)), "raymerge.split": dataset.split}
+    if dataset.encoded is None:
+        meta["raymerge.shape"] = json.dumps(list(dataset.images.shape[1:]))
     n = len(dataset)
     with atomic_dir(path) as tmp:
         for i, start in enumerate(range(0, max(n, 1), shard_rows)):
             rows = slice(start, min(start + shard_rows, n))
-            pixels = [img.tobytes() for img in dataset.images[rows]]
-            table = pa.table({"pixels": pa.array(pixels, pa.binary()), "label": pa.array(dataset.labels[rows], pa.int64())})
+            if dataset.encoded is None:
+                column = {"pixels": pa.array([img.tobytes() for img in dataset.images[rows]], pa.binary())}
+            else:
+                column = {"image": pa.array(dataset.encoded[rows], pa.binary())}
+            table = pa.table({**column, "label": pa.array(dataset.labels[rows], pa.int64())})
             pq.write_table(table.replace_schema_metadata(meta), tmp / f"part-{i:05d}.parquet")
 
 

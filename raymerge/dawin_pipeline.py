@@ -47,9 +47,8 @@ class LocalEvaluator:
 
     def __init__(self, architecture: str, heads: Mapping[str, models.Head], sets: Mapping[Pair, Any], batch_size: int) -> None:
         self.encoder = models.build_encoder(architecture)
-        size = models.image_size(architecture)
         self.heads = heads
-        self.images = {p: models.preprocess(ds.images, size) for p, ds in sets.items()}
+        self.images = {p: models.prepare_images(ds, architecture) for p, ds in sets.items()}
         self._labels = {p: ds.labels for p, ds in sets.items()}
         self.batch_size = batch_size
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from raymerge import statedict
 from raymerge._io import atomic_file
+from raymerge.data import DatasetError, ImageDataset, decode
 from raymerge.errors import InputError
 from raymerge.statedict import StateDict
 
@@ -302,6 +303,29 @@ def preprocess(images: np.ndarray, size: int, mean=DEFAULT_MEAN, std=DEFAULT_STD
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return ((x - mean_t) / std_t).contiguous()
+
+
+def prepare_images(dataset: ImageDataset, model_name: str) -> torch.Tensor:
+    """A dataset's images as the float32 (N, 3, S, S) batch ``model_name`` evaluates.
+
+    Decoded pixels (the embedded zoo) go through :func:`preprocess`; encoded files (image folders, Parquet ``image``
+    columns, any size) are decoded here, where they are evaluated, and preprocessed exactly as open_clip does
+    (:func:`image_transform`: resize the shortest side, center crop, normalize). Every image that cannot be
+    decoded is named in one :class:`~raymerge.data.DatasetError`.
+    """
+    if dataset.encoded is None:
+        return preprocess(dataset.images, image_size(model_name))
+    transform, out, bad = image_transform(model_name), [], []
+    for blob, name in zip(dataset.encoded, dataset.names or [f"row {i}" for i in range(len(dataset))]):
+        try:
+            out.append(transform(decode(blob, name)))
+        except DatasetError as err:
+            bad.append(str(err))
+    if bad:
+        raise DatasetError(f"{dataset.source or dataset.name}: {len(bad)} image(s) cannot be decoded:\n"
+                           + "\n".join(f"  - {b}" for b in bad))
+    size = image_size(model_name)
+    return torch.stack(out) if out else torch.zeros((0, 3, size, size))
 
 
 def preprocess_config(model_name: str) -> dict:

@@ -18,7 +18,7 @@ import torch
 
 from raymerge import cluster, models
 from raymerge.config import Resources
-from raymerge.data import ImageDataset, shard_indices
+from raymerge.data import DatasetError, ImageDataset, shard_indices
 from raymerge.statedict import state_dict_hash
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class EvalWorker:
         torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.encoder = models.build_encoder(architecture).to(self.device)
-        self.size = models.image_size(architecture)
+        self.architecture = architecture
         self.batch_size = batch_size
         self.heads: dict[str, models.Head] = {}
         self.shards: dict[str, torch.Tensor] = {}
@@ -57,10 +57,10 @@ class EvalWorker:
         return self.heads[name]
 
     def _shard(self, key: str, spec: list) -> torch.Tensor:
-        """Rows ``spec[1]`` of the uint8 images behind ``spec[0]``, preprocessed once."""
+        """This actor's shard of dataset ``key`` (the :class:`ImageDataset` behind ``spec[0]``), decoded and
+        preprocessed here, once."""
         if key not in self.shards:
-            images = ray.get(spec[0])
-            self.shards[key] = models.preprocess(images[spec[1]], self.size).to(self.device)
+            self.shards[key] = models.prepare_images(ray.get(spec[0]), self.architecture).to(self.device)
         return self.shards[key]
 
     def prepare(self, heads: dict[str, list], shards: dict[str, list]) -> int:
@@ -128,18 +128,28 @@ class WorkerPool:
         self.head_classes[name] = head.num_classes
 
     def add_dataset(self, key: str, dataset: ImageDataset) -> None:
-        """Put ``dataset``'s images in the object store once and assign each actor a batch-aligned shard."""
-        images = ray.put(dataset.images)
+        """Assign each actor a batch-aligned shard of ``dataset`` and put each shard in the object store once
+        (encoded files stay encoded: the actors decode them)."""
         parts = shard_indices(len(dataset), len(self.actors), align=self.resources.batch_size)
         self.shards[key] = parts
-        self.shard_specs[key] = [[images, idx] for idx in parts]
+        self.shard_specs[key] = [[ray.put(dataset.subset(idx))] for idx in parts]
 
     def prepare(self) -> None:
-        """Have every actor build its heads and shards now rather than inside the first timed evaluation."""
-        ray.get([
-            actor.prepare.remote(self.head_specs, {k: specs[i] for k, specs in self.shard_specs.items()})
-            for i, actor in enumerate(self.actors)
-        ])
+        """Have every actor build its heads and shards now rather than inside the first timed evaluation.
+
+        Images that cannot be decoded on any actor are reported together, as one :class:`DatasetError`."""
+        calls = [actor.prepare.remote(self.head_specs, {k: specs[i] for k, specs in self.shard_specs.items()})
+                 for i, actor in enumerate(self.actors)]
+        problems = []
+        for call in calls:
+            try:
+                ray.get(call)
+            except ray.exceptions.RayTaskError as err:
+                if not isinstance(err.cause, DatasetError):
+                    raise
+                problems.append(str(err.cause))
+        if problems:
+            raise DatasetError("\n".join(problems))
 
     def put_weights(self, weights: Weights) -> str:
         """Store ``weights`` (numpy arrays) once and return the key that names them in later calls."""
@@ -190,7 +200,7 @@ def evaluate_local(architecture: str, weights: Weights, head: models.Head, datas
     """Single-process reference for :meth:`WorkerPool.evaluate`: (N, C) float32 logits."""
     encoder = models.build_encoder(architecture)
     models.load_weights_in_place(encoder, weights)
-    images = models.preprocess(dataset.images, models.image_size(architecture))
+    images = models.prepare_images(dataset, architecture)
     return models.predict_logits(encoder, head, images, batch_size)
 
 

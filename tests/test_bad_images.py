@@ -14,8 +14,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from raymerge import pipeline
-from raymerge.data import DatasetError, load_dataset
+import torch
+
+from raymerge import models, pipeline
+from raymerge.data import DatasetError, decode, load_dataset
 from raymerge.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,22 +65,27 @@ def test_readable_folder_loads(folder):
         path.unlink()
     (root / "3" / "1.jpg").write_bytes(_jpeg(31))
     ds = load_dataset(root)
-    assert len(ds) == 30 and ds.images.shape == (30, 16, 16, 3)
+    assert len(ds) == 30 and ds.images is None and len(ds.encoded) == 30  # the driver keeps the files encoded
     assert ds.class_names == tuple(str(d) for d in range(10))
     assert list(np.bincount(ds.labels)) == [3] * 10
-    # decoded pixels are PIL's, byte for byte
+    # where they are evaluated, decoded pixels are PIL's, byte for byte
+    i = ds.names.index(str(root / "7" / "2.jpg"))
     with Image.open(root / "7" / "2.jpg") as ref:
-        assert np.array_equal(ds.images[ds.labels == 7][2], np.asarray(ref.convert("RGB")))
+        assert np.array_equal(np.asarray(decode(ds.encoded[i], ds.names[i])), np.asarray(ref.convert("RGB")))
 
 
-def test_mixed_sizes_name_an_example_of_each(folder):
+def test_images_of_any_size_are_preprocessed_as_open_clip_does(folder):
     root, bad = folder
     for path in bad:
         path.unlink()
     (root / "3" / "1.jpg").write_bytes(_jpeg(31, size=32))
-    with pytest.raises(DatasetError, match=r"mixes image sizes \(16x16x3: 29 \(e\.g\. .*0/0\.jpg\); "
-                                           r"32x32x3: 1 \(e\.g\. .*3/1\.jpg\)\)"):
-        load_dataset(root)
+    ds = load_dataset(root)
+    batch = models.prepare_images(ds, "raymerge-tiny-vit")
+    assert batch.shape == (30, 3, 16, 16)
+    i = ds.names.index(str(root / "3" / "1.jpg"))
+    with Image.open(root / "3" / "1.jpg") as img:
+        expected = models.image_transform("raymerge-tiny-vit")(img.convert("RGB"))
+    assert torch.equal(batch[i], expected)
 
 
 def test_corrupt_encoded_rows_of_a_parquet_dataset_are_named(tmp_path):
@@ -86,7 +93,7 @@ def test_corrupt_encoded_rows_of_a_parquet_dataset_are_named(tmp_path):
     blobs[1], blobs[4] = b"\xff\xd8 not a jpeg", blobs[4][:200]
     table = pa.table({"image": blobs, "label": [0, 1, 0, 1, 0]})
     pq.write_table(table, tmp_path / "enc.parquet")
-    with pytest.raises(DatasetError, match=r"enc\.parquet, column 'image': 2 of 5 images cannot be read:\n  - row 1 .*\n  - row 4 "):
+    with pytest.raises(DatasetError, match=r"enc\.parquet, column 'image': 2 of 5 images cannot be read:\n  - \S+enc\.parquet row 1 .*\n  - \S+enc\.parquet row 4 "):
         load_dataset(tmp_path / "enc.parquet")
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import ARCH, random_dataset, random_encoder
 from raymerge import models
-from raymerge.data import DatasetError, ImageDataset, load_dataset, shard_indices, write_parquet
+from raymerge.data import DatasetError, ImageDataset, decode, load_dataset, shard_indices, write_parquet
 
 
 def test_safetensors_roundtrip_and_prefixes(tmp_path):
@@ -104,13 +104,16 @@ def test_encoded_image_parquet_and_image_folder(tmp_path):
     table = pa.table({"image": blobs, "label": [0, 1, 0, 1, 0, 1]})
     pq.write_table(table.replace_schema_metadata({"raymerge.class_names": '["cat", "dog"]'}), tmp_path / "enc.parquet")
     ds = load_dataset(tmp_path / "enc.parquet")
-    assert np.array_equal(ds.images, imgs) and ds.class_names == ("cat", "dog")
+    assert ds.images is None and ds.encoded == tuple(blobs) and ds.class_names == ("cat", "dog")  # kept encoded
+    assert np.array_equal(np.stack([np.asarray(decode(b, "x")) for b in ds.encoded]), imgs)
     for i, im in enumerate(imgs):
         (tmp_path / "folder" / ("cat", "dog")[i % 2]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(tmp_path / "folder" / ("cat", "dog")[i % 2] / f"{i}.png")
     folder = load_dataset(tmp_path / "folder")
     assert folder.class_names == ("cat", "dog") and len(folder) == 6
-    assert np.array_equal(folder.images[folder.labels == 0], imgs[0::2])
+    decoded = np.stack([np.asarray(decode(b, n)) for b, n in zip(folder.encoded, folder.names)])
+    assert np.array_equal(decoded[folder.labels == 0], imgs[0::2])
+    assert write_parquet(folder, tmp_path / "again") is None and load_dataset(tmp_path / "again").encoded == folder.encoded
 
 
 def test_empty_dataset_and_labels_out_of_range(tmp_path):
