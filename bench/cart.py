@@ -41,23 +41,21 @@ MAIN_SPECTRUM = "σi ∝ 1/i"
 # the merge, timed step by step
 
 
-def timed_cart(base, finetuned, svd: str, lam: float = 1.0) -> dict:
-    """``cart(base, finetuned, RHO, lam, svd, SEED)`` as its three steps; returns the merge, the approximations and
-    the time of each step and each SVD job."""
-    from raymerge.cart import assemble_cart, centered_matrix, low_rank_approx, plan_cart
+def timed_cart(base, finetuned, svd: str, lam: float = 1.0, precision: torch.dtype = torch.float32) -> dict:
+    """``cart(base, finetuned, RHO, lam, svd, SEED, precision=precision)`` as its three steps; returns the merge, the
+    rank-k approximations (dense, per (matrix, task)) and the time of each step and each SVD job."""
+    from raymerge.cart import plan_cart
+    from raymerge.lowrank import assemble, run_jobs
 
     start = time.perf_counter()
-    plan = plan_cart(base, finetuned, RHO, svd, SEED)
+    plan = plan_cart(base, finetuned, RHO, svd, SEED, precision=precision)
     plan_s = time.perf_counter() - start
-    approximations, job_s = {}, {}
-    for job in plan.jobs:
-        t = time.perf_counter()
-        matrix = centered_matrix(finetuned[job.task_index][job.key], plan.theta_avg[job.key])
-        approximations[(job.key, job.task_index)] = low_rank_approx(matrix, job.k, plan.svd, job.seed)
-        job_s[(job.key, job.task_index)] = time.perf_counter() - t
+    job_s = {}
+    results = run_jobs(plan, on_job=lambda job, seconds: job_s.__setitem__(job.name[1:], seconds))
     t = time.perf_counter()
-    merged = assemble_cart(plan, approximations, lam)
+    merged = assemble(plan, results, lam)
     assemble_s = time.perf_counter() - t
+    approximations = {name[1:]: factors.left @ factors.right for name, factors in results.items()}
     return {"total": time.perf_counter() - start, "plan": plan_s, "svds": sum(job_s.values()), "assemble": assemble_s,
             "job_s": job_s, "approximations": approximations, "merged": merged, "plan_obj": plan}
 
@@ -100,7 +98,7 @@ def flops_randomized(m: int, n: int, k: int) -> float:
 def _flop_ratio(plan) -> float:
     from raymerge.cart import rank_for
 
-    shapes = [tuple(plan.theta_avg[job.key].shape) for job in plan.jobs]
+    shapes = [tuple(plan.origin[job.name[1]].shape) for job in plan.jobs]
     ks = [rank_for(s, RHO) for s in shapes]
     return sum(flops_exact(*s, k) for s, k in zip(shapes, ks)) / sum(flops_randomized(*s, k) for s, k in zip(shapes, ks))
 
@@ -156,7 +154,7 @@ def _merge_rows(label: str, exact: dict, randomized: dict, setup: str) -> list[d
     jobs = len(exact["job_s"])
     rows = [
         row("CART exact vs randomized SVD", f"{label}: merge time", randomized["total"], exact["total"],
-            "the same merge with exact SVD (torch.linalg.svd, float64, 1 thread)", speedup,
+            "the same merge with exact SVD (torch.linalg.svd, float32, 1 thread)", speedup,
             f"≈ {ideal:.1f}× (flop-count ratio, see note)",
             f"{setup}; {jobs} SVD jobs; exact: SVDs {exact['svds']:.2f} s + θavg/plan {exact['plan']:.2f} s + assemble "
             f"{exact['assemble']:.2f} s; randomized: SVDs {randomized['svds']:.2f} s; ideal = Σ flops of thin SVDs "
@@ -189,7 +187,7 @@ def _shape_rows(label: str, exact: dict, randomized: dict) -> list[dict]:
     plan = exact["plan_obj"]
     for suffix in VITB32_MATRICES:
         names = [n for n in exact["job_s"] if n[0].endswith(suffix)]
-        shape = tuple(plan.theta_avg[names[0][0]].shape)
+        shape = tuple(plan.origin[names[0][0]].shape)
         k = rank_for(shape, RHO)
         e = float(np.mean([exact["job_s"][n] for n in names]))
         r = float(np.mean([randomized["job_s"][n] for n in names]))
@@ -197,7 +195,7 @@ def _shape_rows(label: str, exact: dict, randomized: dict) -> list[dict]:
         rows.append(row(
             "CART exact vs randomized SVD: per matrix", f"{label}: {suffix} {shape[0]}×{shape[1]}, k={k}", r, e,
             "exact SVD of the same matrices (mean per job)", e / r, f"≈ {ideal:.1f}× (flop-count ratio)",
-            f"mean of {len(names)} jobs, 1 thread, float64; exact Gflop {flops_exact(*shape, k) / 1e9:.1f}, "
+            f"mean of {len(names)} jobs, 1 thread, float32; exact Gflop {flops_exact(*shape, k) / 1e9:.1f}, "
             f"randomized {flops_randomized(*shape, k) / 1e9:.1f}; exact at "
             f"{flops_exact(*shape, k) / e / 1e9:.1f} Gflop/s",
             ratio_means="exact / randomized seconds", gap=f"{e / r / ideal:.2f} of the flop-ratio ideal",
