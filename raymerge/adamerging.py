@@ -105,6 +105,7 @@ class AdaptSettings:
 
     def effective(self, raw: torch.Tensor) -> torch.Tensor:
         """The coefficients the merge uses: ``raw`` clamped (AdaMerging's forward pass), or as it is."""
+        # ADA-3: clamp(λ) in the forward pass
         return raw if self.clamp is None else raw.clamp(*self.clamp)
 
 
@@ -202,7 +203,7 @@ class TaskVectorMerge(DifferentiableMerge):
         self._check(coefficients)
         merged = dict(self._theta0)
         for index, key in enumerate(self._keys):
-            # AdaMerging: θl = θ0,l + Σt λt,l τt,l
+            # ADA-1: θl = θ0,l + Σt λt,l τt,l
             merged[key] = self._theta0[key] + torch.tensordot(self._column(coefficients, index), self._taus[key], 1)
         return merged
 
@@ -246,7 +247,7 @@ class LowRankMerge(DifferentiableMerge):
         merged = dict(self._origin)
         for index, key in enumerate(self._keys):
             lam = self._column(coefficients, index)
-            # CART++ Eq. 6: Σt λt,l SVDk(τ̄t,l) = [λ1 L1 … λT LT] [R1; …; RT] per block
+            # CART++ (cart-2025.md Eq. 6): Σt λt,l SVDk(τ̄t,l) = [λ1 L1 … λT LT] [R1; …; RT] per block
             parts = [torch.cat([left * lam[t] for t, left in enumerate(lefts)], dim=1) @ right
                      for lefts, right in zip(self._lefts[key], self._rights[key])]
             merged[key] = self._origin[key] + (parts[0] if len(parts) == 1 else torch.cat(parts))
@@ -261,7 +262,7 @@ class LowRankMerge(DifferentiableMerge):
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits) per row: (N, C) → (N,)."""
     log_p = logits.log_softmax(dim=-1)
-    # METHODS §3: H(p) = −Σc pc log pc
+    # ADA-2: H(p) = −Σc pc log pc
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
@@ -291,7 +292,7 @@ def entropy_step(
     for task, task_batches in batches.items():
         for images in task_batches:
             with torch.set_grad_enabled(track):
-                # AdaMerging: minimize the mean prediction entropy over the tasks' test batches
+                # ADA-2: the mean over batches of each batch's mean prediction entropy
                 loss = entropy(heads[task].logits(functional_call(encoder, params, (images,)))).mean() / count
             if track:
                 loss.backward()

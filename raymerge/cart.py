@@ -101,7 +101,7 @@ def cart_job(theta_t: torch.Tensor, theta_avg: torch.Tensor, k: int, svd: str, s
     ``theta_t`` in its checkpoint dtype, ``theta_avg`` in the compute precision; ``svd`` and ``seed`` as in
     :func:`raymerge.lowrank.top_triplets`.
     """
-    # CART Eq. 3: centered task vector τ̄t = θt − θavg
+    # CART-1 (cart-2025.md Eq. 3): centered task vector τ̄t = θt − θavg
     centered = theta_t.to(theta_avg.dtype) - theta_avg
     return low_rank_factors(centered, k, svd, seed)
 

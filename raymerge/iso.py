@@ -5,14 +5,15 @@ Per matrix l (an m × n block, r = min(m, n)), with task matrices Δt = θt,l �
 
 Iso-C::
 
-    ΔTA = Σt Δt = U Σ Vᵀ,   σ̄ = (1/r) Σi σi,   Δ = σ̄ U Vᵀ,   θl = θ0,l + λ Δ      (Iso-C Eq. "flattened spectrum")
+    (ISO-C)  ΔTA = Σt Δt = U Σ Vᵀ,   σ̄ = (1/r) Σi σi,   Δ = σ̄ U Vᵀ,   θl = θ0,l + λ Δ
 
 Iso-CTS::
 
-    Uc, Σc, Vc = the top kc singular triplets of ΔTA               (Iso-CTS Eq. "common subspace")
-    per task: the top s triplets of (I − Uc Ucᵀ) Δt                (Iso-CTS Eq. "task-specific subspaces")
-    U = polar([U1 … UT Uc]),  V = polar([V1 … VT Vc])              (Iso-CTS Eq. "orthogonalization")
-    Δ = σ̄ U Vᵀ,  σ̄ the mean of all kept singular values,  θl = θ0,l + λ Δ
+    (ISO-CTS-1)  Uc, Σc, Vc = the top kc singular triplets of ΔTA
+    (ISO-CTS-2)  per task: the top s triplets of (I − Uc Ucᵀ) Δt
+    (ISO-CTS-3)  U = polar([U1 … UT Uc]),  V = polar([V1 … VT Vc]),  Δ = σ̄ U Vᵀ (σ̄ the mean of all kept singular
+                 values),  θl = θ0,l + λ Δ
+    (ISO-CTS-4)  the sizes kc and s: :func:`iso_cts_dims`
 
 Every other floating tensor gets θ0 + λ·(1/T) Σt τt.
 
@@ -73,7 +74,7 @@ from raymerge.statedict import StateDict
 def iso_c_job(theta0: torch.Tensor, *thetas: torch.Tensor) -> torch.Tensor:
     """Iso-C, per block: σ̄ U Vᵀ of the summed task matrices Σt (θt − θ0) (m × n, θ0's dtype)."""
     u, s, vh = svd(task_sum(theta0, thetas))
-    # Iso-C: Δ = σ̄ U Vᵀ, σ̄ the mean singular value of ΔTA = Σt Δt
+    # ISO-C: Δ = σ̄ U Vᵀ, σ̄ the mean singular value of ΔTA = Σt Δt
     return s.mean() * (u @ vh)
 
 
@@ -92,21 +93,21 @@ def iso_cts_dims(rank: int, tasks: int, common_space_fraction: float) -> tuple[i
     s is capped at ⌊rank / T⌋ so that kc ≥ 0. fraction = 1 gives s = 0 (Iso-CTS is then Iso-C).
     """
     common = floor_fraction(common_space_fraction, rank)
-    # Iso-CTS: equal task-specific subspaces, the rest of the rank is common
+    # ISO-CTS-4: s = min(round((r − kc0) / T), ⌊r / T⌋), kc = r − T·s
     per_task = min(round((rank - common) / tasks), rank // tasks)
     return rank - tasks * per_task, per_task
 
 
 def iso_cts_common_job(common: int, theta0: torch.Tensor, *thetas: torch.Tensor) -> Triplets:
     """Iso-CTS stage 1, per block: the top ``common`` singular triplets of Σt (θt − θ0)."""
-    # Iso-CTS: the common subspace is spanned by the top singular vectors of ΔTA = Σt Δt
+    # ISO-CTS-1: the common subspace, the top kc singular triplets of ΔTA = Σt Δt
     return top_triplets(task_sum(theta0, thetas), common)
 
 
 def iso_cts_task_job(per_task: int, theta_t: torch.Tensor, theta0: torch.Tensor, common: Triplets) -> Triplets:
     """Iso-CTS stage 2, per (block, task): the top ``per_task`` singular triplets of Δt outside the common subspace."""
     tau = theta_t.to(theta0.dtype) - theta0
-    # Iso-CTS: the task-specific residual (I − Uc Ucᵀ) Δt
+    # ISO-CTS-2: the task-specific residual (I − Uc Ucᵀ) Δt
     residual = tau - common.u @ (common.u.mT @ tau)
     return top_triplets(residual, per_task)
 
@@ -117,7 +118,7 @@ def iso_cts_merge_job(common: Triplets, *task_specific: Triplets) -> torch.Tenso
     u = torch.cat([p.u for p in parts], dim=1)
     s = torch.cat([p.s for p in parts])
     vh = torch.cat([p.vh for p in parts], dim=0)
-    # Iso-CTS: Δ = σ̄ U⊥ V⊥ᵀ with the orthogonalized combined bases and the mean of the kept singular values
+    # ISO-CTS-3: Δ = σ̄ U⊥ V⊥ᵀ with the orthogonalized combined bases and the mean of the kept singular values
     return s.mean() * (polar(u) @ polar(vh))
 
 

@@ -262,7 +262,7 @@ def top_triplets(matrix: torch.Tensor, k: int, svd_method: str = "exact", seed: 
 def low_rank_factors(matrix: torch.Tensor, k: int, svd_method: str = "exact", seed: int = 0) -> Factors:
     """The best rank-``k`` approximation of ``matrix`` as :class:`Factors` (arguments as :func:`top_triplets`)."""
     u, s, vh = top_triplets(matrix, k, svd_method, seed)
-    # CART Eq. 4: SVDk(τ̄) = Σ_{i≤k} σi ui viᵀ, kept as (U_k diag σ_k) · V_kᵀ
+    # CART-2 (cart-2025.md Eq. 4): SVD_k(A) = Σ_{i≤k} σi ui viᵀ, kept as (U_k diag σ_k) · V_kᵀ
     return Factors(u * s, vh)
 
 
@@ -415,6 +415,7 @@ def assemble(plan: LowRankPlan, results: Mapping[JobName, Any], lam: float = 1.0
                         f"expected {block.shape} and {origin.dtype}"
                     )
                 updates.append(update)
+            # CART-2, TSV-3, ISO-C, ISO-CTS-3: θl = origin + λ·(the blocks' updates, stacked by rows)
             merged[key] = origin + lam * (updates[0] if len(updates) == 1 else torch.cat(updates))
         elif key in plan.dense:
             merged[key] = origin + lam * plan.dense[key]

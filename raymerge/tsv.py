@@ -2,10 +2,9 @@
 
 Per matrix l (an m × n block, r = min(m, n)), with task matrices Δt = θt,l − θ0,l and k = ⌊r / T⌋:
 
-    Δt ≈ Ut,k Σt,k Vt,kᵀ                       (TSV Eq. "per-task truncation": the top k singular triplets)
-    U = [U1,k … UT,k],  Σ = diag(Σ1,k … ΣT,k),  V = [V1,k … VT,k]
-    U⊥ = polar(U),  V⊥ = polar(V)                (TSV Eq. "orthogonalization": nearest orthonormal columns)
-    Δ = U⊥ Σ V⊥ᵀ,   θl = θ0,l + λ Δ            (TSV-M Eq. "merge")
+    (TSV-1)  Δt ≈ Ut,k Σt,k Vt,kᵀ                      the top k singular triplets of each task matrix
+    (TSV-2)  U = [U1,k … UT,k],  Σ = diag(Σ1,k … ΣT,k),  V = [V1,k … VT,k],  U⊥ = polar(U),  V⊥ = polar(V)
+    (TSV-3)  Δ = U⊥ Σ V⊥ᵀ,   θl = θ0,l + λ Δ
 
 Every other floating tensor gets θ0 + λ·(1/T) Σt τt.
 
@@ -58,7 +57,7 @@ from raymerge.statedict import StateDict
 def tsv_rank(shape: Sequence[int], tasks: int, label: str) -> int:
     """k = ⌊min(m, n) / T⌋ singular triplets kept per task; ``ValueError`` naming the matrix when that is 0."""
     rank = min(shape)
-    # TSV-M: each task keeps its top 1/T of the rank
+    # TSV-1: k = ⌊r / T⌋
     k = rank // tasks
     if k == 0:
         raise ValueError(f"TSV-M keeps ⌊r/T⌋ singular vectors per task, but {label!r} has rank r = {rank} < T = {tasks}")
@@ -67,7 +66,7 @@ def tsv_rank(shape: Sequence[int], tasks: int, label: str) -> int:
 
 def tsv_task_job(theta_t: torch.Tensor, theta0: torch.Tensor, k: int) -> Triplets:
     """Stage 1, per (block, task): the top ``k`` singular triplets of Δt = θt − θ0, in θ0's dtype."""
-    # TSV: task matrix Δt = θt − θ0, truncated to its top k singular triplets
+    # TSV-1: Δt = θt − θ0 truncated to its top k singular triplets
     return top_triplets(theta_t.to(theta0.dtype) - theta0, k)
 
 
@@ -76,7 +75,7 @@ def tsv_merge_job(*triplets: Triplets) -> torch.Tensor:
     u = torch.cat([t.u for t in triplets], dim=1)
     s = torch.cat([t.s for t in triplets])
     vh = torch.cat([t.vh for t in triplets], dim=0)
-    # TSV-M: Δ = U⊥ Σ V⊥ᵀ with U⊥, V⊥ the orthogonal polar factors of the concatenated U and V
+    # TSV-2, TSV-3: Δ = U⊥ Σ V⊥ᵀ with U⊥, V⊥ the orthogonal polar factors of the concatenated U and V
     return (polar(u) * s) @ polar(vh)
 
 
