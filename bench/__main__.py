@@ -1,6 +1,7 @@
-"""``python -m bench [--quick] [--out DIR] [--zoo embedded|tiny|MANIFEST] [--only SECTION ...] [--render JSON]``
+"""``python -m bench [--quick] [--out DIR] [--zoo embedded|tiny|MANIFEST] [--only SECTION ...] [--update JSON]
+[--render JSON]``
 
-Runs the benchmark sections in order (mixture, dawin, cart, evaluation, sweep) on a private local Ray
+Runs the benchmark sections in order (mixture, dawin, cart, adamerging, evaluation, sweep) on a private local Ray
 (``address="local"``, 2 CPUs, no dashboard) and writes ``BENCHMARKS.md`` (repository root) and
 ``bench/results.json``, or both into ``--out DIR``. Progress lines go to stderr.
 
@@ -9,7 +10,9 @@ Runs the benchmark sections in order (mixture, dawin, cart, evaluation, sweep) o
 embedded zoo's one-time build (``--zoo embedded``, the default without ``--quick``; a build already under way in
 another process is waited for). ``--zoo tiny`` builds (once) a tiny zoo under ``$RAYMERGE_CACHE/bench-zoo-tiny``;
 ``RAYMERGE_BENCH_ZOO`` sets the default. ``--render bench/results.json`` measures nothing: it rewrites the report
-from stored rows (after a change to the report's format or its "what this means" lines).
+from stored rows (after a change to the report's format or its "what this means" lines). ``--only cart --update
+bench/results.json`` measures one section and puts it into an existing report in place of its old rows, keeping the
+other sections (each updated section then says when and how it was measured).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # raymerge's driver-side progress ba
 from bench import common, report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("mixture", "dawin", "cart", "evaluation", "sweep")
+SECTIONS = ("mixture", "dawin", "cart", "adamerging", "evaluation", "sweep")
 
 
 def _module(key: str):
@@ -50,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                         help="measure nothing: rewrite the report (and its 'what this means' lines) from a results.json")
+    parser.add_argument("--update", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="put the sections measured now into this results.json in place of their old rows, keep the "
+                        "others, and rewrite its report (BENCHMARKS.md beside --out, else at the repository root)")
     args = parser.parse_args(argv)
+    if args.update and not args.update.is_file():
+        parser.error(f"--update {args.update}: no such results.json")
     if args.render:
         return render(args.render, args.out)
     zoo = args.zoo or os.environ.get("RAYMERGE_BENCH_ZOO") or ("tiny" if args.quick else "embedded")
@@ -110,9 +118,31 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - common.T0,
         "sections": sections,
     }
+    if args.update:
+        json_path, result = args.update, updated(args.update, result)
     report.write(result, md_path, json_path)
     common.progress(f"wrote {md_path} and {json_path} ({result['seconds']:.0f} s in all)")
     return 1 if failed else 0
+
+
+def updated(json_path: Path, run: dict) -> dict:
+    """The stored results with ``run``'s sections in place of theirs (new ones in SECTIONS order), each marked with
+    the run that measured it."""
+    import json
+
+    stored = json.loads(json_path.read_text())
+    fresh = {}
+    for section in run["sections"]:
+        section["run"] = {"command": run["command"], "date": run["date"],
+                          "load_average_at_start": run["machine"]["load_average_at_start"],
+                          "parallel_capacity_at_start": run["machine"].get("parallel_capacity_at_start")}
+        fresh[section["key"]] = section
+    by_key = {section["key"]: section for section in stored["sections"]}
+    # the report's run time: the sections' time moves with them
+    stored["seconds"] += sum(s["seconds"] - by_key.get(key, {"seconds": 0.0})["seconds"] for key, s in fresh.items())
+    by_key.update(fresh)
+    stored["sections"] = [by_key[key] for key in SECTIONS if key in by_key]
+    return stored
 
 
 def render(json_path: Path, out: Path | None) -> int:

@@ -90,6 +90,11 @@ def section_markdown(number: int, section: dict) -> str:
         return "\n".join(lines)
     lines += [f"**What this means:** {section['meaning']}", "",
               f"*Section time: {section['seconds']:.0f} s.*", ""]
+    if section.get("run"):
+        run = section["run"]
+        lines += [f"*Measured apart from the rest of this report: `{_esc(run['command'])}` on {run['date']} (load "
+                  f"average {', '.join(map(str, run['load_average_at_start']))}, parallel capacity "
+                  f"{run['parallel_capacity_at_start']}×).*", ""]
     benchmarks: dict[str, list[dict]] = {}
     for r in section["rows"]:
         benchmarks.setdefault(r["benchmark"], []).append(r)

@@ -1,4 +1,5 @@
-"""Static merges of fine-tuned state dicts (METHODS §1), plus CART re-exported from :mod:`raymerge.cart`.
+"""Static merges of fine-tuned state dicts (METHODS §1), plus the low-rank family re-exported: CART
+(:mod:`raymerge.cart`), TSV-M (:mod:`raymerge.tsv`), Iso-C and Iso-CTS (:mod:`raymerge.iso`).
 
 Every merge is a pure function: it validates its inputs (:mod:`raymerge.statedict`: count, keys, shapes, dtypes,
 NaN/Inf, equal non-floating tensors), never writes into them, and returns a new ``dict[str, torch.Tensor]``.
@@ -25,19 +26,24 @@ from raymerge._arith import (
     validate,
     validate_with_base,
 )
-from raymerge.cart import (
+from raymerge.cart import cart, check_rank_ratio, job_seed, rank_for
+from raymerge.iso import iso_c, iso_cts
+from raymerge.lowrank import (
     LowRankRule,
     RuleLike,
-    cart,
-    check_rank_ratio,
+    check_qkv,
     check_svd,
-    job_seed,
     low_rank_approx,
-    select_low_rank,
+    matrix_blocks,
+    select_matrices,
 )
 from raymerge.statedict import StateDict, StateDictError
+from raymerge.tsv import tsv_merge
 
-__all__ = ["weight_average", "interpolate", "task_arithmetic", "ties", "model_stock", "greedy_soup", "cart"]
+__all__ = [
+    "weight_average", "interpolate", "task_arithmetic", "ties", "model_stock", "greedy_soup", "cart", "tsv_merge",
+    "iso_c", "iso_cts",
+]
 
 
 def _task_vector(theta_t: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
@@ -93,6 +99,7 @@ def task_arithmetic(
     rule: LowRankRule | RuleLike | None = None,
     svd: str = "exact",
     seed: int = 0,
+    qkv: str = "fused",
     names: Sequence[str] | None = None,
     precision: torch.dtype = torch.float32,
 ) -> StateDict:
@@ -102,24 +109,36 @@ def task_arithmetic(
     ``0.3 · T · λt(x)``); a length other than T is an error.
 
     ``rank_ratio`` ρ in [0, 1], when set, replaces each τt on the matrices ``rule`` selects (default
-    :class:`~raymerge.cart.LowRankRule`) by its rank-k approximation, with CART's k, ``svd`` and per-(key, task)
-    ``seed`` (:func:`raymerge.cart.low_rank_approx`): the CART paper's "task arithmetic with low-rank task vectors".
-    ρ = 0 drops those matrices' task vectors (they keep θ0); other tensors always keep their full τt.
+    :class:`~raymerge.lowrank.LowRankRule`) by its rank-k approximation, with CART's k, ``svd``, per-(block, task)
+    ``seed`` and ``qkv`` (:func:`raymerge.cart.cart`): the CART paper's "task arithmetic with low-rank task vectors".
+    ρ = 0 drops those matrices' task vectors (they keep θ0); other tensors always keep their full τt. ``qkv="split"``
+    needs ``rank_ratio`` (it only concerns the SVDs) and a model with fused attention projections.
     """
     coefficients = _task_coefficients(lam, len(finetuned))
+    check_qkv(qkv)
     if rank_ratio is not None:
         check_rank_ratio(rank_ratio)
         check_svd(svd)
+    elif qkv != "fused":
+        raise ValueError(f"qkv={qkv!r} only applies to task arithmetic's low-rank mode: set rank_ratio")
     validate_with_base("task_arithmetic", base, finetuned, names, min_finetuned=1)
-    ranks = {} if rank_ratio is None else select_low_rank(base, rank_ratio, rule)
+    rule = LowRankRule() if rule is None else rule
+    blocks = {} if rank_ratio is None else matrix_blocks(base, select_matrices(base, rule), qkv)
+
+    def low_rank(tau: torch.Tensor, key: str, t: int) -> torch.Tensor:
+        parts = [
+            low_rank_approx(block.of(tau), rank_for(block.shape, rank_ratio), svd, job_seed(seed, block.label, t))
+            for block in blocks[key]
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def merge_key(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         theta0 = tensors[0]
         total = torch.zeros_like(theta0)
         for t, (coefficient, theta_t) in enumerate(zip(coefficients, tensors[1:])):
             tau = _task_vector(theta_t, theta0)
-            if key in ranks:
-                tau = low_rank_approx(tau, ranks[key], svd, job_seed(seed, key, t))
+            if key in blocks:
+                tau = low_rank(tau, key, t)
             total += coefficient * tau
         # METHODS §1 task arithmetic: θ = θ0 + Σt λt τt
         return theta0 + total

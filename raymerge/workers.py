@@ -1,4 +1,4 @@
-"""Ray actors and tasks: the one evaluation primitive, and the distributed per-layer SVDs of CART.
+"""Ray actors and tasks: the one evaluation primitive, and the distributed SVD jobs of the low-rank merges.
 
 An :class:`EvalWorker` keeps one resident encoder, every head, and its shard of every dataset (preprocessed once).
 It is told *which weights* (an ObjectRef to a dict of numpy arrays, loaded in place into the resident model)
@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import ray
 import torch
+from tqdm import tqdm
 
 from raymerge import cluster, models
+from raymerge._arith import check_real
+from raymerge.cart import plan_cart
 from raymerge.config import Resources
 from raymerge.data import DatasetError, ImageDataset, shard_indices
-from raymerge.statedict import state_dict_hash
+from raymerge.iso import plan_iso_c, plan_iso_cts
+from raymerge.lowrank import LowRankPlan, Operand, Output, SvdJob, assemble, run_job
+from raymerge.statedict import state_dict_hash, to_numpy
+from raymerge.tsv import plan_tsv_merge
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +211,72 @@ def evaluate_local(architecture: str, weights: Weights, head: models.Head, datas
     return models.predict_logits(encoder, head, images, batch_size)
 
 
-def _low_rank_job(theta_t: Weights, theta_avg: Weights, key: str, k: int, svd: str, seed: int) -> np.ndarray:
-    """One CART job in a Ray worker: the rank-k approximation of the centered matrix ``key`` of one task."""
-    from raymerge.cart import centered_matrix, low_rank_approx
+def _svd_job(job: SvdJob, keys: tuple, *values) -> object:
+    """One low-rank job in a Ray worker. ``values`` (resolved by Ray from ObjectRefs: source state dicts as numpy
+    arrays, earlier jobs' results) are named by ``keys``; the job runs through the same
+    :func:`raymerge.lowrank.run_job` as the local merge."""
+    lookup = dict(zip(keys, values))
+    return run_job(job, lambda source: lookup[("source", source)], lambda name: lookup[("output", name)])
 
-    matrix = centered_matrix(torch.from_numpy(np.array(theta_t[key])), torch.from_numpy(np.array(theta_avg[key])))
-    return low_rank_approx(matrix, k, svd, seed).numpy()
+
+def run_svd_jobs(plan: LowRankPlan, num_cpus: float = 1.0) -> dict:
+    """The Ray counterpart of :func:`raymerge.lowrank.run_jobs`: every job of ``plan`` as a Ray task.
+
+    Each source state dict goes into the object store once, as numpy; a job gets its sources and the results of
+    the jobs it depends on by reference (top-level arguments, so Ray schedules it when they are ready and moves them
+    to its node). Only the results :func:`~raymerge.lowrank.assemble` needs come back to the driver, with a
+    progress bar on stderr.
+    """
+
+    used = {arg.source for job in plan.jobs for arg in job.args if isinstance(arg, Operand)}
+    source_refs = {source: ray.put(to_numpy(plan.sources[source])) for source in plan.sources if source in used}
+    task = ray.remote(_svd_job).options(num_cpus=num_cpus)
+    refs = {}
+    for job in plan.jobs:
+        deps = {}
+        for arg in job.args:
+            if isinstance(arg, Operand):
+                deps[("source", arg.source)] = source_refs[arg.source]
+            elif isinstance(arg, Output):
+                deps[("output", arg.name)] = refs[arg.name]
+        refs[job.name] = task.remote(job, tuple(deps), *deps.values())
+    names = plan.output_names
+    by_ref = {refs[name]: name for name in names}
+    pending, results = list(by_ref), {}
+    with tqdm(total=len(pending), desc=f"{plan.method} SVD jobs", unit="job", file=sys.stderr, leave=False) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            for ref, value in zip(done, ray.get(done)):
+                results[by_ref[ref]] = value
+            bar.update(len(done))
+    return results
+
+
+LOW_RANK_PLANNERS = {"cart": plan_cart, "tsv_merge": plan_tsv_merge, "iso_c": plan_iso_c, "iso_cts": plan_iso_cts}
+
+
+def distributed_low_rank(
+    method: str,
+    base: Mapping[str, torch.Tensor] | None,
+    finetuned: Sequence[Mapping[str, torch.Tensor]],
+    lam: float = 1.0,
+    *,
+    num_cpus: float = 1.0,
+    **params,
+) -> dict[str, torch.Tensor]:
+    """A low-rank merge with its SVD jobs run as Ray tasks of ``num_cpus`` CPUs: ``method`` one of
+    :data:`LOW_RANK_PLANNERS` (``cart``, ``tsv_merge``, ``iso_c``, ``iso_cts``), ``params`` its planner's other
+    arguments (e.g. ``rank_ratio=0.12, qkv="split"`` for CART, ``common_space_fraction=0.8`` for Iso-CTS).
+
+    The same plan, the same job functions (on the same fixed thread count) and the same assembly as the local merge,
+    so the result equals ``raymerge.merge.<method>(base, finetuned, lam, ...)`` bit for bit. Arguments are validated
+    (by the planner) before anything goes into the object store.
+    """
+    if method not in LOW_RANK_PLANNERS:
+        raise ValueError(f"unknown low-rank method {method!r}: expected one of {', '.join(LOW_RANK_PLANNERS)}")
+    lam = check_real("lam", lam)
+    plan = LOW_RANK_PLANNERS[method](base, finetuned, **params)
+    return assemble(plan, run_svd_jobs(plan, num_cpus), lam)
 
 
 def distributed_cart(
@@ -222,27 +289,11 @@ def distributed_cart(
     rule=None,
     names: Sequence[str] | None = None,
     num_cpus: float = 1.0,
+    *,
+    qkv: str = "fused",
+    precision: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """:func:`raymerge.cart.cart` with its per-(layer, task) SVDs run as Ray tasks over the cluster.
-
-    Each fine-tuned model and θavg go into the object store once; every task gets them by reference and
-    computes one centered matrix's low-rank approximation with the same pure function as the local merge,
-    so the result equals ``cart(...)`` bit for bit (same seed for the randomized SVD).
-    """
-    from raymerge.cart import assemble_cart, plan_cart
-    from raymerge.statedict import to_numpy
-
-    plan = plan_cart(base, finetuned, rank_ratio, svd, seed, rule, names=names)
-    if not plan.jobs:
-        return assemble_cart(plan, {}, lam)
-    avg_ref = ray.put(to_numpy(plan.theta_avg))
-    needed = sorted({job.task_index for job in plan.jobs})
-    ft_refs = {t: ray.put(to_numpy(finetuned[t])) for t in needed}
-    task = ray.remote(_low_rank_job).options(num_cpus=num_cpus)
-    refs = {
-        (job.key, job.task_index): task.remote(ft_refs[job.task_index], avg_ref, job.key, job.k, plan.svd, job.seed)
-        for job in plan.jobs
-    }
-    values = ray.get(list(refs.values()))
-    approximations = {name: torch.from_numpy(np.array(v)) for name, v in zip(refs, values)}  # writable copies
-    return assemble_cart(plan, approximations, lam)
+    """:func:`raymerge.cart.cart` with its per-(block, task) SVDs as Ray tasks (:func:`distributed_low_rank`);
+    equal to ``cart(...)`` bit for bit (same seed for the randomized SVD)."""
+    return distributed_low_rank("cart", base, finetuned, lam, num_cpus=num_cpus, rank_ratio=rank_ratio, svd=svd,
+                                seed=seed, rule=rule, qkv=qkv, names=names, precision=precision)

@@ -1,5 +1,5 @@
-"""CART (raymerge.cart): endpoints, a float64 numpy reference, the selection rule on a real open_clip ViT, SVD
-determinism, and the plan → map → assemble split a distributed driver relies on."""
+"""CART (raymerge.cart): endpoints, a float64 numpy reference (fused and split q/k/v), the selection rule on a real
+open_clip ViT, SVD determinism and precision, and the plan → jobs → assemble split a distributed driver relies on."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import torch
 
 from raymerge.cart import (
     LowRankRule,
-    assemble_cart,
     cart,
-    centered_matrix,
+    cart_job,
     job_seed,
     low_rank_approx,
     plan_cart,
     rank_for,
     select_low_rank,
 )
+from raymerge.lowrank import Factors, Operand, assemble, low_rank_factors, run_job, run_jobs, svd
 from raymerge.merge import weight_average
 from raymerge.statedict import StateDictError
 
@@ -76,13 +76,22 @@ def test_rank_for(shape, ratio, k):
     assert rank_for(shape, ratio) == k
 
 
+@pytest.mark.parametrize("precision", [torch.float32, torch.float64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lam", [1.0, 2.0, -0.7])
-def test_full_rank_is_weight_average_for_any_lambda(dtype, lam):
+def test_full_rank_is_weight_average_for_any_lambda(dtype, lam, precision):
     base, fts = make_models(3, dtype)
-    out = cart(base, fts, rank_ratio=1.0, lam=lam, rule=MATRICES)
-    torch.testing.assert_close(out, weight_average(fts), rtol=1e-5, atol=1e-5)
+    out = cart(base, fts, rank_ratio=1.0, lam=lam, rule=MATRICES, precision=precision)
+    average = weight_average(fts, precision=precision)
     assert all(out[key].dtype == dtype for key in out)
+    if dtype == torch.bfloat16 and precision == torch.float32:
+        # Σt SVD_full(τ̄t) is 0 only up to float32 SVD rounding (~1e-7 relative), which can move a value lying that
+        # close to a bfloat16 rounding boundary to the neighbouring bfloat16 number: allow one bfloat16 step
+        for key in out:
+            step = torch.finfo(torch.bfloat16).eps * average[key].double().abs()
+            assert ((out[key].double() - average[key].double()).abs() <= step).all(), key
+    else:
+        torch.testing.assert_close(out, average, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("lam", [1.0, 3.0])
@@ -113,6 +122,111 @@ def test_base_is_optional_and_only_validated():
     base, fts = make_models(2)
     with_base, without = cart(base, fts, rule=MATRICES), cart(None, fts, rule=MATRICES)
     assert all(torch.equal(with_base[key], without[key]) for key in SHAPES)
+
+
+# --- q, k, v fused or split ----------------------------------------------------------------------------------------
+
+
+def vit_finetunes(vit: dict[str, torch.Tensor], n: int, scale: float = 0.01, seed: int = 1) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    return [{key: value + scale * torch.randn(value.shape, generator=gen) for key, value in vit.items()} for _ in range(n)]
+
+
+def numpy_cart(fts: list[dict], rank_ratio: float, lam: float, split: bool) -> dict[str, np.ndarray]:
+    """CART in float64 numpy straight from Eq. 3–4, on the four block matrices; with ``split`` each in_proj_weight is
+    three d × d matrices q, k, v."""
+    avg = {key: np.mean([np64(ft[key]) for ft in fts], axis=0) for key in fts[0]}
+    out = dict(avg)
+    for key in avg:
+        if not key.endswith(BLOCK_MATRICES):
+            continue
+        pieces = np.split(np.arange(avg[key].shape[0]), 3) if split and key.endswith("in_proj_weight") else [None]
+        parts = []
+        for rows in pieces:
+            rows = slice(None) if rows is None else rows
+            k = max(1, int(np.floor(rank_ratio * min(avg[key][rows].shape))))
+            parts.append(sum(numpy_low_rank(np64(ft[key])[rows] - avg[key][rows], k) for ft in fts))
+        out[key] = avg[key] + lam * np.concatenate(parts)
+    return out
+
+
+@pytest.mark.parametrize("qkv", ["fused", "split"])
+def test_qkv_layouts_match_numpy_references(vit_state_dict, qkv):
+    fts = vit_finetunes(vit_state_dict, 3)
+    ref = numpy_cart(fts, 0.25, 1.5, split=qkv == "split")
+    out = cart(vit_state_dict, fts, rank_ratio=0.25, lam=1.5, qkv=qkv, precision=torch.float64)
+    for key in ref:
+        np.testing.assert_allclose(np64(out[key]), ref[key].astype(np.float32), rtol=0, atol=1e-6, err_msg=key)
+    other = numpy_cart(fts, 0.25, 1.5, split=qkv != "split")
+    key = "transformer.resblocks.0.attn.in_proj_weight"
+    assert np.abs(ref[key] - other[key]).max() > 1e-4  # the layouts do give different merges
+
+
+def test_split_keeps_k_per_block_and_labels_the_parts(vit_state_dict):
+    fts = vit_finetunes(vit_state_dict, 2)
+    plan = plan_cart(vit_state_dict, fts, rank_ratio=0.1, qkv="split")
+    key = "transformer.resblocks.2.attn.in_proj_weight"
+    blocks = plan.blocks[key]
+    assert [(b.label, b.start, b.stop) for b in blocks] == [(f"{key}[{p}]", 64 * i, 64 * (i + 1))
+                                                            for i, p in enumerate("qkv")]
+    assert {job.args[2] for job in plan.jobs if job.name[1].startswith(key)} == {6}  # ⌊0.1 · 64⌋ per part
+    assert len(plan.jobs) == 2 * 4 * (3 + 3)  # per block: q, k, v + out_proj, c_fc, c_proj; 2 tasks
+
+
+def test_qkv_is_checked_before_any_work():
+    base, fts = make_models(2)
+    with pytest.raises(ValueError, match="unknown qkv 'stacked'"):
+        cart(base, fts, qkv="stacked")
+    # these toy models (and Hugging Face layouts) have no fused attention projection to split
+    with pytest.raises(ValueError, match="qkv='split'.*none of the 2 matrices.*no fused attention weights"):
+        cart(base, fts, rule=MATRICES, qkv="split")
+    odd = {**base, "attn.in_proj_weight": torch.zeros(8, 4)}
+    with pytest.raises(ValueError, match=r"'attn.in_proj_weight' of shape \(8, 4\).*do not split in three"):
+        cart(odd, [{**ft, "attn.in_proj_weight": torch.zeros(8, 4)} for ft in fts], rule=LowRankRule((r"attn.*",)),
+             qkv="split")
+
+
+# --- the SVD kernel -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30)])
+def test_svd_in_either_orientation_matches_numpy(shape):
+    matrix = decaying_matrix(max(shape), min(shape), 0.9, seed=2).double()
+    matrix = matrix if shape[0] >= shape[1] else matrix.T
+    u, s, vh = svd(matrix)
+    assert u.shape == (shape[0], 12) and vh.shape == (12, shape[1])
+    np.testing.assert_allclose(s.numpy(), np.linalg.svd(matrix.numpy(), compute_uv=False), rtol=1e-12)
+    np.testing.assert_allclose(((u * s) @ vh).numpy(), matrix.numpy(), atol=1e-12)
+    np.testing.assert_allclose((u.T @ u).numpy(), np.eye(12), atol=1e-12)
+    np.testing.assert_allclose((vh @ vh.T).numpy(), np.eye(12), atol=1e-12)
+    left, right = low_rank_factors(matrix, 4)
+    np.testing.assert_allclose((left @ right).numpy(), numpy_low_rank(matrix.numpy(), 4), atol=1e-12)
+
+
+def test_float32_merge_is_within_1e_6_of_float64_on_decaying_spectra(vit_state_dict):
+    # the float32 SVDs (the default) against float64 ones, relative per matrix, on task vectors with the decaying
+    # spectra of real fine-tunes (σi ∝ 1/i, random singular vectors), as bench/cart.py measures at ViT-B/32 size.
+    # (I.i.d. Gaussian task vectors, with no spectral decay, come out at ~1.3e-6 here: use precision=float64 there.)
+    gen = torch.Generator().manual_seed(3)
+    fts = []
+    for _ in range(4):
+        ft = {}
+        for key, value in vit_state_dict.items():
+            if value.ndim == 2:
+                m, n = value.shape
+                r = min(m, n)
+                u = torch.linalg.qr(torch.randn(m, r, generator=gen)).Q
+                v = torch.linalg.qr(torch.randn(n, r, generator=gen)).Q
+                ft[key] = value + (u * (0.05 / torch.arange(1, r + 1))) @ v.T
+            else:
+                ft[key] = value + 0.01 * torch.randn(value.shape, generator=gen)
+        fts.append(ft)
+    for rank_ratio, lam in ((0.04, 1.0), (0.08, 1.0), (0.12, 2.0)):
+        out32 = cart(vit_state_dict, fts, rank_ratio=rank_ratio, lam=lam)
+        out64 = cart(vit_state_dict, fts, rank_ratio=rank_ratio, lam=lam, precision=torch.float64)
+        for key in out64:
+            error = (out32[key].double() - out64[key].double()).norm() / out64[key].double().norm()
+            assert error.item() < 1e-6, (rank_ratio, key)
 
 
 # --- which tensors are rank-reduced ---------------------------------------------------------------------------------
@@ -155,9 +269,10 @@ def test_custom_rules(vit_state_dict):
 
 def test_randomized_matches_exact_on_decaying_spectra():
     # 120 × 80 matrices, k = 8, singular values decay**i. Stated tolerance (relative Frobenius difference from the
-    # exact rank-k approximation): 1e-6 for decay 0.8, 1e-3 for decay 0.9 (measured: ~5e-9 and ~2e-5 over 20 seeds)
+    # exact rank-k approximation): 1e-6 for decay 0.8, 1e-3 for decay 0.9 (measured: ~5e-9 and ~2e-5 over 20 seeds).
+    # In float64, so that the algorithm's error is measured rather than float32 rounding.
     for decay, tolerance in ((0.8, 1e-6), (0.9, 1e-3)):
-        matrix = decaying_matrix(120, 80, decay)
+        matrix = decaying_matrix(120, 80, decay).double()
         exact = low_rank_approx(matrix, 8)
         for seed in range(3):
             randomized = low_rank_approx(matrix, 8, "randomized", seed)
@@ -204,52 +319,61 @@ def test_low_rank_approx_edges():
         low_rank_approx(matrix, 1, "lanczos")
 
 
-# --- plan → map → assemble ------------------------------------------------------------------------------------------
+# --- plan → jobs → assemble ----------------------------------------------------------------------------------------
 
 
-def test_plan_lists_one_job_per_matrix_and_task():
+def test_plan_lists_one_job_per_block_and_task():
     base, fts = make_models(2)
     plan = plan_cart(base, fts, rank_ratio=0.4, svd="randomized", seed=5, rule=MATRICES)
-    assert [(job.key, job.task_index, job.k) for job in plan.jobs] == [
-        ("blocks.0.w", 0, 3), ("blocks.0.w", 1, 3), ("blocks.1.w", 0, 2), ("blocks.1.w", 1, 2)
+    assert [job.name for job in plan.jobs] == [
+        ("cart", "blocks.0.w", 0), ("cart", "blocks.0.w", 1), ("cart", "blocks.1.w", 0), ("cart", "blocks.1.w", 1)
     ]
-    assert [job.seed for job in plan.jobs] == [job_seed(5, job.key, job.task_index) for job in plan.jobs]
-    assert len({job.seed for job in plan.jobs}) == 4
-    assert plan.svd == "randomized" and plan.theta_avg["embed"].dtype == torch.float32
+    # arguments: θt's block, θavg's block, k, the SVD, the per-(block, task) seed
+    assert [(job.args[0].source, job.args[1].source, job.args[2:4]) for job in plan.jobs] == [
+        (0, "origin", (3, "randomized")), (1, "origin", (3, "randomized")),
+        (0, "origin", (2, "randomized")), (1, "origin", (2, "randomized")),
+    ]
+    assert [job.args[4] for job in plan.jobs] == [job_seed(5, job.name[1], job.name[2]) for job in plan.jobs]
+    assert len({job.args[4] for job in plan.jobs}) == 4
+    assert plan.origin["embed"].dtype == torch.float32
     assert plan_cart(base, fts, rank_ratio=0.0, rule=MATRICES).jobs == ()
 
 
-def test_map_in_any_order_then_assemble_equals_cart_bitwise():
+def test_jobs_in_any_order_then_assemble_equals_cart_bitwise():
     base, fts = make_models(3, torch.bfloat16)
     plan = plan_cart(base, fts, rank_ratio=0.4, svd="randomized", rule=MATRICES)
-    theta_avg = {key: value.clone() for key, value in plan.theta_avg.items()}
-    approximations = {}
+    theta_avg = {key: value.clone() for key, value in plan.origin.items()}
+    results = {}
     for job in reversed(plan.jobs):  # results arriving out of order, as from Ray
-        matrix = centered_matrix(fts[job.task_index][job.key], plan.theta_avg[job.key])
-        approximations[(job.key, job.task_index)] = low_rank_approx(matrix, job.k, plan.svd, job.seed)
+        results[job.name] = run_job(job, plan.sources.__getitem__, results.__getitem__)
     for lam in (1.0, 2.0):  # one plan, several λ: the plan must come back untouched
         expected = cart(base, fts, rank_ratio=0.4, lam=lam, svd="randomized", rule=MATRICES)
-        out = assemble_cart(plan, approximations, lam)
+        out = assemble(plan, results, lam)
         assert all(torch.equal(out[key], expected[key]) for key in SHAPES)
-        assert all(torch.equal(plan.theta_avg[key], theta_avg[key]) for key in SHAPES)
+        assert all(torch.equal(plan.origin[key], theta_avg[key]) for key in SHAPES)
 
 
-def test_assemble_rejects_missing_or_mistyped_approximations():
+def test_cart_job_is_the_low_rank_approximation_of_the_centered_block():
+    base, fts = make_models(3)
+    plan = plan_cart(base, fts, rank_ratio=0.4, rule=MATRICES)
+    avg = np.mean([np64(ft["blocks.0.w"]) for ft in fts], axis=0)
+    left, right = cart_job(fts[1]["blocks.0.w"], plan.origin["blocks.0.w"], 3, "exact", 0)
+    assert left.shape == (12, 3) and right.shape == (3, 8)
+    np.testing.assert_allclose(np64(left @ right), numpy_low_rank(np64(fts[1]["blocks.0.w"]) - avg, 3), atol=1e-5)
+
+
+def test_assemble_rejects_missing_or_mistyped_results():
     base, fts = make_models(2)
     plan = plan_cart(base, fts, rank_ratio=0.4, rule=MATRICES)
-    approximations = {
-        (job.key, job.task_index): low_rank_approx(
-            centered_matrix(fts[job.task_index][job.key], plan.theta_avg[job.key]), job.k
-        )
-        for job in plan.jobs
-    }
-    incomplete = dict(approximations)
-    del incomplete[("blocks.1.w", 1)]
-    with pytest.raises(ValueError, match="no approximation for key 'blocks.1.w', task 1"):
-        assemble_cart(plan, incomplete)
-    mistyped = {**approximations, ("blocks.0.w", 0): approximations[("blocks.0.w", 0)].double()}
-    with pytest.raises(ValueError, match="'blocks.0.w', task 0 has .* dtype torch.float64"):
-        assemble_cart(plan, mistyped)
+    results = run_jobs(plan)
+    incomplete = dict(results)
+    del incomplete[("cart", "blocks.1.w", 1)]
+    with pytest.raises(ValueError, match=r"no result for job \('cart', 'blocks.1.w', 1\) of 'blocks.1.w'"):
+        assemble(plan, incomplete)
+    name = ("cart", "blocks.0.w", 0)
+    mistyped = {**results, name: Factors(results[name].left.double(), results[name].right.double())}
+    with pytest.raises(ValueError, match="update of 'blocks.0.w' has shape .* dtype torch.float64"):
+        assemble(plan, mistyped)
 
 
 def test_job_seeds_are_deterministic_and_distinct():

@@ -9,7 +9,17 @@ import pytest
 import torch
 
 from raymerge.cart import LowRankRule
-from raymerge.merge import cart, interpolate, model_stock, task_arithmetic, ties, weight_average
+from raymerge.merge import (
+    cart,
+    interpolate,
+    iso_c,
+    iso_cts,
+    model_stock,
+    task_arithmetic,
+    ties,
+    tsv_merge,
+    weight_average,
+)
 from raymerge.statedict import StateDictError
 
 SHAPES = {"enc.weight": (6, 5), "enc.bias": (6,), "conv": (3, 2, 2), "scale": ()}
@@ -254,6 +264,9 @@ MERGES = {
     "ties": lambda base, fts, **kw: ties(base, fts, **kw),
     "model_stock": lambda base, fts, **kw: model_stock(base, fts, **kw),
     "cart": lambda base, fts, **kw: cart(base, fts, 0.4, rule=LowRankRule((r"enc\.weight",)), **kw),
+    "tsv_merge": lambda base, fts, **kw: tsv_merge(base, fts, **kw),
+    "iso_c": lambda base, fts, **kw: iso_c(base, fts, **kw),
+    "iso_cts": lambda base, fts, **kw: iso_cts(base, fts, 0.7, 0.5, **kw),
 }
 
 
@@ -326,8 +339,11 @@ def test_bad_checkpoints_name_key_and_model(name, change, message):
         (lambda base, fts: ties(base, []), "ties needs at least 1"),
         (lambda base, fts: model_stock(base, fts[:1]), r"model_stock needs at least 2 fine-tuned models, got 1 \("),
         (lambda base, fts: cart(base, fts[:1]), r"cart needs at least 2 fine-tuned models, got 1 \(finetuned 0\)"),
+        (lambda base, fts: tsv_merge(base, []), "tsv_merge needs at least 1 fine-tuned models, got none"),
+        (lambda base, fts: iso_c(base, []), "iso_c needs at least 1 fine-tuned models, got none"),
+        (lambda base, fts: iso_cts(base, []), "iso_cts needs at least 1 fine-tuned models, got none"),
     ],
-    ids=["weight_average", "task_arithmetic", "ties", "model_stock", "cart"],
+    ids=["weight_average", "task_arithmetic", "ties", "model_stock", "cart", "tsv_merge", "iso_c", "iso_cts"],
 )
 def test_too_few_models(call, message):
     base, fts = make_models(2)
@@ -338,7 +354,8 @@ def test_too_few_models(call, message):
 @pytest.mark.parametrize("lam", [float("nan"), float("inf"), "0.3", None])
 def test_coefficients_must_be_finite_reals(lam):
     base, fts = make_models(2)
-    calls = (lambda: interpolate(base, fts[0], lam), lambda: ties(base, fts, lam=lam), lambda: cart(base, fts, lam=lam))
+    calls = (lambda: interpolate(base, fts[0], lam), lambda: ties(base, fts, lam=lam), lambda: cart(base, fts, lam=lam),
+             lambda: tsv_merge(base, fts, lam), lambda: iso_c(base, fts, lam), lambda: iso_cts(base, fts, lam))
     for call in calls:
         with pytest.raises(ValueError, match=f"lam must be a finite real number, got {lam!r}"):
             call()
