@@ -191,12 +191,27 @@ def _problems(err: ValidationError, model: type[BaseModel], where: str) -> list[
 # --- validation --------------------------------------------------------------------------------------------------
 
 
+def _fused_attention(architecture: str) -> bool:
+    """Whether ``architecture``'s attention keeps q, k and v in one matrix (what ``qkv: split`` splits)."""
+    import torch
+
+    from raymerge.lowrank import is_fused_qkv
+    from raymerge.models import ModelError, build_encoder
+
+    try:
+        with torch.device("meta"):
+            return any(is_fused_qkv(k, v) for k, v in build_encoder(architecture).state_dict().items())
+    except ModelError:
+        return True  # an unknown architecture is reported on its own
+
+
 def validate_methods(node: Any, where: str, setting: str | None, models: list[str] | None, problems: list[str],
-                     sweep: bool = False) -> MethodConfigs:
+                     sweep: bool = False, architecture: str | None = None) -> MethodConfigs:
     """Each ``name: params`` (or ``name: [params, ...]`` for several configurations) against its registered unit.
 
     ``setting`` None (unknown because of other problems) skips the setting checks; ``models`` None skips checking
-    ``model`` parameters against the pool's fine-tuned models. Problems are appended, not raised.
+    ``model`` parameters against the pool's fine-tuned models, ``architecture`` None the ``qkv`` parameters against
+    the model. Problems are appended, not raised.
     """
     out: MethodConfigs = {}
     known = methods.all_methods()
@@ -224,6 +239,9 @@ def validate_methods(node: Any, where: str, setting: str | None, models: list[st
             model = getattr(params, "model", None)
             if model is not None and models is not None and model not in models:
                 problems.append(f"{loc}.model: {model!r} is not in model_pool.finetuned ({', '.join(models)})")
+            if getattr(params, "qkv", None) == "split" and architecture and not _fused_attention(architecture):
+                problems.append(f"{loc}.qkv: split needs fused attention weights (attn.in_proj_weight), which "
+                                f"{architecture} does not have")
             out[name].append(params)
     return out
 
@@ -355,12 +373,14 @@ def _check_file(raw: Any, source: str, base_dir: Path) -> _Checked:
         _check_shape(spec, base_dir, problems)
     setting = _setting_of(spec)
     models = list(spec.model_pool.finetuned) if spec.model_pool else None
-    exp_methods = validate_methods(spec.methods, "methods", setting, models, problems)
+    architecture = spec.model_pool.architecture if spec.model_pool else None
+    exp_methods = validate_methods(spec.methods, "methods", setting, models, problems, architecture=architecture)
     sweep = None
     if spec.sweep is not None:
         if setting != MULTITASK:
             problems.append("sweep: needs a multi-task pool (tasks with their own fine-tuned models)")
-        sweep_methods = validate_methods(spec.sweep.methods, "sweep.methods", MULTITASK, models, problems, sweep=True)
+        sweep_methods = validate_methods(spec.sweep.methods, "sweep.methods", MULTITASK, models, problems, sweep=True,
+                                         architecture=architecture)
         sweep = Sweep(spec.sweep.min_size, spec.sweep.max_size, spec.sweep.tasks, sweep_methods)
         if spec.sweep.max_size is not None and spec.sweep.max_size < spec.sweep.min_size:
             problems.append(f"sweep.max_size: {spec.sweep.max_size} is below min_size {spec.sweep.min_size}")
@@ -407,7 +427,8 @@ def validate(raw: Any, source: str = "<experiment>", base_dir: Path | None = Non
         task_pool = {n: TaskFileSpec.model_validate(t) for n, t in settings[setting]["task_pool"].items()}
         architecture = model_pool.architecture
         # `model` parameters can be checked only now that the zoo's model names are known
-        exp_methods = validate_methods(spec.methods, "methods", setting, list(model_pool.finetuned), problems)
+        exp_methods = validate_methods(spec.methods, "methods", setting, list(model_pool.finetuned), problems,
+                                       architecture=architecture)
         base, finetuned, tasks = _check_pools(model_pool, task_pool, manifest.parent, problems)
         _check_references(exp_methods, checked.sweep, tasks, problems)
         if problems:

@@ -69,6 +69,12 @@ class LocalEvaluator:
     def labels(self, pair: Pair) -> np.ndarray:
         return self._labels[pair]
 
+    def adapt(self, merge: Any, tasks: Sequence[str], settings: Any, seed: int) -> Any:
+        from raymerge.adamerging import adapt
+
+        return adapt(self.encoder, merge, {t: self.heads[t] for t in tasks}, {t: self.images[(t, "test")] for t in tasks},
+                     settings, seed)
+
 
 @dataclass
 class Phase1:

@@ -328,6 +328,26 @@ def prepare_images(dataset: ImageDataset, model_name: str) -> torch.Tensor:
     return torch.stack(out) if out else torch.zeros((0, 3, size, size))
 
 
+class EncodedImages:
+    """An encoded dataset as a lazily preprocessed (N, 3, S, S) batch: indexing decodes and preprocesses only the rows
+    asked for (what test-time adaptation samples), so a whole test set never sits decoded in memory."""
+
+    ndim = 4
+
+    def __init__(self, dataset: ImageDataset, model_name: str) -> None:
+        size = image_size(model_name)
+        self.dataset, self.model_name, self.shape = dataset, model_name, (len(dataset), 3, size, size)
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return prepare_images(self.dataset.subset(np.asarray(rows, dtype=np.int64)), self.model_name)
+
+
+def adaptation_images(dataset: ImageDataset, model_name: str) -> torch.Tensor | EncodedImages:
+    """Unlabeled test images for :func:`raymerge.adamerging.adapt`: decoded pixels preprocessed at once, encoded
+    files decoded per sampled batch (:class:`EncodedImages`)."""
+    return prepare_images(dataset, model_name) if dataset.encoded is None else EncodedImages(dataset, model_name)
+
+
 def preprocess_config(model_name: str) -> dict:
     """open_clip's inference preprocessing for ``model_name``: size, mean, std, interpolation, resize mode.
 

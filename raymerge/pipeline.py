@@ -147,6 +147,12 @@ class Run:
     def labels(self, pair: Pair) -> np.ndarray:
         return self.tasks[pair[0]].sets[pair[1]].labels
 
+    def adapt(self, merge: Any, tasks: Sequence[str], settings: Any, seed: int) -> Any:
+        """Test-time adaptation on one actor, on each task's whole test split (unlabeled)."""
+        label = f"adapting {len(tasks)} tasks ({', '.join(tasks)})"
+        with phase(label):
+            return self.pool.adapt(merge, {t: self.tasks[t].sets["test"] for t in tasks}, settings, seed, label)
+
     # --- pools, keys and rows ----------------------------------------------------------------------------------
 
     def view(self, models: list[str] | None = None, tasks: list[str] | None = None) -> Pool:
@@ -172,7 +178,7 @@ class Run:
         return {
             "method": label,
             "params": cand.params,
-            "seed": self.exp.seed if unit.is_random(params) else None,
+            "seed": self.exp.seed if unit.is_random(params, pool.setting) else None,
             "architecture": self.exp.architecture,
             "models": {m: self.model_hashes[m] for m in models},
             "task": task,

@@ -64,9 +64,22 @@ def method_label(method: str, params: str | dict[str, Any]) -> str:
     if p.get("own_task"):
         return f"{method} (each on its own task)"
     keep = SHOWN_ALWAYS.get(method, set())
+    defaults = _defaults(method.removeprefix(SWEEP_PREFIX))
     shown = " ".join(f"{k}={v}" for k, v in sorted(p.items())
-                     if (k not in HIDDEN_PARAMS or k in keep) and (k, v) not in HIDDEN_VALUES and v is not None)
+                     if (k not in HIDDEN_PARAMS or k in keep) and (k, v) not in HIDDEN_VALUES and v is not None
+                     and defaults.get(k, _NO_DEFAULT) != v)
     return f"{method} {shown}".strip()
+
+
+_NO_DEFAULT = object()
+
+
+def _defaults(name: str) -> dict[str, Any]:
+    """A registered method's parameter defaults (as a row records them): labels show only what differs."""
+    from raymerge import methods
+
+    unit = methods.get(name)
+    return unit.params().record() if unit else {}
 
 
 def row_label(row: Row) -> str:
@@ -756,8 +769,79 @@ def _task_count_section(store: ResultStore, name: str, rows: Sequence[Row], root
         format_sweep_table(rows, markdown=True))
 
 
+ADAPTIVE = ("adamerging", "cart_pp")  # methods whose rows carry learned coefficients in their details
+
+
+@dataclass(frozen=True)
+class LearnedCoefficients:
+    """What a test-time adaptation learned: ``matrix`` (L, T) coefficients of each coefficient group (a parameter
+    tensor, or all of them) for each task's model, and the mean entropy (nats) at the first and last step."""
+
+    label: str
+    layers: list[str]
+    tasks: list[str]
+    matrix: np.ndarray
+    first_loss: float
+    last_loss: float
+
+
+def learned_coefficients(rows: Sequence[Row]) -> list[LearnedCoefficients]:
+    """One :class:`LearnedCoefficients` per configuration of AdaMerging / CART++ (not sweeps), from its rows' details."""
+    out = []
+    for (method, params), group in _configs(table_rows(rows)).items():
+        details = json.loads(group[0].get("details") or "{}")
+        if method in ADAPTIVE and "coefficients" in details:
+            losses = details.get("losses") or [math.nan]
+            out.append(LearnedCoefficients(method_label(method, params), details["layers"], details["tasks"],
+                                           np.asarray(details["coefficients"], dtype=np.float64).T,
+                                           float(losses[0]), float(losses[-1])))
+    return out
+
+
+def _short_layer(name: str) -> str:
+    return re.sub(r"^(visual\.)?transformer\.resblocks\.(\d+)\.", r"block \2: ", name)
+
+
+def plot_learned_coefficients(learned: LearnedCoefficients, path: Path, title: str) -> Path:
+    """Heatmap of learned coefficients: rows = coefficient groups (layers, in model order), columns = tasks' models;
+    cells annotated while there are few enough to read."""
+    rows, cols = learned.matrix.shape
+    fig = _new_figure(2.5 + 0.8 * cols, min(1.5 + 0.22 * rows, 40.0))
+    ax = fig.add_subplot()
+    image = ax.imshow(learned.matrix, cmap="viridis", aspect="auto")
+    if rows * cols <= 400:
+        mid = (learned.matrix.max() + learned.matrix.min()) / 2
+        for i, j in np.ndindex(learned.matrix.shape):
+            ax.text(j, i, f"{learned.matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="black" if learned.matrix[i, j] > mid else "white")
+    ax.set_xticks(range(cols), learned.tasks, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(rows), [_short_layer(n) for n in learned.layers], fontsize=6 if rows > 30 else 8)
+    ax.set_xlabel("task vector of the model fine-tuned on")
+    ax.set_ylabel("coefficient group (parameter tensor)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="learned coefficient λ", shrink=0.6)
+    return _save_figure(fig, path)
+
+
+def _learned_section(store: ResultStore, name: str, rows: Sequence[Row], root: Path) -> list[str]:
+    lines = []
+    for i, learned in enumerate(learned_coefficients(rows)):
+        path = plot_learned_coefficients(learned, _plot_path(root, name, f"learned_coefficients_{i}"),
+                                         f"{name}: {learned.label}, learned coefficients")
+        body = [[t, f"{learned.matrix[:, j].mean():.3f}", f"{learned.matrix[:, j].min():.3f}",
+                 f"{learned.matrix[:, j].max():.3f}"] for j, t in enumerate(learned.tasks)]
+        lines += _figure_markdown(
+            f"Learned coefficients: {learned.label}", path,
+            f"Coefficient λ of each task's vector (columns) in each parameter tensor (rows), learned by minimizing "
+            f"the prediction entropy on the unlabeled test sets: mean entropy {learned.first_loss:.4f} → "
+            f"{learned.last_loss:.4f} nats over the adaptation.",
+            _markdown_table(["task", "mean λ", "min λ", "max λ"], body))
+    return lines
+
+
 SECTIONS: list[Callable[[ResultStore, str, Sequence[Row], Path], list[str]]] = [
-    _id_ood_section, _lambda_section, _rank_sweep_section, _heatmap_section, _diagnostics_section, _task_count_section,
+    _id_ood_section, _lambda_section, _rank_sweep_section, _heatmap_section, _learned_section, _diagnostics_section,
+    _task_count_section,
 ]
 
 

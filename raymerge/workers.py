@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from raymerge import cluster, models
 from raymerge._arith import check_real
+from raymerge.adamerging import AdaptResult
 from raymerge.cart import plan_cart
 from raymerge.config import Resources
 from raymerge.data import DatasetError, ImageDataset, shard_indices
@@ -86,6 +87,24 @@ class EvalWorker:
         if rows is not None:
             images = images[torch.from_numpy(np.array(rows, dtype=np.int64)).to(images.device)]
         return models.predict_logits(self.encoder, self._head(head, head_spec), images, self.batch_size)
+
+    def adapt(self, merge: list, heads: dict[str, list], datasets: dict[str, list], settings, seed: int,
+              label: str) -> AdaptResult:
+        """Learn ``merge``'s coefficients (:func:`raymerge.adamerging.adapt`) on this actor's device, on the whole
+        unlabeled test set of each task (``datasets[task]`` = [ref to its :class:`ImageDataset`]), each through its
+        head; progress is printed ten times (the driver shows actors' output)."""
+        from raymerge.adamerging import adapt
+
+        every = max(1, settings.steps // 10)
+
+        def on_step(step: int, loss: float, c: torch.Tensor) -> None:
+            if step == 0 or (step + 1) % every == 0:
+                print(f"{label}: step {step + 1}/{settings.steps}, mean entropy {loss:.4f} nats, coefficients mean "
+                      f"{c.mean():.3f} (min {c.min():.3f}, max {c.max():.3f})", flush=True)
+
+        images = {t: models.adaptation_images(ray.get(ref[0]), self.architecture) for t, ref in datasets.items()}
+        return adapt(self.encoder, ray.get(merge[0]), {t: self._head(t, spec) for t, spec in heads.items()}, images,
+                     settings, seed, on_step, self.device)
 
     def pid(self) -> int:
         return os.getpid()
@@ -195,6 +214,13 @@ class WorkerPool:
         n = int(sum(len(p) for p in self.shards[dataset]))
         out = self.gather(self.submit(weights_key, head, dataset, rows), n, self.head_classes[head])
         return out if rows is None else out[rows]
+
+    def adapt(self, merge, datasets: Mapping[str, ImageDataset], settings, seed: int, label: str) -> AdaptResult:
+        """Test-time adaptation of ``merge`` on the first actor (:meth:`EvalWorker.adapt`), whose device and resident
+        encoder it uses; ``datasets`` the unlabeled test set of each task, by head name."""
+        call = self.actors[0].adapt.remote([ray.put(merge)], {t: self.head_specs[t] for t in datasets},
+                                           {t: [ray.put(ds)] for t, ds in datasets.items()}, settings, seed, label)
+        return ray.get(call)
 
     def shutdown(self) -> None:
         for actor in self.actors:

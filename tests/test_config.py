@@ -133,3 +133,24 @@ def test_defaults_are_the_math_functions_own():
     from raymerge.workers import Resources
 
     assert Resources is config.Resources  # one definition of the resources and their defaults
+
+
+def test_adaptation_and_low_rank_parameters_are_checked(mini_pool):
+    raw = _raw(mini_pool)
+    raw["model_pool"]["finetuned"] = {"ft1": "ft1.safetensors"}
+    raw["task_pool"]["digits"]["finetuned"] = "ft1"  # a (one-task) multi-task pool
+    raw["methods"] = {"adamerging": {"lr": 0, "steps": 0}, "cart_pp": {"batch_size": -1}, "iso_cts": {"common_space_fraction": 0}}
+    with pytest.raises(config.ConfigError) as info:
+        config.validate(raw, "exp.yaml", mini_pool)
+    text = str(info.value)
+    assert "methods.adamerging.lr: input should be greater than 0, got int 0" in text
+    assert "methods.adamerging.steps: input should be greater than or equal to 1, got int 0" in text
+    assert "methods.cart_pp.batch_size: input should be greater than or equal to 1, got int -1" in text
+    assert "methods.iso_cts.common_space_fraction: input should be greater than 0, got int 0" in text
+    # a ResNet's attention pool keeps q, k and v apart: there is nothing to split
+    raw["model_pool"]["architecture"] = "RN50"
+    raw["methods"] = {"cart": {"qkv": "split"}, "tsv_merge": {"qkv": "fused"}}
+    with pytest.raises(config.ConfigError) as info:
+        config.validate(raw, "exp.yaml", mini_pool)
+    assert "methods.cart.qkv: split needs fused attention weights (attn.in_proj_weight), which RN50 does not have" in str(info.value)
+    assert "tsv_merge" not in str(info.value).split("RN50 does not have")[1]

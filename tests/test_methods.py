@@ -121,6 +121,23 @@ CHANGES: dict[tuple[str, str], tuple[str, dict, dict]] = {
     ("dawin_doe", "offset"): (ROBUST, {}, {"offset": False}),
     ("dawin_doe", "model"): (ROBUST, {}, {"model": "ft2"}),
     ("output_ensemble", "model"): (ROBUST, {}, {"model": "ft2"}),
+    ("cart", "qkv"): (MULTITASK, {}, {"qkv": "split"}),
+    ("rank_sweep", "qkv"): (MULTITASK, {"rank_ratios": [0.2]}, {"qkv": "split"}),
+    ("tsv_merge", "lam"): (MULTITASK, {}, {"lam": 0.5}),
+    ("tsv_merge", "qkv"): (MULTITASK, {}, {"qkv": "split"}),
+    ("iso_c", "lam"): (MULTITASK, {}, {"lam": 0.5}),
+    ("iso_c", "qkv"): (MULTITASK, {}, {"qkv": "split"}),
+    ("iso_cts", "lam"): (MULTITASK, {}, {"lam": 0.5}),
+    ("iso_cts", "common_space_fraction"): (MULTITASK, {}, {"common_space_fraction": 0.5}),
+    ("iso_cts", "qkv"): (MULTITASK, {}, {"qkv": "split"}),
+    **{("adamerging", name): (MULTITASK, {"steps": 3}, change) for name, change in (
+        ("granularity", {"granularity": "task"}), ("steps", {"steps": 4}), ("lr", {"lr": 0.01}),
+        ("batch_size", {"batch_size": 8}), ("batches_per_step", {"batches_per_step": 1}), ("init", {"init": 0.5}))},
+    **{("cart_pp", name): (MULTITASK, {"steps": 2}, change) for name, change in (
+        ("granularity", {"granularity": "task"}), ("steps", {"steps": 3}), ("lr", {"lr": 0.01}),
+        ("batch_size", {"batch_size": 8}), ("batches_per_step", {"batches_per_step": 1}),
+        ("rank_ratio", {"rank_ratio": 0.3}), ("lam", {"lam": 1.5}), ("svd", {"svd": "randomized"}),
+        ("qkv", {"qkv": "split"}))},
 }
 
 
@@ -145,7 +162,8 @@ def test_every_parameter_changes_the_key_and_the_result(worlds, method, param):
 def test_the_seed_is_in_the_key_exactly_when_a_method_is_random(worlds):
     pool, run = worlds[MULTITASK]
     for name, params, random in (("cart", {"svd": "randomized"}, True), ("cart", {}, False), ("ties", {}, False),
-                                 ("dawin", {}, True), ("dawin", {"mixture": "none"}, False)):
+                                 ("dawin", {"mixture": "dirichlet"}, True), ("dawin", {}, False),
+                                 ("adamerging", {}, True), ("tsv_merge", {}, False)):
         unit = methods.get(name)
         p = unit.params.model_validate(params)
         keys = _keys(run, unit, p, pool)
@@ -213,7 +231,7 @@ def test_the_cli_and_the_readme_table_list_every_method():
         assert f"\n{name}: {unit.summary}\n" in f"\n{listing}"
         assert f"| `{name}`: {unit.summary} |" in table
         for p in unit.params.model_fields:
-            assert f"  {p}: " in listing.split(f"\n{name}: ", 1)[1].split("\n\n", 1)[0], (name, p)
+            assert f"  {p}: " in f"\n{listing}".split(f"\n{name}: ", 1)[1].split("\n\n", 1)[0], (name, p)
 
 
 def test_a_config_error_builds_no_zoo_and_starts_no_ray(tmp_path):

@@ -3,6 +3,7 @@ PNGs written, referenced and valid, and plots skipped when their rows are absent
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -194,15 +195,15 @@ def test_robust_table_ood_average_is_the_mean_of_the_shifts(full_store: ResultSt
     assert zs[1:5] == pytest.approx([60.0, 50.0, 40.0, 45.0])
     idacc, a, b = wise_ft_accuracy(0.3)
     assert wise[1:5] == pytest.approx([100 * idacc, 100 * a, 100 * b, 50 * (a + b)])
-    assert table["dawin k=3 mixture=beta offset=True"][4] == pytest.approx(54.0)
-    assert table["dawin k=3 mixture=none offset=False scores=oracle"][4] == pytest.approx(77.0)
+    assert table["dawin mixture=beta offset=True"][4] == pytest.approx(54.0)
+    assert table["dawin mixture=none offset=False scores=oracle"][4] == pytest.approx(77.0)
 
 
 def test_multitask_table_averages_over_tasks_and_leaves_sweeps_out(full_store: ResultStore) -> None:
     rows = experiment_rows(full_store, "multitask")
     header, table = table_by_label(rows)
     assert header == ["method", *TASKS, "avg", "seconds", "merges/set"]
-    assert table["cart lam=1.0 rank_ratio=0.08"][5] == pytest.approx(100 * (0.80 + 0.70 + 0.90 + 0.86) / 4)
+    assert table["cart"][5] == pytest.approx(100 * (0.80 + 0.70 + 0.90 + 0.86) / 4)
     # each individual model is evaluated on its own task only: its row has one cell, and that is its average
     assert table["finetuned (each on its own task)"][1:6] == pytest.approx([90.0, 80.0, 98.0, 97.0, 91.25])
     assert not [label for label in table if report.is_sweep(label.split()[0])]
@@ -263,15 +264,15 @@ def test_accuracy_by_task_count_hand_computed() -> None:
         make_row("mt", "cart", {"lam": 1.0}, "a", "test", 0.99),  # not a sweep row
     ]
     curves = report.accuracy_by_task_count(rows)
-    assert list(curves) == ["cart lam=1.0", "task_arithmetic lam=1.0"]
-    two, three = curves["cart lam=1.0"]
+    assert list(curves) == ["cart", "task_arithmetic lam=1.0"]  # labels show what differs from the defaults
+    two, three = curves["cart"]
     # subset averages 75, 80, 70: mean 75, std(ddof=1) = sqrt((0 + 25 + 25) / 2) = 5, s.e. = 5 / sqrt(3)
     assert (two.size, two.subsets) == (2, 3)
     assert two.mean == pytest.approx(75.0) and two.sem == pytest.approx(5 / math.sqrt(3))
     assert (three.size, three.mean, three.subsets) == (3, pytest.approx(70.0), 1) and math.isnan(three.sem)
     assert curves["task_arithmetic lam=1.0"] == [(2, pytest.approx(60.0), pytest.approx(math.nan, nan_ok=True), 1)]
     lines = report.format_sweep_table(rows).splitlines()
-    assert lines[0].split() == ["tasks", "cart", "lam=1.0", "task_arithmetic", "lam=1.0"]
+    assert lines[0].split() == ["tasks", "cart", "task_arithmetic", "lam=1.0"]
     assert lines[2].split() == ["2", "75.0", "±", "2.9", "(3)", "60.0", "±", "-", "(1)"]
     assert lines[3].split() == ["3", "70.0", "±", "-", "(1)", "-"]
 
@@ -382,3 +383,14 @@ def test_old_samples_without_diagnostic_columns_skip_the_section(tmp_path: Path)
     assert report.dawin_diagnostics(store, rows) == []
     text = report.write_report(tmp_path).read_text()
     assert "DaWin diagnostics" not in text and "robust_dawin_lambda.png" in text
+
+
+def test_learned_coefficients_come_from_the_rows_details() -> None:
+    coefficients = [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]  # (T=2, L=3)
+    details = {"tasks": ["a", "b"], "layers": ["x", "y", "z"], "coefficients": coefficients, "losses": [1.5, 1.2, 0.9]}
+    rows = [make_row("mt", "adamerging", {"steps": 3}, t, "test", 0.5) | {"details": json.dumps(details)} for t in "ab"]
+    rows.append(make_row("mt", "ties", {}, "a", "test", 0.5))
+    [learned] = report.learned_coefficients(rows)
+    assert learned.label == "adamerging steps=3" and learned.tasks == ["a", "b"] and learned.layers == ["x", "y", "z"]
+    np.testing.assert_array_equal(learned.matrix, np.array(coefficients).T)  # rows = layers, columns = tasks
+    assert (learned.first_loss, learned.last_loss) == (1.5, 0.9)

@@ -97,7 +97,7 @@ def describe() -> str:
     for unit in all_methods().values():
         lines += [f"{unit.name}: {unit.summary}",
                   f"  settings: {', '.join(s for s in SETTINGS if s in unit.settings)}"
-                  + ("; random (the seed is part of its row keys)" if unit.random else ""),
+                  + ("; may draw random numbers (the seed is then part of its row keys)" if unit.random else ""),
                   *([f"  paper: {unit.paper}"] if unit.paper else [])]
         for p in parameters(unit):
             bounds = f", {p['range']}" if p["range"] else ""

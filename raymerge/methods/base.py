@@ -77,6 +77,10 @@ class Evaluator(Protocol):
 
     def labels(self, pair: Pair) -> np.ndarray: ...
 
+    def adapt(self, merge: Any, tasks: Sequence[str], settings: Any, seed: int) -> Any:
+        """:func:`raymerge.adamerging.adapt` of ``merge`` (a ``DifferentiableMerge``) on the unlabeled test sets of
+        ``tasks``, where the models are evaluated (one actor, its GPU when it has one); an ``AdaptResult``."""
+
 
 @dataclass
 class Pool:
@@ -182,7 +186,7 @@ class Method:
     params: type[Params]
     settings: frozenset[str]
     candidates: CandidateFn
-    random: bool | Callable[[Any], bool] = False
+    random: bool | Callable[[Any, str], bool] = False
     reads: Reads | Callable[[Any], Reads] = Reads()
     check: CheckFn | None = None
     summary: str = ""
@@ -192,9 +196,10 @@ class Method:
         """What rows made with ``params`` read beyond their own set and head (see :class:`Reads`)."""
         return self.reads(params) if callable(self.reads) else self.reads
 
-    def is_random(self, params: Params) -> bool:
-        """Whether results depend on the seed for these parameters (then the seed is part of every row key)."""
-        return self.random(params) if callable(self.random) else self.random
+    def is_random(self, params: Params, setting: str) -> bool:
+        """Whether results depend on the seed for these parameters in ``setting`` (then the seed is part of every
+        row key)."""
+        return self.random(params, setting) if callable(self.random) else self.random
 
     def problems(self, params: Params, setting: str, sweep: bool = False) -> list[str]:
         """Setting-dependent problems of valid parameters (e.g. an option defined for two models only); ``sweep``:
@@ -214,7 +219,7 @@ def register(
     params: type[Params],
     settings: frozenset[str] | set[str],
     paper: Paper | None = None,
-    random: bool | Callable[[Any], bool] = False,
+    random: bool | Callable[[Any, str], bool] = False,
     reads: Reads | Callable[[Any], Reads] = Reads(),
     check: CheckFn | None = None,
     task_cpus: float = 0.0,

@@ -17,6 +17,8 @@ RATIO = dict(ge=0.0, le=1.0)
 Ratio = Annotated[float, Field(**RATIO)]
 SVD = Literal["exact", "randomized"]
 SVD_DOC = "exact (torch.linalg.svd, as released) or randomized (torch.svd_lowrank, seeded)"
+QKV = Literal["fused", "split"]
+QKV_DOC = "attention's q, k, v as one 3d×d matrix (open_clip) or three d×d matrices (Hugging Face, several papers)"
 
 
 class CartParams(Params):
@@ -24,9 +26,10 @@ class CartParams(Params):
                               description="ρ: rank k = max(1, ⌊ρ·min(m, n)⌋) kept per matrix (paper 0.08; released ViT-B/32 8 tasks 0.12)")
     lam: float = Field(default_of(cart_math.cart, "lam"), description="λ scaling the low-rank centered task vectors (paper 1.0; released 2.0)")
     svd: SVD = Field(default_of(cart_math.cart, "svd"), description=SVD_DOC)
+    qkv: QKV = Field(default_of(cart_math.cart, "qkv"), description=QKV_DOC)
 
 
-def _randomized(p: CartParams | RankSweepParams) -> bool:
+def _randomized(p: CartParams | RankSweepParams, setting: str) -> bool:
     return p.svd == "randomized"
 
 
@@ -34,7 +37,7 @@ def _randomized(p: CartParams | RankSweepParams) -> bool:
 def cart(pool: Pool, p: CartParams) -> Iterator[Candidate]:
     """θavg + λ Σt SVDk(θt − θavg) per weight matrix; the SVDs run as Ray tasks."""
     yield Candidate(p.record(), build=lambda: distributed_cart(
-        pool.base, pool.models, p.rank_ratio, p.lam, p.svd, pool.seed, names=pool.names), models=pool.names)
+        pool.base, pool.models, p.rank_ratio, p.lam, p.svd, pool.seed, names=pool.names, qkv=p.qkv), models=pool.names)
 
 
 class RankSweepParams(Params):
@@ -44,6 +47,7 @@ class RankSweepParams(Params):
     task_arithmetic_lam: float = Field(default_of(merge.task_arithmetic, "lam"),
                                        description="λ of the low-rank task arithmetic curve")
     svd: SVD = Field(default_of(cart_math.cart, "svd"), description=SVD_DOC)
+    qkv: QKV = Field(default_of(cart_math.cart, "qkv"), description=QKV_DOC)
 
 
 @register("rank_sweep", params=RankSweepParams, settings={MULTITASK}, paper=CART, random=_randomized, task_cpus=1.0)
@@ -52,8 +56,8 @@ def rank_sweep(pool: Pool, p: RankSweepParams) -> Iterator[Candidate]:
     for rho in p.rank_ratios:
         yield Candidate(p.record(exclude=["rank_ratios"], curve="cart", rank_ratio=rho), models=pool.names,
                         build=lambda rho=rho: distributed_cart(pool.base, pool.models, rho, p.cart_lam, p.svd, pool.seed,
-                                                               names=pool.names))
+                                                               names=pool.names, qkv=p.qkv))
         yield Candidate(p.record(exclude=["rank_ratios"], curve="task_arithmetic", rank_ratio=rho),
                         build=lambda rho=rho: merge.task_arithmetic(pool.base, pool.models, p.task_arithmetic_lam,
                                                                     rank_ratio=rho, svd=p.svd, seed=pool.seed,
-                                                                    names=pool.names))
+                                                                    qkv=p.qkv, names=pool.names))

@@ -57,9 +57,9 @@ def _check(p: DawinParams, setting: str) -> list[str]:
     return problems
 
 
-def _random(p: DawinParams) -> bool:
-    # the fitted mixtures' K-means initialisation is seeded (auto may resolve to one); mean and none are deterministic
-    return p.mixture not in ("mean", "none")
+def _random(p: DawinParams, setting: str) -> bool:
+    # the fitted mixtures' K-means initialisation is seeded; mean and none are deterministic
+    return _resolved(p, setting)["mixture"] in ("beta", "dirichlet")
 
 
 def candidate_names(pool: Pool, model: str | None) -> list[str]:
