@@ -76,10 +76,13 @@ def _setup(ctx: Context):
     sets = [ds for split, ds in task.sets.items() if split != "validation"]
     combined = ImageDataset("all-robust-test-sets", np.tile(np.concatenate([ds.images for ds in sets]), (TILE, 1, 1)),
                             np.tile(np.concatenate([ds.labels for ds in sets]), TILE), sets[0].class_names, "test")
-    loaded = {task.name: LoadedTask(task.name, task.head, task.head_hash,
-                                    {"all": combined, "validation": task.sets["validation"]}, None)}
+    head = task.heads["test"]
+    loaded = {task.name: LoadedTask(task.name, {"all": combined, "validation": task.sets["validation"]},
+                                    {"all": head, "validation": task.heads["validation"]},
+                                    {"*": task.head_hashes["*"], "all": task.head_hashes["test"],
+                                     "validation": task.head_hashes["validation"]}, None)}
     pool = WorkerPool(exp.architecture, exp.resources)
-    pool.add_head(task.name, task.head)
+    pool.add_head(task.name, head)
     for split, ds in loaded[task.name].sets.items():
         pool.add_dataset(f"{task.name}/{split}", ds)
     pool.prepare()

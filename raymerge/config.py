@@ -45,16 +45,37 @@ class Spec(BaseModel):
 
 class ModelPoolSpec(Spec):
     architecture: str = Field(description="an open_clip model name, or a config registered with raymerge")
-    base: str = Field(description="the pre-trained weights θ0")
+    base: str = Field(description="the pre-trained weights θ0: any checkpoint format `raymerge import` reads, or "
+                                  "open_clip:TAG for a file in open_clip's cache")
     finetuned: dict[str, str] = Field(min_length=1, description="name -> fine-tuned weights θt")
+    projection_from: str | None = Field(None, description="the checkpoint whose visual projection Hugging Face "
+                                                          "CLIPVisionModel fine-tunes use (default: base)")
+
+
+Classes = str | list[str | int]  # a known dataset's class list, a file of class names, or names / head indices
+
+
+class HeadSpec(Spec):
+    """A zero-shot head built from the CLIP text tower, class names and prompt templates."""
+
+    classes: str | list[str] = Field(description="a known dataset name, a file with one class name per line, or a list")
+    templates: str | list[str] = Field(description="a known template set, a file with one template per line ({} = "
+                                                   "class name), or a list")
+    weights: str | None = Field(None, description="a whole CLIP with its text tower (default: model_pool.base)")
+
+
+class ShiftSpec(Spec):
+    data: str
+    classes: Classes | None = Field(None, description="the head's classes this set is scored on (ImageNet-R: 200)")
 
 
 class TaskFileSpec(Spec):
-    head: str
+    head: str | HeadSpec
     finetuned: str | None = Field(None, description="multi-task: the model_pool.finetuned model of this task")
     validation: str | None = None
     test: str
-    shifts: dict[str, str] = Field(default_factory=dict)
+    classes: Classes | None = Field(None, description="restrict every set of the task to these classes of its head")
+    shifts: dict[str, str | ShiftSpec] = Field(default_factory=dict)
 
 
 class Resources(Spec):
@@ -96,15 +117,26 @@ class ExperimentSpec(Spec):
 
 
 @dataclass(frozen=True)
+class ZeroShotHead:
+    """A head to build from ``weights``' text tower (None: the model pool's base), class names and templates."""
+
+    classes: str | tuple[str, ...]
+    templates: str | tuple[str, ...]
+    weights: Path | str | None = None
+
+
+@dataclass(frozen=True)
 class TaskSpec:
-    """A task: its fixed head, its own fine-tuned model (multi-task), and its splits (name → dataset path)."""
+    """A task: its fixed head (a file, or a zero-shot head to build), its own fine-tuned model (multi-task), its splits
+    (name → dataset path) and, per split, the head's classes it is scored on (None: all of them)."""
 
     name: str
-    head: Path
+    head: Path | ZeroShotHead
     finetuned: str | None
     validation: Path | None
     test: Path
     shifts: dict[str, Path] = field(default_factory=dict)
+    classes: dict[str, tuple[str | int, ...]] = field(default_factory=dict)
 
     def eval_sets(self) -> dict[str, Path]:
         """Test split first, then each shifted set: the columns of a robust-setting table."""
@@ -130,8 +162,8 @@ class Experiment:
     seed: int
     setting: str
     architecture: str
-    base: Path
-    finetuned: dict[str, Path]
+    base: Path | str  # a path, or open_clip:TAG
+    finetuned: dict[str, Path | str]
     tasks: dict[str, TaskSpec]
     methods: MethodConfigs
     resources: Resources
@@ -139,6 +171,7 @@ class Experiment:
     source: str
     raw: dict[str, Any]
     sweep: Sweep | None = None
+    projection_from: Path | str | None = None
 
 
 # --- turning pydantic's errors into one line each ----------------------------------------------------------------
@@ -297,31 +330,104 @@ def _check_shape(spec: ExperimentSpec, base_dir: Path, problems: list[str]) -> N
                         "make a multitask pool)")
 
 
+def _checkpoint(value: str, architecture: str, base_dir: Path, where: str, problems: list[str]) -> Path | str:
+    """A checkpoint path (file, Hugging Face directory) or ``open_clip:TAG``, which must be in open_clip's cache."""
+    from raymerge import formats
+    from raymerge.errors import InputError
+
+    if value.startswith(formats.PRETRAINED_PREFIX):
+        try:
+            formats.resolve_source(value, architecture)
+        except InputError as err:
+            problems.append(f"{where}: {err}")
+        return value
+    return _path(value, base_dir, where, problems)
+
+
+def _classes(value: Classes | None, base_dir: Path, where: str, problems: list[str]) -> tuple[str | int, ...] | None:
+    """A class subset as names or head indices; a known list's or a file's names are read now, so a wrong name is
+    reported before any work."""
+    from raymerge import heads
+    from raymerge.errors import InputError
+
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if not value:
+            problems.append(f"{where}: an empty list of classes")
+        return tuple(value)
+    local = base_dir / Path(value).expanduser()
+    try:
+        return heads.class_names(str(local) if local.is_file() else value)
+    except InputError as err:
+        problems.append(f"{where}: {err}")
+        return None
+
+
+def _head(value: str | HeadSpec, base_dir: Path, where: str, problems: list[str]) -> Path | ZeroShotHead:
+    from raymerge import heads
+    from raymerge.errors import InputError
+
+    if isinstance(value, str):
+        return _path(value, base_dir, where, problems)
+
+    def resolve(spec: str | list[str], read, what: str) -> str | tuple[str, ...]:
+        if isinstance(spec, list):
+            return tuple(spec)
+        local = base_dir / Path(spec).expanduser()
+        spec = str(local) if local.is_file() else spec
+        try:
+            read(spec)
+        except InputError as err:
+            problems.append(f"{where}.{what}: {err}")
+        return spec
+
+    weights = None if value.weights is None else _path(value.weights, base_dir, f"{where}.weights", problems)
+    return ZeroShotHead(resolve(value.classes, heads.class_names, "classes"),
+                        resolve(value.templates, heads.templates, "templates"), weights)
+
+
 def _check_pools(model_pool: ModelPoolSpec, task_pool: dict[str, TaskFileSpec], pools_dir: Path,
-                 problems: list[str]) -> tuple[Path, dict[str, Path], dict[str, TaskSpec]]:
-    base = _path(model_pool.base, pools_dir, "model_pool.base", problems)
-    finetuned = {name: _path(p, pools_dir, f"model_pool.finetuned.{name}", problems)
-                 for name, p in model_pool.finetuned.items()}
+                 problems: list[str]) -> tuple[Path | str, dict[str, Path | str], dict[str, TaskSpec], Path | str | None]:
+    arch = model_pool.architecture
     from raymerge.models import ModelError, encoder_config
 
     try:
-        encoder_config(model_pool.architecture)
+        encoder_config(arch)
     except ModelError as err:
         problems.append(f"model_pool.architecture: {err}")
+        arch = ""
+    base = _checkpoint(model_pool.base, arch, pools_dir, "model_pool.base", problems)
+    finetuned = {name: _checkpoint(p, arch, pools_dir, f"model_pool.finetuned.{name}", problems)
+                 for name, p in model_pool.finetuned.items()}
+    projection = None if model_pool.projection_from is None else _checkpoint(
+        model_pool.projection_from, arch, pools_dir, "model_pool.projection_from", problems)
     tasks = {}
     for name, t in task_pool.items():
         where = f"task_pool.{name}"
         if t.finetuned and t.finetuned not in finetuned:
             problems.append(f"{where}.finetuned: {t.finetuned!r} is not in model_pool.finetuned")
+        everywhere = _classes(t.classes, pools_dir, f"{where}.classes", problems)
+        shifts, classes = {}, {}
+        for s, shift in t.shifts.items():
+            data, subset = (shift, None) if isinstance(shift, str) else (shift.data, shift.classes)
+            shifts[s] = _path(data, pools_dir, f"{where}.shifts.{s}" + ("" if isinstance(shift, str) else ".data"),
+                              problems)
+            subset = _classes(subset, pools_dir, f"{where}.shifts.{s}.classes", problems) or everywhere
+            if subset:
+                classes[s] = subset
+        if everywhere:
+            classes.update({"test": everywhere, **({"validation": everywhere} if t.validation else {})})
         tasks[name] = TaskSpec(
             name=name,
-            head=_path(t.head, pools_dir, f"{where}.head", problems),
+            head=_head(t.head, pools_dir, f"{where}.head", problems),
             finetuned=t.finetuned,
             validation=_path(t.validation, pools_dir, f"{where}.validation", problems) if t.validation else None,
             test=_path(t.test, pools_dir, f"{where}.test", problems),
-            shifts={s: _path(p, pools_dir, f"{where}.shifts.{s}", problems) for s, p in t.shifts.items()},
+            shifts=shifts,
+            classes=classes,
         )
-    return base, finetuned, tasks
+    return base, finetuned, tasks, projection
 
 
 def _check_selection(exp_methods: MethodConfigs, tasks: dict[str, TaskSpec], where: str, problems: list[str]) -> None:
@@ -343,7 +449,7 @@ class _Checked:
     methods: MethodConfigs
     sweep: Sweep | None
     output_dir: Path
-    pools: tuple[Path, dict[str, Path], dict[str, TaskSpec]] | None
+    pools: tuple[Path | str, dict[str, Path | str], dict[str, TaskSpec], Path | str | None] | None
 
 
 def _spec(raw: Any, problems: list[str]) -> tuple[ExperimentSpec | None, set[str]]:
@@ -416,7 +522,7 @@ def validate(raw: Any, source: str = "<experiment>", base_dir: Path | None = Non
     spec, setting, exp_methods = checked.spec, checked.setting, checked.methods
     architecture = spec.model_pool.architecture if spec.model_pool else ""
     if checked.pools is not None:
-        base, finetuned, tasks = checked.pools
+        base, finetuned, tasks, projection = checked.pools
     else:
         problems: list[str] = []
         manifest = _zoo_manifest(spec.zoo, base_dir, build=True)
@@ -429,14 +535,14 @@ def validate(raw: Any, source: str = "<experiment>", base_dir: Path | None = Non
         # `model` parameters can be checked only now that the zoo's model names are known
         exp_methods = validate_methods(spec.methods, "methods", setting, list(model_pool.finetuned), problems,
                                        architecture=architecture)
-        base, finetuned, tasks = _check_pools(model_pool, task_pool, manifest.parent, problems)
+        base, finetuned, tasks, projection = _check_pools(model_pool, task_pool, manifest.parent, problems)
         _check_references(exp_methods, checked.sweep, tasks, problems)
         if problems:
             raise ConfigError(source, problems)
     return Experiment(
         name=spec.name, seed=spec.seed, setting=setting, architecture=architecture, base=base,
         finetuned=finetuned, tasks=tasks, methods=exp_methods, resources=spec.resources, output_dir=checked.output_dir,
-        source=source, raw=raw, sweep=checked.sweep,
+        source=source, raw=raw, sweep=checked.sweep, projection_from=projection,
     )
 
 

@@ -23,6 +23,7 @@ from filelock import FileLock
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from raymerge import formats, models, statedict
+from raymerge.errors import InputError
 from raymerge.models import Head
 from raymerge.statedict import StateDict
 
@@ -32,7 +33,7 @@ HEAD_VERSION = "1"  # part of every cache key: bump it when the head computation
 logger = logging.getLogger(__name__)
 
 
-class HeadError(ValueError):
+class HeadError(InputError):
     """Class names or templates that cannot be resolved: the message names the file, line or known names."""
 
 

@@ -8,7 +8,7 @@ as with CLIP's zero-shot text heads (task vectors, CART and DaWin all merge the 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,6 +240,25 @@ class Head:
         if self.normalize:
             features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return nn.functional.linear(features, self.weight, self.bias)
+
+    def subset(self, classes: Sequence[str | int], source: str) -> Head:
+        """The head restricted to ``classes`` (names or row indices, in that order): its rows of ``weight`` and
+        ``bias``, so logits, entropies and accuracy use that label space only (ImageNet-R's 200 classes of 1000).
+        :class:`ModelError` naming each class not in the head (``source`` names it)."""
+        rows, missing = [], []
+        for c in classes:
+            if isinstance(c, int) and not isinstance(c, bool):
+                (rows if 0 <= c < self.num_classes else missing).append(c)
+            elif c in self.class_names:
+                rows.append(self.class_names.index(c))
+            else:
+                missing.append(c)
+        if missing:
+            shown = ", ".join(map(repr, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise ModelError(f"classes {shown} are not classes of head {source} ({self.num_classes} classes)")
+        index = torch.tensor(rows, dtype=torch.long)
+        return Head(self.weight[index], None if self.bias is None else self.bias[index],
+                    tuple(self.class_names[i] for i in rows), self.normalize)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"weight": self.weight.numpy()}

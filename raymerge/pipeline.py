@@ -29,13 +29,14 @@ from tqdm import tqdm
 from raymerge import methods, models
 from raymerge._io import default_cache_dir
 from raymerge.cache import LogitCache
-from raymerge.config import ConfigError, Experiment, MethodConfigs
+from raymerge.config import Experiment, MethodConfigs, TaskSpec, ZeroShotHead
 from raymerge.data import DatasetError, ImageDataset, load_dataset
 from raymerge.methods import Candidate, Method, Params, Pool, Prediction
 from raymerge.results import ResultsError, ResultStore, row_key
 from raymerge.statedict import StateDict, StateDictError, check_compatible, state_dict_hash, to_numpy
 from raymerge.cluster import connect
 from raymerge.dawin_pipeline import CENTRAL_CPUS
+from raymerge.errors import InputError
 from raymerge.workers import WorkerPool
 
 log = logging.getLogger("raymerge")
@@ -45,11 +46,18 @@ Pair = tuple[str, str]  # (task, split)
 
 @dataclass
 class LoadedTask:
+    """A task's data as evaluated: each set (split or shift name -> dataset; "validation" included when given), the
+    head each set is scored with (the task's head, or its rows for the set's class subset) and their hashes."""
+
     name: str
-    head: models.Head
-    head_hash: str
-    sets: dict[str, ImageDataset]  # split or shift name -> dataset; "validation" included when given
+    sets: dict[str, ImageDataset]
+    heads: dict[str, models.Head]
+    head_hashes: dict[str, str]
     finetuned: str | None
+
+    def head_name(self, split: str) -> str:
+        """The name the worker pool knows ``split``'s head by: shared by the sets scored on the whole head."""
+        return self.name if self.head_hashes[split] == self.head_hashes.get("*") else f"{self.name}/{split}"
 
 
 @contextmanager
@@ -61,25 +69,79 @@ def phase(name: str) -> Iterator[None]:
     log.info("phase %s: done in %.1f s", name, time.perf_counter() - start)
 
 
+def _head(exp: Experiment, spec: TaskSpec) -> models.Head:
+    if isinstance(spec.head, ZeroShotHead):
+        from raymerge import heads
+
+        return heads.zero_shot_head(exp.architecture, spec.head.weights or exp.base, spec.head.classes,
+                                    spec.head.templates)
+    return models.load_head(spec.head)
+
+
+def scored_on(head: models.Head, ds: ImageDataset, classes: Sequence[str | int] | None, head_source: str
+              ) -> tuple[models.Head, ImageDataset]:
+    """The head ``ds`` is scored with and ``ds`` with labels indexing it.
+
+    Without ``classes``, the whole head: ``ds`` must have the head's classes. With them, the head's rows for those
+    classes (:meth:`Head.subset`), and ``ds``'s labels mapped onto them by class name (a folder of ImageNet-R's 200
+    class names), or kept as positions when ``ds`` names no classes of the subset and has exactly as many."""
+    if classes is None:
+        ds.check_labels(head.num_classes, head_source)
+        if len(ds.class_names) != head.num_classes:
+            raise DatasetError(f"dataset {ds.source} has {len(ds.class_names)} classes but head {head_source} has "
+                               f"{head.num_classes}; restrict the head with `classes:` if the set covers a subset")
+        return head, ds
+    sub = head.subset(classes, head_source)
+    position = {name: i for i, name in enumerate(sub.class_names)}
+    if set(ds.class_names) <= set(position):
+        mapping = np.array([position[name] for name in ds.class_names], dtype=np.int64)
+    elif len(ds.class_names) == sub.num_classes and not set(ds.class_names) & set(position):
+        mapping = np.arange(sub.num_classes)
+    else:
+        unknown = sorted(set(ds.class_names) - set(position))
+        raise DatasetError(f"dataset {ds.source}: classes {unknown[:10]} are not among the {sub.num_classes} classes "
+                           f"it is scored on (head {head_source})")
+    ds.check_labels(len(ds.class_names), ds.source)
+    return sub, ds.relabel(mapping[ds.labels], sub.class_names)
+
+
 def load_experiment_inputs(exp: Experiment) -> tuple[StateDict, dict[str, StateDict], dict[str, LoadedTask]]:
-    """Read every checkpoint, head and dataset and check them against each other; no model runs yet."""
-    base = models.load_encoder_weights(exp.architecture, exp.base)
-    finetuned = {name: models.load_encoder_weights(exp.architecture, p) for name, p in exp.finetuned.items()}
-    check_compatible([base, *finetuned.values()], [str(exp.base), *map(str, exp.finetuned.values())])
+    """Read every checkpoint, head and dataset and check them against each other; no model runs yet.
+
+    Every problem is collected and reported together, as one :class:`InputError` naming each file."""
+    problems: list[str] = []
+
+    def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except InputError as err:
+            problems.append(str(err))
+            return None
+
+    base = attempt(models.load_encoder_weights, exp.architecture, exp.base, projection_from=exp.projection_from)
+    finetuned = {name: attempt(models.load_encoder_weights, exp.architecture, p,
+                               projection_from=exp.projection_from or exp.base) for name, p in exp.finetuned.items()}
+    if not problems:
+        attempt(check_compatible, [base, *finetuned.values()], [str(exp.base), *map(str, exp.finetuned.values())])
     tasks = {}
     for name, spec in exp.tasks.items():
-        head = models.load_head(spec.head)
-        models.check_head(head, exp.architecture, str(spec.head))
-        sets = {split: load_dataset(path, f"{name}/{split}") for split, path in spec.eval_sets().items()}
-        if spec.validation:
-            sets["validation"] = load_dataset(spec.validation, f"{name}/validation")
-        for ds in sets.values():
-            ds.check_labels(head.num_classes, str(spec.head))
-            if len(ds.class_names) != head.num_classes:
-                raise DatasetError(
-                    f"dataset {ds.source} has {len(ds.class_names)} classes but head {spec.head} has {head.num_classes}"
-                )
-        tasks[name] = LoadedTask(name, head, state_dict_hash(head.to_arrays()), sets, spec.finetuned)
+        head = attempt(_head, exp, spec)
+        source = str(spec.head) if isinstance(spec.head, Path) else f"task_pool.{name}.head (zero-shot)"
+        if head is not None:
+            attempt(models.check_head, head, exp.architecture, source)
+        paths = {**spec.eval_sets(), **({"validation": spec.validation} if spec.validation else {})}
+        loaded = {split: attempt(load_dataset, path, f"{name}/{split}") for split, path in paths.items()}
+        if head is None:
+            continue
+        sets, heads = {}, {}
+        for split, ds in loaded.items():
+            scored = None if ds is None else attempt(scored_on, head, ds, spec.classes.get(split), source)
+            if scored is not None:
+                heads[split], sets[split] = scored
+        hashes = {split: state_dict_hash(h.to_arrays()) for split, h in heads.items()}
+        tasks[name] = LoadedTask(name, sets, heads, {"*": state_dict_hash(head.to_arrays()), **hashes}, spec.finetuned)
+    if problems:
+        raise InputError(f"{len(problems)} problem(s) with the experiment's inputs:\n" + "\n".join(f"  - {p}" for p in problems))
     return base, finetuned, tasks
 
 
@@ -111,16 +173,17 @@ class Run:
         out, pending, key = {}, {}, None
         for task, split in pairs:
             t = self.tasks[task]
-            parts = (self.exp.architecture, whash, t.head_hash, t.sets[split].hash, str(self.pool.resources.batch_size))
+            parts = (self.exp.architecture, whash, t.head_hashes[split], t.sets[split].hash,
+                     str(self.pool.resources.batch_size))
             cached = self.cache.get(*parts)
             if cached is not None:
                 out[(task, split)] = cached
                 continue
             key = key or self.pool.put_weights(weights)
-            pending[(task, split)] = (parts, self.pool.submit(key, task, f"{task}/{split}"))
+            pending[(task, split)] = (parts, self.pool.submit(key, t.head_name(split), f"{task}/{split}"))
         for (task, split), (parts, refs) in pending.items():
             t = self.tasks[task]
-            logits = self.pool.gather(refs, len(t.sets[split]), t.head.num_classes)
+            logits = self.pool.gather(refs, len(t.sets[split]), t.heads[split].num_classes)
             self.cache.put(logits, *parts)
             out[(task, split)] = logits
         if key:
@@ -134,8 +197,8 @@ class Run:
         keys, pending = [], []
         for weights, rows in assignments:
             keys.append(self.pool.put_weights(weights))
-            pending += self.pool.submit(keys[-1], task, f"{task}/{split}", rows)
-        out = self.pool.gather(pending, len(t.sets[split]), t.head.num_classes)
+            pending += self.pool.submit(keys[-1], t.head_name(split), f"{task}/{split}", rows)
+        out = self.pool.gather(pending, len(t.sets[split]), t.heads[split].num_classes)
         for key in keys:
             self.pool.drop_weights(key)
         return out
@@ -151,7 +214,8 @@ class Run:
         """Test-time adaptation on one actor, on each task's whole test split (unlabeled)."""
         label = f"adapting {len(tasks)} tasks ({', '.join(tasks)})"
         with phase(label):
-            return self.pool.adapt(merge, {t: self.tasks[t].sets["test"] for t in tasks}, settings, seed, label)
+            return self.pool.adapt(merge, {self.tasks[t].head_name("test"): self.tasks[t].sets["test"] for t in tasks},
+                                   settings, seed, label)
 
     # --- pools, keys and rows ----------------------------------------------------------------------------------
 
@@ -184,7 +248,7 @@ class Run:
             "task": task,
             "split": split,
             "data": {f"{t}/{s}": self.tasks[t].sets[s].hash for t, s in sorted(data)},
-            "heads": {t: self.tasks[t].head_hash for t in sorted({t for t, _ in data})},
+            "heads": {f"{t}/{s}": self.tasks[t].head_hashes[s] for t, s in sorted(data)},
             "evaluation": {"batch_size": self.pool.resources.batch_size, "precision": "fp32"},
         }
 
@@ -252,8 +316,8 @@ def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
         task_cpus = max((methods.get(name).task_cpus for name in configs), default=0.0)
         pool = WorkerPool(exp.architecture, exp.resources, cpu_fallback=local, task_cpus=task_cpus)
         for name, task in tasks.items():
-            pool.add_head(name, task.head)
             for split, ds in task.sets.items():
+                pool.add_head(task.head_name(split), task.heads[split])
                 pool.add_dataset(f"{name}/{split}", ds)
         pool.prepare()
     cache = LogitCache((cache_dir or default_cache_dir()) / "logits", bypass_reads=force)

@@ -123,7 +123,7 @@ def test_template_unfilled_lists_every_missing_path():
 
 def test_template_filled_with_stand_ins_validates(tiny_zoo):
     raw = yaml.safe_load(TEMPLATE.read_text())
-    assert raw["model_pool"]["architecture"] == "ViT-B-32"
+    assert raw["model_pool"]["architecture"] == "ViT-B-32-quickgelu"  # OpenAI CLIP, as the task_vectors checkpoints
     exp = config.validate(_fill(raw, tiny_zoo, "multitask"), str(TEMPLATE), TEMPLATE.parent)
     assert exp.setting == "multitask"
     assert list(exp.tasks) == ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"]
@@ -144,7 +144,7 @@ def test_template_commented_robust_block_validates(tiny_zoo):
     text = TEMPLATE.read_text()
     block = text[text.index("# name: clip-vit-b32-imagenet"):]
     raw = yaml.safe_load("\n".join(re.sub(r"^# ?", "", line) for line in block.splitlines()))
-    assert raw["model_pool"]["architecture"] == "ViT-B-32"
+    assert raw["model_pool"]["architecture"] == "ViT-B-32-quickgelu"  # OpenAI CLIP, as the task_vectors checkpoints
     assert set(raw["task_pool"]["imagenet"]["shifts"]) == {"imagenet-v2", "imagenet-r", "imagenet-a",
                                                            "imagenet-sketch", "objectnet"}
     with pytest.raises(config.ConfigError, match="does not exist"):

@@ -140,3 +140,26 @@ def test_preprocess_normalizes_known_pixels():
     expected = (1.0 - np.array(models.DEFAULT_MEAN)) / np.array(models.DEFAULT_STD)
     assert x.shape == (1, 3, 16, 16)
     assert np.allclose(x[0, :, 0, 0].numpy(), expected, atol=1e-6)
+
+
+def test_a_set_scored_on_a_class_subset_of_its_head():
+    from raymerge.pipeline import scored_on
+
+    torch.manual_seed(0)
+    head = models.Head(torch.randn(5, 64), torch.randn(5), ("ant", "bee", "cat", "dog", "eel"))
+    # an image folder of three of the head's classes: its labels index its own sorted class names
+    ds = ImageDataset("r", np.zeros((4, 16, 16), np.uint8), np.array([0, 1, 2, 1]), ("bee", "dog", "eel"))
+    sub, scored = scored_on(head, ds, ["dog", "bee", "eel"], "h.safetensors")
+    assert sub.class_names == ("dog", "bee", "eel")
+    assert torch.equal(sub.weight, head.weight[[3, 1, 4]]) and torch.equal(sub.bias, head.bias[[3, 1, 4]])
+    assert scored.labels.tolist() == [1, 0, 2, 0] and scored.class_names == sub.class_names  # matched by name
+    # indices into the head, and a set that names no class of it: labels are positions
+    numbered = ImageDataset("n", ds.images, np.array([2, 0, 1, 1]), ("0", "1", "2"))
+    sub, scored = scored_on(head, numbered, [4, 0, 2], "h.safetensors")
+    assert sub.class_names == ("eel", "ant", "cat") and scored.labels.tolist() == [2, 0, 1, 1]
+    with pytest.raises(models.ModelError, match=r"classes 'fox', 7 are not classes of head h.safetensors \(5 classes\)"):
+        scored_on(head, ds, ["fox", "bee", 7], "h.safetensors")
+    with pytest.raises(DatasetError, match=r"classes \['eel'\] are not among the 2 classes it is scored on"):
+        scored_on(head, ds, ["bee", "dog"], "h.safetensors")
+    with pytest.raises(DatasetError, match="has 3 classes but head h.safetensors has 5; restrict the head"):
+        scored_on(head, ds, None, "h.safetensors")
