@@ -86,6 +86,9 @@ class Resources(Spec):
     num_cpus_per_actor: float = Field(0.5, ge=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1, description="every batch is zero-padded to this shape (part of row keys)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="evaluation under autocast in this dtype (merges stay float32); auto: bf16 on a GPU, "
+                            "fp32 on a CPU (part of row keys)")
     max_merges_in_flight: int = Field(4, ge=1, description="merged weight sets alive at once in DaWin's phase 2")
     # an autoscaler launching GPU nodes takes minutes; past this the job gives up with the pending demand
     start_timeout_s: float | None = Field(1800.0, gt=0, description="seconds to wait for the actors to start")
@@ -100,6 +103,8 @@ class SweepSpec(Spec):
     min_size: int = Field(2, ge=1)
     max_size: int | None = Field(None, ge=1)
     tasks: list[str] | None = Field(None, description="the task pool's tasks to sweep over (default: all)")
+    subsets_per_size: int | None = Field(None, ge=1, description="sample this many subsets of each size (seeded); "
+                                                                 "default: all of them up to 10 tasks, 20 beyond")
     methods: dict[str, Any] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_SWEEP_METHODS))
 
 
@@ -152,6 +157,7 @@ class Sweep:
     max_size: int | None
     tasks: list[str] | None
     methods: MethodConfigs
+    subsets_per_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -487,7 +493,8 @@ def _check_file(raw: Any, source: str, base_dir: Path) -> _Checked:
             problems.append("sweep: needs a multi-task pool (tasks with their own fine-tuned models)")
         sweep_methods = validate_methods(spec.sweep.methods, "sweep.methods", MULTITASK, models, problems, sweep=True,
                                          architecture=architecture)
-        sweep = Sweep(spec.sweep.min_size, spec.sweep.max_size, spec.sweep.tasks, sweep_methods)
+        sweep = Sweep(spec.sweep.min_size, spec.sweep.max_size, spec.sweep.tasks, sweep_methods,
+                      spec.sweep.subsets_per_size)
         if spec.sweep.max_size is not None and spec.sweep.max_size < spec.sweep.min_size:
             problems.append(f"sweep.max_size: {spec.sweep.max_size} is below min_size {spec.sweep.min_size}")
     pools = None

@@ -409,21 +409,34 @@ def load_weights_in_place(module: nn.Module, arrays: Mapping[str, np.ndarray | t
             target.copy_(torch.from_numpy(np.array(value)))
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on a GPU and fp32 on a CPU; the others as they are."""
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
 @torch.no_grad()
-def predict_logits(encoder: nn.Module, head: Head, images: torch.Tensor, batch_size: int) -> np.ndarray:
+def predict_logits(encoder: nn.Module, head: Head, images: torch.Tensor, batch_size: int,
+                   precision: str = "fp32") -> np.ndarray:
     """Preprocessed images (N, 3, S, S) → float32 logits (N, C), in batches of ``batch_size``.
 
-    Every batch is zero-padded to exactly ``batch_size`` rows: BLAS kernels are chosen by matrix shape, so a
-    fixed shape makes each sample's logits independent of which other samples share its batch. That is what
-    lets a sharded run, or DaWin's per-component subsets, reproduce a single-process run bit for bit.
+    ``precision`` bf16 or fp16 runs the encoder and head under ``torch.autocast`` in that dtype (weights stay
+    float32); fp32 runs them as they are. Every batch is zero-padded to exactly ``batch_size`` rows: BLAS kernels
+    are chosen by matrix shape, so a fixed shape makes each sample's logits independent of which other samples
+    share its batch. That is what lets a sharded run, or DaWin's per-component subsets, reproduce a
+    single-process run bit for bit.
     """
+    dtype = PRECISIONS[precision]
     out = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start : start + batch_size]
         n = batch.shape[0]
         if n < batch_size:
             batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
-        out.append(head.logits(encoder(batch))[:n])
+        with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype is not None):
+            out.append(head.logits(encoder(batch))[:n].float())
     if not out:
         return np.zeros((0, head.num_classes), dtype=np.float32)
     return torch.cat(out).float().cpu().numpy()

@@ -174,7 +174,7 @@ class Run:
         for task, split in pairs:
             t = self.tasks[task]
             parts = (self.exp.architecture, whash, t.head_hashes[split], t.sets[split].hash,
-                     str(self.pool.resources.batch_size))
+                     str(self.pool.resources.batch_size), self.pool.precision)
             cached = self.cache.get(*parts)
             if cached is not None:
                 out[(task, split)] = cached
@@ -249,7 +249,7 @@ class Run:
             "split": split,
             "data": {f"{t}/{s}": self.tasks[t].sets[s].hash for t, s in sorted(data)},
             "heads": {f"{t}/{s}": self.tasks[t].head_hashes[s] for t, s in sorted(data)},
-            "evaluation": {"batch_size": self.pool.resources.batch_size, "precision": "fp32"},
+            "evaluation": {"batch_size": self.pool.resources.batch_size, "precision": self.pool.precision},
         }
 
     def _identities(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> dict[Pair, dict[str, Any]]:

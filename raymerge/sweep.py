@@ -9,15 +9,19 @@ so workers do not wait on the driver.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from raymerge import methods
+from raymerge._io import write_text
 from raymerge.config import Experiment, MethodConfigs
 from raymerge.methods import Candidate, Method, Params, Pool
 from raymerge.pipeline import Run, phase, start_run
@@ -38,6 +42,53 @@ def subsets(tasks: Sequence[str], min_size: int = 2, max_size: int | None = None
     """All subsets of ``tasks`` with ``min_size <= |S| <= max_size``, by size then in order (8 tasks, 2..8: 247)."""
     top = len(tasks) if max_size is None else min(max_size, len(tasks))
     return [s for k in range(min_size, top + 1) for s in itertools.combinations(tasks, k)]
+
+
+FULL_ENUMERATION_UP_TO = 10  # tasks: beyond, 2^T subsets (16,383 for 14, 1,048,575 for 20) are sampled by default
+DEFAULT_SUBSETS_PER_SIZE = 20
+
+
+def sample_subsets(tasks: Sequence[str], min_size: int, max_size: int | None, per_size: int,
+                   seed: int) -> list[tuple[str, ...]]:
+    """``per_size`` distinct subsets of each size (all of them where a size has fewer), drawn uniformly from
+    ``numpy.random.default_rng(seed)``, each in task order, by size then in task order; no size is enumerated."""
+    rng = np.random.default_rng(seed)
+    top = len(tasks) if max_size is None else min(max_size, len(tasks))
+    plan = []
+    for k in range(min_size, top + 1):
+        if math.comb(len(tasks), k) <= per_size:
+            plan += list(itertools.combinations(tasks, k))
+            continue
+        chosen: set[tuple[int, ...]] = set()
+        while len(chosen) < per_size:
+            chosen.add(tuple(sorted(rng.choice(len(tasks), size=k, replace=False).tolist())))
+        plan += [tuple(tasks[i] for i in c) for c in sorted(chosen)]
+    return plan
+
+
+def sweep_plan(exp: Experiment, tasks: Sequence[str]) -> list[tuple[str, ...]]:
+    """The subsets a sweep evaluates: every one up to :data:`FULL_ENUMERATION_UP_TO` tasks unless
+    ``sweep.subsets_per_size`` asks for a sample, a seeded sample beyond. A sample is stored with its parameters in
+    ``<output_dir>/sweep-plan.json``, and a resumed sweep with the same parameters continues that very sample."""
+    cfg = exp.sweep
+    per_size = cfg.subsets_per_size
+    if per_size is None and len(tasks) > FULL_ENUMERATION_UP_TO:
+        per_size = DEFAULT_SUBSETS_PER_SIZE
+        log.info("sweep: %d tasks, sampling %d subsets per size (sweep.subsets_per_size)", len(tasks), per_size)
+    if per_size is None:
+        return subsets(tasks, cfg.min_size, cfg.max_size)
+    spec = {"tasks": list(tasks), "min_size": cfg.min_size, "max_size": cfg.max_size, "subsets_per_size": per_size,
+            "seed": exp.seed}
+    stored = exp.output_dir / "sweep-plan.json"
+    if stored.is_file():
+        saved = json.loads(stored.read_text())
+        if saved.get("spec") == spec:
+            return [tuple(s) for s in saved["subsets"]]
+        log.info("sweep: %s was drawn with other settings; drawing a new sample", stored)
+    plan = sample_subsets(tasks, cfg.min_size, cfg.max_size, per_size, exp.seed)
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    write_text(stored, json.dumps({"spec": spec, "subsets": [list(s) for s in plan]}, indent=1))
+    return plan
 
 
 def sweep_candidates(run: Run, subset: tuple[str, ...], configs: MethodConfigs) -> Iterator[tuple[Method, Params, Candidate, Pool]]:
@@ -68,7 +119,7 @@ def run_sweep(exp: Experiment, force: bool = False, cache_dir=None, address: str
 def sweep_run(run: Run) -> None:
     """The sweep loop over a started :class:`Run` (its worker pool stays up)."""
     cfg = run.exp.sweep
-    plan = subsets(cfg.tasks or list(run.tasks), cfg.min_size, cfg.max_size)
+    plan = sweep_plan(run.exp, cfg.tasks or list(run.tasks))
     todo = []
     for s in plan:
         for unit, params, c, pool in sweep_candidates(run, s, cfg.methods):

@@ -42,9 +42,10 @@ class EvalWorker:
     rebuilds its state on the first call that needs it, and methods are idempotent, as Ray's retries require.
     """
 
-    def __init__(self, architecture: str, batch_size: int, num_threads: int = 1) -> None:
+    def __init__(self, architecture: str, batch_size: int, num_threads: int = 1, precision: str = "fp32") -> None:
         torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = models.resolve_precision(precision, self.device)
         self.encoder = models.build_encoder(architecture).to(self.device)
         self.architecture = architecture
         self.batch_size = batch_size
@@ -86,7 +87,7 @@ class EvalWorker:
         images = self._shard(shard, shard_spec)
         if rows is not None:
             images = images[torch.from_numpy(np.array(rows, dtype=np.int64)).to(images.device)]
-        return models.predict_logits(self.encoder, self._head(head, head_spec), images, self.batch_size)
+        return models.predict_logits(self.encoder, self._head(head, head_spec), images, self.batch_size, self.precision)
 
     def adapt(self, merge: list, heads: dict[str, list], datasets: dict[str, list], settings, seed: int,
               label: str) -> AdaptResult:
@@ -105,6 +106,9 @@ class EvalWorker:
         images = {t: models.adaptation_images(ray.get(ref[0]), self.architecture) for t, ref in datasets.items()}
         return adapt(self.encoder, ray.get(merge[0]), {t: self._head(t, spec) for t, spec in heads.items()}, images,
                      settings, seed, on_step, self.device)
+
+    def resolved_precision(self) -> str:
+        return self.precision
 
     def pid(self) -> int:
         return os.getpid()
@@ -140,9 +144,16 @@ class WorkerPool:
             max_task_retries=-1 if max_restarts else 0,
         )
         threads = max(1, int(resources.num_cpus_per_actor))
-        self.actors = [actor.remote(architecture, resources.batch_size, threads) for _ in range(resources.num_actors)]
+        self.actors = [actor.remote(architecture, resources.batch_size, threads, resources.precision)
+                       for _ in range(resources.num_actors)]
         cluster.wait_for_actors(self.actors, cluster.actor_bundle(resources.num_cpus_per_actor, gpus),
                                 resources.start_timeout_s)
+        resolved = set(ray.get([a.resolved_precision.remote() for a in self.actors]))
+        if len(resolved) > 1:
+            raise cluster.ClusterError(f"resources.precision {resources.precision!r} resolves to {sorted(resolved)} on "
+                                       "different actors (some on a GPU, some not): name one precision")
+        # what evaluation actually runs in: part of every row key and logit-cache key
+        self.precision = resolved.pop()
         self.shards: dict[str, list[np.ndarray]] = {}
         self.shard_specs: dict[str, list[list]] = {}
         self.head_specs: dict[str, list] = {}

@@ -77,6 +77,8 @@ def test_evaluation_settings_recompute_everything(robust, ray_local, tmp_path):
     before = set(_keys(tmp_path / "out").values())
     evaluated, skipped = _run(exp, cache, "resources.batch_size=32")  # padding makes numbers depend on it
     assert (evaluated, skipped) == (12, 0)
+    assert _run(exp, cache, "resources.precision=bf16") == (12, 0)  # autocast on the CPU too
+    assert _run(exp, cache, "resources.precision=auto") == (0, 12)  # auto is fp32 on a CPU: the first run's rows
     # what does not change numbers is not in the key
     assert _run(exp, cache, "resources.num_actors=1", "resources.max_merges_in_flight=1") == (0, 12)
     assert before < {r["key"] for r in ResultStore(tmp_path / "out").rows()}

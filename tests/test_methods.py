@@ -59,7 +59,7 @@ def _world(setting: str) -> tuple[Pool, Run]:
                 validation={t: True for t in tasks}, task_models={t: m for t, (m, _) in tasks.items()},
                 evaluator=evaluator)
     run = Run(exp=SimpleNamespace(seed=0, architecture=ARCH, name="x", setting=setting), base=base,
-              finetuned=finetuned, tasks=loaded, pool=SimpleNamespace(resources=Resources(batch_size=BATCH)),
+              finetuned=finetuned, tasks=loaded, pool=SimpleNamespace(resources=Resources(batch_size=BATCH), precision="fp32"),
               cache=None, store=None,
               model_hashes={"base": state_dict_hash(base), **{n: state_dict_hash(sd) for n, sd in finetuned.items()}})
     return pool, run

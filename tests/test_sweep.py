@@ -106,3 +106,37 @@ def test_worker_killed_mid_sweep_completes_identically(tiny_zoo, tmp_path, ray_l
     reference = run_sweep(config.load(_experiment(tiny_zoo, tmp_path / "clean", methods)), cache_dir=tmp_path / "cache-b")
     assert _by_key(out) == {r["key"]: r["accuracy"] for r in reference.rows()}
     assert len(_by_key(out)) == _raw_rows(out) == sum(len(s) for s in subsets(range(TASKS))) * len(methods)
+
+
+def test_sampled_subsets_are_seeded_distinct_and_sized():
+    from raymerge.sweep import sample_subsets
+
+    tasks = [f"t{i}" for i in range(20)]
+    plan = sample_subsets(tasks, 2, None, 5, seed=3)
+    sizes = [len(s) for s in plan]
+    assert sizes == sorted(sizes)
+    # C(20, k) > 5 for 2 <= k <= 18: five each; C(20, 19) = 20 > 5: five; C(20, 20) = 1: the one subset
+    assert {k: sizes.count(k) for k in set(sizes)} == {**{k: 5 for k in range(2, 20)}, 20: 1}
+    assert len(set(plan)) == len(plan) and all(list(s) == sorted(s, key=tasks.index) for s in plan)
+    assert sample_subsets(tasks, 2, None, 5, seed=3) == plan and sample_subsets(tasks, 2, None, 5, seed=4) != plan
+    assert sample_subsets(tasks[:4], 2, None, 100, seed=0) == subsets(tasks[:4])  # small sizes: every subset
+
+
+def test_a_resumed_sweep_continues_its_stored_sample(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from raymerge import sweep
+
+    exp = SimpleNamespace(seed=0, output_dir=tmp_path, sweep=config.Sweep(2, None, None, {}, subsets_per_size=3))
+    tasks = [f"t{i}" for i in range(14)]
+    plan = sweep.sweep_plan(exp, tasks)
+    assert (tmp_path / "sweep-plan.json").is_file() and len(plan) == 3 * 12 + 1
+    monkeypatch.setattr(sweep, "sample_subsets", lambda *a, **k: pytest.fail("the stored sample was drawn again"))
+    assert sweep.sweep_plan(exp, tasks) == plan
+    exp.seed = 1  # other settings: a new sample
+    monkeypatch.undo()
+    assert sweep.sweep_plan(exp, tasks) != plan
+    # full enumeration stays the default up to 10 tasks; 14 tasks are sampled by default
+    exp.sweep = config.Sweep(2, None, None, {})
+    assert sweep.sweep_plan(exp, tasks[:10]) == subsets(tasks[:10])
+    assert len(sweep.sweep_plan(exp, tasks)) == sweep.DEFAULT_SUBSETS_PER_SIZE * 11 + 14 + 1  # C(14,13) = 14 < 20
