@@ -80,6 +80,19 @@ def mini_pool(tmp_path_factory) -> Path:
     return root
 
 
+def sweep_experiment(tiny_zoo: Path, out: Path, methods: dict, tasks: int = 4, **resources) -> Path:
+    """An experiment file next to ``out``: a sweep of ``methods`` over the subsets (2 tasks and up) of the first
+    ``tasks`` tasks of the tiny zoo's multitask pool, on 2 actors of half a CPU (``resources`` overrides)."""
+    settings = yaml.safe_load(tiny_zoo.read_text())["settings"]["multitask"]
+    exp = {"name": "sweep-test", "zoo": str(tiny_zoo), "setting": "multitask", "methods": {},
+           "sweep": {"min_size": 2, "tasks": list(settings["task_pool"])[:tasks], "methods": methods},
+           "resources": {"num_actors": 2, "num_cpus_per_actor": 0.5, "batch_size": 32, **resources},
+           "output_dir": str(out)}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> Path:
     """The embedded zoo at its ``tiny`` scale (same structure, seconds to build); returns the manifest path."""

@@ -7,11 +7,16 @@ other engineers' Rays on one machine, the commands get only these substitutions,
   which stops every Ray of the user on the machine) and free ports plus a private ``--temp-dir`` (the defaults,
   6379 and 8265, may be someone else's);
 - ``ray job submit`` gets the dashboard's free port in place of 8265, and the test's own entry point after ``--``.
+
+:func:`start_worker_node` joins more nodes to a head the way cluster.yaml's workers join theirs (``RAY_AUTH_MODE=token
+ray start --address HEAD``), each with its own raylet, object store, agents, ports and temp dir: a multi-node
+cluster on one machine. :meth:`Head.state` reads nodes and actors from the dashboard without joining the cluster.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import shlex
@@ -24,7 +29,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,19 +167,32 @@ def listening_addresses(port: int, pids: set[int]) -> set[str]:
 
 
 @dataclass
-class Head:
-    address: str  # the job API (dashboard) URL
+class Node:
+    """One `ray start --block` and its process group: a raylet with its own object store and agents (on a head,
+    also the GCS, dashboard and autoscaler monitor), its ports and private temp dir."""
+
     ports: dict[str, int]
-    env: dict[str, str]  # HOME (with its token file) and PATH the README's commands ran with
-    home: Path
     temp_dir: Path
     log: Path
     proc: subprocess.Popen
+
+
+@dataclass
+class Head(Node):
+    address: str = ""  # the job API (dashboard) URL
+    env: dict[str, str] = field(default_factory=dict)  # HOME (with its token file) and PATH the commands ran with
+    home: Path = Path()
     submit: str = ""  # the README's `ray job submit` command, its address pointed at this head
+    workers: list[Node] = field(default_factory=list)  # worker nodes joined with start_worker_node
 
     @property
     def token(self) -> str:
         return (self.home / ".ray" / "auth_token").read_text().strip()
+
+    @property
+    def gcs(self) -> str:
+        """The GCS as other nodes reach it: the machine's address, as on a real cluster."""
+        return f"{node_ip()}:{self.ports['gcs']}"
 
     def request(self, path: str, token: str | None = None, method: str = "GET", base: str | None = None,
                 body: bytes | None = None) -> tuple[int, bytes]:
@@ -188,6 +207,17 @@ class Head:
         except urllib.error.HTTPError as err:
             return err.code, err.read()
 
+    def state(self, kind: str, **filters: str) -> list[dict]:
+        """Rows of Ray's state API (``kind``: "nodes", "actors", ...; ``filters``: column=value), as `ray list
+        KIND --detail` shows them, asked of the dashboard over HTTP with the token (no CLI, no driver)."""
+        query = "".join(f"&filter_keys={k}&filter_predicates=%3D&filter_values={v}" for k, v in filters.items())
+        status, body = self.request(f"/api/v0/{kind}?detail=1&limit=10000{query}", token=self.token)
+        assert status == 200, body[-2000:]
+        return json.loads(body)["data"]["result"]["result"]
+
+    def alive_nodes(self) -> list[dict]:
+        return [n for n in self.state("nodes") if n["state"] == "ALIVE"]
+
     def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         """``ray ARGS`` as the README's client runs it (RAY_AUTH_MODE=token, the token file in HOME)."""
         return subprocess.run(shlex.split(ray_cli()) + list(args), env=env or {**self.env, "RAY_AUTH_MODE": "token"},
@@ -196,6 +226,11 @@ class Head:
     def submit_command(self, entrypoint: list[str]) -> str:
         """The README's `ray job submit` line with ``entrypoint`` after ``--``."""
         return f"{self.submit.split(' -- ')[0]} -- {shlex.join(entrypoint)}"
+
+    def job_info(self, submission_id: str) -> dict:
+        status, body = self.request(f"/api/jobs/{submission_id}", token=self.token)
+        assert status == 200, body[-2000:]
+        return json.loads(body)
 
 
 def start_readme_head(authenticated: bool = True, **env: str) -> Head:
@@ -227,42 +262,83 @@ def make_token(home: Path, commands: list[str] | None = None) -> None:
         assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
 
 
+def _node_flags(ports: dict[str, int], temp_dir: Path) -> str:
+    """What every node gets beside its command: --block, its own free ports and temp dir."""
+    return (f"--block --node-manager-port {ports['node_manager']} --object-manager-port {ports['object_manager']} "
+            f"--dashboard-agent-listen-port {ports['agent_http']} --dashboard-agent-grpc-port {ports['agent_grpc']} "
+            f"--metrics-export-port {ports['metrics']} --runtime-env-agent-port {ports['runtime_env']} "
+            f"--temp-dir {temp_dir} --disable-usage-stats")
+
+
+NODE_PORTS = ("node_manager", "object_manager", "agent_http", "agent_grpc", "metrics", "runtime_env")
+
+
+def _launch(line: str, env: dict[str, str], prefix: str) -> tuple[dict[str, int], Path, Path, subprocess.Popen]:
+    """Start the `ray start` command ``line`` (its node flags added) in a process group of its own; returns its
+    ports, temp dir, log and process."""
+    # short, private temp dir: Ray's unix sockets live under it (path length limit ~107 characters)
+    temp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    ports = dict(zip(NODE_PORTS, free_ports(len(NODE_PORTS))))
+    line = f"{line} {_node_flags(ports, temp_dir)}"  # bash -c execs a lone simple command: `ray start` leads the group
+    log = temp_dir / "ray-start.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["bash", "-c", line], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+    return ports, temp_dir, log, proc
+
+
+def _wait_until_up(node: Node, ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+    while not ready():
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"ray start ({what}) exited with {node.proc.returncode}:\n{node.log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not up after {HEAD_START_TIMEOUT_S} s:\n{node.log.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
 def start_head(start: str, home: Path, gcs_port: int | None = None, **env: str) -> Head:
     """Run the `ray start --head` command line ``start`` with HOME=``home`` (and ``env``), plus ``--block``, free
     ports (the GCS on ``gcs_port`` if given) and a private temp dir; return once its dashboard, agents and Ray
     Client server accept connections."""
-    # short, private temp dir: Ray's unix sockets live under it (path length limit ~107 characters)
-    temp_dir = Path(tempfile.mkdtemp(prefix="rmhead-", dir="/tmp"))
-    names = ("gcs", "dashboard", "agent_http", "agent_grpc", "client", "metrics", "runtime_env", "node_manager",
-             "object_manager")
-    ports = dict(zip(names, free_ports(len(names))))
-    ports["gcs"] = gcs_port or ports["gcs"]
-    flags = (f"--block --port {ports['gcs']} --dashboard-port {ports['dashboard']} "
-             f"--node-manager-port {ports['node_manager']} --object-manager-port {ports['object_manager']} "
-             f"--dashboard-agent-listen-port {ports['agent_http']} --dashboard-agent-grpc-port {ports['agent_grpc']} "
-             f"--ray-client-server-port {ports['client']} --metrics-export-port {ports['metrics']} "
-             f"--runtime-env-agent-port {ports['runtime_env']} --temp-dir {temp_dir} --disable-usage-stats")
-    line = f"{start} {flags}"  # bash -c execs a lone simple command: `ray start` itself leads the group
-    log = temp_dir / "ray-start.log"
+    gcs, dashboard, client = free_ports(3)
+    gcs = gcs_port or gcs
     full_env = scrubbed_env(home, **env)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(["bash", "-c", line], env=full_env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
-    head = Head(f"http://127.0.0.1:{ports['dashboard']}", ports, full_env, home, temp_dir, log, proc)
+    ports, temp_dir, log, proc = _launch(
+        f"{start} --port {gcs} --dashboard-port {dashboard} --ray-client-server-port {client}", full_env, "rmhead-")
+    ports.update(gcs=gcs, dashboard=dashboard, client=client)
+    head = Head(ports, temp_dir, log, proc, address=f"http://127.0.0.1:{dashboard}", env=full_env, home=home)
     try:
-        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            if _answers(head.address) and all(_accepts(head.ports[p]) for p in ("agent_http", "runtime_env", "client")):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"head not up after {HEAD_START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        _wait_until_up(head, lambda: _answers(head.address) and all(
+            _accepts(head.ports[p]) for p in ("agent_http", "runtime_env", "client")), "head")
     except BaseException:
         stop_head(head)
         raise
     return head
+
+
+# a worker node's share of /dev/shm: Ray's default (30% of the machine's memory per node) is far more than the
+# tests move, and the machine is shared
+WORKER_OBJECT_STORE_BYTES = 512 * 1024 ** 2
+
+
+def start_worker_node(head: Head, num_cpus: int, num_gpus: int = 0) -> Node:
+    """Join ``head`` as another machine would (cluster.yaml's worker start: `RAY_AUTH_MODE=token ray start
+    --address HEAD:GCS_PORT`, the head's token in HOME): a raylet with its own object store, agents, free ports
+    and temp dir, and ``num_cpus`` CPUs and ``num_gpus`` GPUs (on a machine without GPUs, a GPU resource only).
+    Returns once the head lists it alive; :func:`stop_head` stops it with the head."""
+    line = (f"RAY_AUTH_MODE=token ray start --address {head.gcs} --num-cpus {num_cpus} --num-gpus {num_gpus} "
+            f"--object-store-memory {WORKER_OBJECT_STORE_BYTES}")
+    node = Node(*_launch(line, head.env, "rmnode-"))
+    head.workers.append(node)
+    expected = 1 + len(head.workers)
+    try:
+        _wait_until_up(node, lambda: len(head.alive_nodes()) >= expected and all(
+            _accepts(node.ports[p]) for p in ("agent_http", "runtime_env")), "worker node")
+    except BaseException:
+        _stop_group(node)
+        raise
+    return node
 
 
 def _answers(url: str) -> bool:
@@ -275,11 +351,16 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _accepts(port: int) -> bool:
-    """Whether something listens on ``port`` (the node's own address or loopback: agents bind either)."""
+def node_ip() -> str:
+    """The machine's address, which Ray binds its nodes' services to."""
     from ray._private.services import get_node_ip_address
 
-    for host in (get_node_ip_address(), "127.0.0.1"):
+    return get_node_ip_address()
+
+
+def _accepts(port: int) -> bool:
+    """Whether something listens on ``port`` (the node's own address or loopback: agents bind either)."""
+    for host in (node_ip(), "127.0.0.1"):
         try:
             socket.create_connection((host, port), timeout=2).close()
             return True
@@ -288,10 +369,10 @@ def _accepts(port: int) -> bool:
     return False
 
 
-def stop_head(head: Head) -> None:
-    """Stop exactly the processes of this head: SIGTERM `ray start --block` (it kills its raylet first, which
-    ends its workers, then GCS, dashboard and the rest), then SIGKILL whatever of that snapshot survived."""
-    proc = head.proc
+def _stop_group(node: Node) -> set[tuple[int, int]]:
+    """Stop exactly the processes of one node: SIGTERM `ray start --block` (it kills its raylet first, which
+    ends its workers, then the rest), then SIGKILL whatever of that snapshot survived; returns what still lives."""
+    proc = node.proc
     ours = head_processes(proc.pid)  # start_new_session: the group id is the pid of `ray start` (bash exec'd it)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -311,7 +392,16 @@ def stop_head(head: Head) -> None:
     if proc.poll() is None:
         proc.wait(timeout=10)
     time.sleep(0.5)
-    left = alive(ours)
-    shutil.rmtree(head.temp_dir, ignore_errors=True)
+    shutil.rmtree(node.temp_dir, ignore_errors=True)
+    return alive(ours)
+
+
+def stop_head(head: Head) -> None:
+    """Stop the head's worker nodes, then the head (GCS, dashboard, and any node its autoscaler launched: they
+    are its monitor's children), each by its own process group; never `ray stop`."""
+    left = set()
+    for node in head.workers:  # first: a raylet that loses its GCS retries for a minute before it exits
+        left |= _stop_group(node)
+    left |= _stop_group(head)
     shutil.rmtree(head.home, ignore_errors=True)
-    assert not left, f"processes of the test head survived SIGKILL: {sorted(left)}"
+    assert not left, f"processes of the test cluster survived SIGKILL: {sorted(left)}"

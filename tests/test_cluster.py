@@ -139,3 +139,19 @@ def test_validation_rejects_broken_copies(raw, corrupt, error, match):
     corrupt(broken)
     with pytest.raises(error, match=re.escape(match)):
         validate_config(prepare_config(broken))
+
+
+def test_fake_autoscaler_config_mirrors_cluster_yaml(raw):
+    """The config of the fake cluster that tests/test_multinode.py scales is one the autoscaler accepts, with this
+    file's worker types (names, resources, bounds), head resources and cluster limits."""
+    from fake_autoscaler import FAKE_HEAD_TYPE, fake_cluster_config, worker_types
+
+    fake = fake_cluster_config("127.0.0.1:1", idle_timeout_minutes=0.25)
+    validate_config(copy.deepcopy(fake))
+
+    def shape(types: dict) -> dict:
+        return {name: (t["resources"], t["min_workers"], t["max_workers"]) for name, t in types.items()}
+
+    assert shape(worker_types(fake)) == shape(worker_types(raw))
+    assert fake["available_node_types"][FAKE_HEAD_TYPE]["resources"] == raw["available_node_types"][raw["head_node_type"]]["resources"]
+    assert (fake["max_workers"], fake["upscaling_speed"]) == (raw["max_workers"], raw["upscaling_speed"])

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import ray
@@ -118,18 +117,6 @@ def test_autoscaler_v2_node_groups_bound_the_request(ray_local):
     assert cluster.is_autoscaling() is False
 
 
-FAKE_CLUSTER = """{
- "cluster_name": "fake", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 1,
- "provider": {"type": "fake_multinode", "use_node_id_as_ip": true, "disable_node_updaters": true,
-              "disable_launch_config_check": true, "gcs_address": "GCS"},
- "auth": {}, "docker": {}, "head_node_type": "ray.head.default",
- "available_node_types": {
-   "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "min_workers": 0, "max_workers": 0},
-   "gpu_worker": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}},
- "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": false, "rsync_exclude": [],
- "rsync_filter": [], "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
- "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": []}"""
-
 DRIVER = """
 import logging, sys, ray
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s %(message)s")
@@ -153,28 +140,23 @@ except cluster.ClusterResourceError as err:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the head's processes in /proc")
 def test_autoscaling_cluster_end_to_end(tmp_path):
-    """Ray's fake multi-node autoscaler (RAY-NOTES.md): GPU worker nodes launched on demand, as on a cloud."""
-    from ray._private.services import get_node_ip_address
-    from ray_head import REPO, free_ports, make_token, scrubbed_env, start_head, stop_head
+    """Ray's fake multi-node autoscaler with cluster.yaml's node types (tests/fake_autoscaler.py): GPU worker nodes
+    launched on demand, as on a cloud."""
+    from fake_autoscaler import start_fake_autoscaling_head, worker_types
+    from ray_head import REPO, scrubbed_env, stop_head
 
-    home = Path(tempfile.mkdtemp(prefix="rmhome-", dir="/tmp"))
-    make_token(home)
-    # the fake nodes find the GCS through the provider config, so its port is chosen before the head starts
-    gcs_port = free_ports(1)[0]
-    config = tmp_path / "fake.json"
-    config.write_text(FAKE_CLUSTER.replace("GCS", f"{get_node_ip_address()}:{gcs_port}"))
-    head = start_head(f"RAY_AUTH_MODE=token ray start --head --num-cpus 0 --autoscaling-config={config}", home,
-                      gcs_port=gcs_port, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    head = start_fake_autoscaling_head(tmp_path)
     try:
-        env = scrubbed_env(home, PYTHONPATH=str(REPO), RAY_AUTH_MODE="token")
+        env = scrubbed_env(head.home, PYTHONPATH=str(REPO), RAY_AUTH_MODE="token")
         done = subprocess.run([sys.executable, "-c", DRIVER.replace("GCS", f"127.0.0.1:{head.ports['gcs']}")],
                               env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
         out = done.stdout
         assert done.returncode == 0, out + done.stderr
         assert "autoscaling True" in out and "check True" in out
         reports = [line for line in out.splitlines() if "not started after" in line and "GPU: 1}" in line]
-        assert any("launching 1 × gpu_worker" in r or "gpu_worker (" in r for r in reports), out
-        assert "started on a launched node, GPUs now 1.0" in out
+        assert any(f"launching 1 × {t}" in r or f"{t} (" in r for t in worker_types() for r in reports), out
+        started = re.search(r"started on a launched node, GPUs now ([\d.]+)", out)  # the head has none
+        assert started and float(started.group(1)) >= 1, out
         assert "gave up: gave up after 5 s" in out and "{CPU: 1, GPU: 5}" in out.split("gave up:")[1]
     finally:
         stop_head(head)

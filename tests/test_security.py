@@ -17,18 +17,12 @@ import time
 import grpc
 import pytest
 
-from ray_head import (REPO, Head, command, head_processes, listening_addresses, readme_commands, run_shell,
-                      scrubbed_env, start_readme_head, stop_head, submitted_job_id)
+from ray_head import (REPO, Head, command, head_processes, listening_addresses, node_ip, readme_commands,
+                      run_shell, scrubbed_env, start_readme_head, stop_head, submitted_job_id)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the head's processes in /proc")
 
 JOB_TIMEOUT_S = 180
-
-
-def node_ip() -> str:
-    from ray._private.services import get_node_ip_address
-
-    return get_node_ip_address()
 
 
 @pytest.fixture(scope="module")

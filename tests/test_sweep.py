@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import sweep_experiment
 from raymerge import config
 from raymerge.results import ResultStore
 from raymerge.sweep import run_sweep, subsets, sweep_run
@@ -26,17 +26,6 @@ def test_subset_counts():
     assert len(subsets(tasks)) == 247  # sizes 2..8: 2^8 - 1 - 8
     assert len(subsets(tasks, min_size=1)) == 255
     assert subsets(["a", "b", "c"]) == [("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c")]
-
-
-def _experiment(tiny_zoo: Path, out: Path, methods: dict) -> Path:
-    settings = yaml.safe_load(tiny_zoo.read_text())["settings"]["multitask"]
-    tasks = list(settings["task_pool"])[:TASKS]
-    exp = {"name": "sweep-test", "zoo": str(tiny_zoo), "setting": "multitask", "methods": {},
-           "sweep": {"min_size": 2, "tasks": tasks, "methods": methods},
-           "resources": {"num_actors": 2, "num_cpus_per_actor": 0.5, "batch_size": 32}, "output_dir": str(out)}
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(exp))
-    return path
 
 
 def _raw_rows(out: Path) -> int:
@@ -56,7 +45,7 @@ EXPECTED_ROWS = sum(len(s) for s in subsets(range(TASKS))) * len(METHODS)
 def test_driver_killed_then_resumed_equals_uninterrupted(tiny_zoo, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAYMERGE_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--address", "local", "--config", str(_experiment(tiny_zoo, out, METHODS))]
+    cmd = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--address", "local", "--config", str(sweep_experiment(tiny_zoo, out, METHODS, TASKS))]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list((out / "rows").glob("part-*.parquet"))) < 5:
@@ -70,7 +59,7 @@ def test_driver_killed_then_resumed_equals_uninterrupted(tiny_zoo, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{partial} rows already stored skipped" in resumed.stderr
     reference = tmp_path / "reference"
-    ref_cmd = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--address", "local", "--config", str(_experiment(tiny_zoo, reference, METHODS))]
+    ref_cmd = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--address", "local", "--config", str(sweep_experiment(tiny_zoo, reference, METHODS, TASKS))]
     done = subprocess.run(ref_cmd, env={**env, "RAYMERGE_CACHE": str(tmp_path / "cache2")}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _by_key(out) == _by_key(reference)
@@ -82,7 +71,7 @@ def test_worker_killed_mid_sweep_completes_identically(tiny_zoo, tmp_path, ray_l
 
     methods = {"weight_average": {}, "task_arithmetic": {"lambdas": [0.3]}}
     out = tmp_path / "faulty"
-    run = start_run(config.load(_experiment(tiny_zoo, out, methods)), cache_dir=tmp_path / "cache-a")
+    run = start_run(config.load(sweep_experiment(tiny_zoo, out, methods, TASKS)), cache_dir=tmp_path / "cache-a")
     victim = ray_local.get(run.pool.actors[0].pid.remote())
     killed = threading.Event()
 
@@ -103,7 +92,7 @@ def test_worker_killed_mid_sweep_completes_identically(tiny_zoo, tmp_path, ray_l
         thread.join()
         run.pool.shutdown()
     assert killed_mid_sweep and restarted != victim
-    reference = run_sweep(config.load(_experiment(tiny_zoo, tmp_path / "clean", methods)), cache_dir=tmp_path / "cache-b")
+    reference = run_sweep(config.load(sweep_experiment(tiny_zoo, tmp_path / "clean", methods, TASKS)), cache_dir=tmp_path / "cache-b")
     assert _by_key(out) == {r["key"]: r["accuracy"] for r in reference.rows()}
     assert len(_by_key(out)) == _raw_rows(out) == sum(len(s) for s in subsets(range(TASKS))) * len(methods)
 
