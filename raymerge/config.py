@@ -90,6 +90,10 @@ class Resources(Spec):
         "auto", description="evaluation under autocast in this dtype (merges stay float32); auto: bf16 on a GPU, "
                             "fp32 on a CPU (part of row keys)")
     max_merges_in_flight: int = Field(4, ge=1, description="merged weight sets alive at once in DaWin's phase 2")
+    merge_on: Literal["task", "actor"] = Field(
+        "task", description="where merges are built: Ray tasks (once per merge, read by every actor from the object "
+                            "store) or the actors themselves from the models they keep resident (the recipe travels, "
+                            "not the weights; suits GPU nodes); the results are the same")
     # an autoscaler launching GPU nodes takes minutes; past this the job gives up with the pending demand
     start_timeout_s: float | None = Field(1800.0, gt=0, description="seconds to wait for the actors to start")
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from raymerge import dawin, diagnostics, models
 from raymerge.diagnostics import Diagnostics
-from raymerge.statedict import StateDict, to_numpy
+from raymerge.methods.base import Recipe
+from raymerge.statedict import StateDict
 
 Pair = tuple[str, str]  # (task, split)
 CENTRAL_CPUS = 0.5  # what a central-statistics task (a mixture fit) asks Ray for, beside the actors
@@ -45,21 +46,27 @@ class Evaluator(Protocol):
 class LocalEvaluator:
     """Single-process reference evaluator: one resident encoder, preprocessed datasets, no Ray."""
 
-    def __init__(self, architecture: str, heads: Mapping[str, models.Head], sets: Mapping[Pair, Any], batch_size: int) -> None:
+    def __init__(self, architecture: str, heads: Mapping[str, models.Head], sets: Mapping[Pair, Any], batch_size: int,
+                 pool_models: Mapping[str, StateDict] | None = None) -> None:
+        """``pool_models``: the models recipes name (``"base"`` and the fine-tuned ones), built here when asked."""
         self.encoder = models.build_encoder(architecture)
         self.heads = heads
         self.images = {p: models.prepare_images(ds, architecture) for p, ds in sets.items()}
         self._labels = {p: ds.labels for p, ds in sets.items()}
         self.batch_size = batch_size
+        self.pool_models = pool_models or {}
 
-    def logits(self, weights: Weights, pairs: list[Pair]) -> dict[Pair, np.ndarray]:
-        models.load_weights_in_place(self.encoder, weights)
+    def _load(self, weights: Recipe | Weights) -> None:
+        models.load_weights_in_place(self.encoder, weights.build(self.pool_models) if isinstance(weights, Recipe) else weights)
+
+    def logits(self, weights: Recipe | Weights, pairs: list[Pair]) -> dict[Pair, np.ndarray]:
+        self._load(weights)
         return {p: models.predict_logits(self.encoder, self.heads[p[0]], self.images[p], self.batch_size) for p in pairs}
 
-    def logits_rows(self, assignments: Sequence[tuple[Weights, np.ndarray]], pair: Pair) -> np.ndarray:
+    def logits_rows(self, assignments: Sequence[tuple[Recipe | Weights, np.ndarray]], pair: Pair) -> np.ndarray:
         out = np.full((len(self.images[pair]), self.heads[pair[0]].num_classes), np.nan, dtype=np.float32)
         for weights, rows in assignments:
-            models.load_weights_in_place(self.encoder, weights)
+            self._load(weights)
             out[rows] = models.predict_logits(self.encoder, self.heads[pair[0]], self.images[pair][rows], self.batch_size)
         return out
 
@@ -161,7 +168,7 @@ class DawinRunner:
         missing = [p for p in pairs if p not in self._reference]
         if missing:
             m = self.p1.logits[missing[0]].shape[1]
-            static = self.ev.logits(to_numpy(self.merge(np.full(m, 1.0 / m))), missing)
+            static = self.ev.logits(self.merge(np.full(m, 1.0 / m)), missing)
             self._reference.update((p, dawin.entropy(static[p])) for p in missing)
         return {p: self._reference[p] for p in pairs}
 
@@ -177,7 +184,7 @@ class DawinRunner:
         out: np.ndarray | None = None
         for start in range(0, len(members), self.max_in_flight):
             batch = members[start:start + self.max_in_flight]
-            assignments = [(to_numpy(self.merge(groups.table[j])), rows) for j, rows in batch]
+            assignments = [(self.merge(groups.table[j]), rows) for j, rows in batch]
             logits = self.ev.logits_rows(assignments, pair)
             del assignments  # before the next batch is merged, so only one batch is ever alive
             if out is None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from tqdm import tqdm
 
 from raymerge import methods, models
@@ -31,9 +32,9 @@ from raymerge._io import default_cache_dir
 from raymerge.cache import LogitCache
 from raymerge.config import Experiment, MethodConfigs, TaskSpec, ZeroShotHead
 from raymerge.data import DatasetError, ImageDataset, load_dataset
-from raymerge.methods import Candidate, Method, Params, Pool, Prediction
+from raymerge.methods import Candidate, Method, Params, Pool, Prediction, Recipe
 from raymerge.results import ResultsError, ResultStore, row_key
-from raymerge.statedict import StateDict, StateDictError, check_compatible, state_dict_hash, to_numpy
+from raymerge.statedict import StateDict, check_compatible, numpy_views, state_dict_hash, to_numpy
 from raymerge.cluster import connect
 from raymerge.dawin_pipeline import CENTRAL_CPUS
 from raymerge.errors import InputError
@@ -161,43 +162,64 @@ class Run:
     store: ResultStore
     force: bool = False
     model_hashes: dict[str, str] = field(default_factory=dict)
+    model_refs: dict[str, ray.ObjectRef] = field(default_factory=dict)
     skipped: int = 0
     evaluated: int = 0
     done: set[str] = field(default_factory=set)
 
+    # --- weights: recipes built off the driver -------------------------------------------------------------------
+
+    def prefetch(self, recipe: Recipe) -> str:
+        """Start making ``recipe``'s weights where :attr:`Resources.merge_on` says (a Ray task, or each actor when
+        it evaluates them) and return their key; a pool model as it is needs nothing made. Idempotent."""
+        key = recipe.key(self.model_hashes)
+        if key not in self.pool.registered:
+            name = recipe.single_model
+            if name is not None:
+                made: Any = self.model_refs[name]
+            else:
+                made = self.pool.build(recipe, {m: self.model_refs[m] for m in recipe.models()})
+            self.pool.put_built(key, made)
+        return key
+
+    def _register(self, weights: Recipe | Mapping[str, Any]) -> str:
+        if isinstance(weights, Recipe):
+            return self.prefetch(weights)
+        return self.pool.put_weights(to_numpy(weights) if any(isinstance(v, torch.Tensor) for v in weights.values())
+                                     else weights)
+
     # --- the Evaluator protocol ---------------------------------------------------------------------------------
 
-    def logits(self, weights: Mapping[str, np.ndarray], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
-        """Logits of ``weights`` on each (task, split), from the cache or the pool (all shards at once)."""
-        whash = state_dict_hash(weights)
-        out, pending, key = {}, {}, None
+    def logits(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
+        """Logits of ``weights`` (a recipe, or a weight set) on each (task, split), from the cache or the pool (all
+        shards at once). A recipe is keyed without being built, so cached logits cost no merge."""
+        key = weights.key(self.model_hashes) if isinstance(weights, Recipe) else state_dict_hash(weights)
+        out, pending = {}, {}
         for task, split in pairs:
             t = self.tasks[task]
-            parts = (self.exp.architecture, whash, t.head_hashes[split], t.sets[split].hash,
+            parts = (self.exp.architecture, key, t.head_hashes[split], t.sets[split].hash,
                      str(self.pool.resources.batch_size), self.pool.precision)
             cached = self.cache.get(*parts)
             if cached is not None:
                 out[(task, split)] = cached
                 continue
-            key = key or self.pool.put_weights(weights)
-            pending[(task, split)] = (parts, self.pool.submit(key, t.head_name(split), f"{task}/{split}"))
+            registered = self._register(weights)
+            pending[(task, split)] = (parts, self.pool.submit(registered, t.head_name(split), f"{task}/{split}"))
         for (task, split), (parts, refs) in pending.items():
             t = self.tasks[task]
             logits = self.pool.gather(refs, len(t.sets[split]), t.heads[split].num_classes)
             self.cache.put(logits, *parts)
             out[(task, split)] = logits
-        if key:
-            self.pool.drop_weights(key)
+        self.pool.drop_weights(key)
         return out
 
-    def logits_rows(self, assignments: Sequence[tuple[Mapping[str, np.ndarray], np.ndarray]], pair: Pair) -> np.ndarray:
+    def logits_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, Any], np.ndarray]], pair: Pair) -> np.ndarray:
         """Phase 2 of DaWin: every (weights, rows) assignment at once, each actor evaluating its rows only."""
         task, split = pair
         t = self.tasks[task]
-        keys, pending = [], []
-        for weights, rows in assignments:
-            keys.append(self.pool.put_weights(weights))
-            pending += self.pool.submit(keys[-1], t.head_name(split), f"{task}/{split}", rows)
+        keys = [self._register(weights) for weights, _ in assignments]  # every merge starts before any waits
+        pending = [call for key, (_, rows) in zip(keys, assignments)
+                   for call in self.pool.submit(key, t.head_name(split), f"{task}/{split}", rows)]
         out = self.pool.gather(pending, len(t.sets[split]), t.heads[split].num_classes)
         for key in keys:
             self.pool.drop_weights(key)
@@ -264,11 +286,9 @@ class Run:
         identities = self._identities(unit, params, cand, pool, label)
         return {pair: i for pair, i in identities.items() if self.force or row_key(i) not in self.done}
 
-    def evaluate(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str | None = None,
-                 weights: Mapping[str, np.ndarray] | None = None) -> None:
-        """Evaluate ``cand`` on the pairs whose rows are not stored (all of them under ``--force``); ``weights`` are
-        its merge when it was built ahead of time. Rows are independent per pair, so a changed test set recomputes
-        its own rows only."""
+    def evaluate(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str | None = None) -> None:
+        """Evaluate ``cand`` on the pairs whose rows are not stored (all of them under ``--force``). Rows are
+        independent per pair, so a changed test set recomputes its own rows only."""
         label = label or unit.name
         identities = self.pending(unit, params, cand, pool, label)
         self.skipped += len(pool.eval_pairs(cand.tasks)) - len(identities)
@@ -280,7 +300,7 @@ class Run:
         if cand.predict is not None:
             outcome = cand.predict(pairs)
         else:
-            weights = to_numpy(cand.build()) if weights is None else weights
+            weights = cand.recipe or cand.build()
             outcome = Prediction(self.logits(weights, pairs), merges=dict.fromkeys(pairs, cand.merges))
         seconds = time.perf_counter() - start
         rows, samples = [], {}
@@ -306,11 +326,25 @@ class Run:
 def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> Run:
     """Load and check every input, then (and only then) join Ray and start the worker pool."""
     store = ResultStore(exp.output_dir)
-    store.check()  # a corrupt or older-format results directory is refused before anything is loaded or started
-    with phase("load"):
-        base, finetuned, tasks = load_experiment_inputs(exp)
+    problems = []
+    try:
+        store.check()  # a corrupt or older-format results directory is refused before anything is started
+    except ResultsError as err:
+        problems.append(str(err))
+    try:
+        with phase("load"):
+            base, finetuned, tasks = load_experiment_inputs(exp)
+    except InputError as err:
+        problems.append(str(err))
+    if problems:
+        raise InputError("\n".join(problems))
     local = connect(address)
     hashes = {"base": state_dict_hash(base), **{n: state_dict_hash(sd) for n, sd in finetuned.items()}}
+    # the pool models go into the object store once, where merge tasks and actors read them; the driver keeps
+    # zero-copy views of them instead of its own copies
+    refs = {name: ray.put(to_numpy(sd)) for name, sd in {"base": base, **finetuned}.items()}
+    base = numpy_views(ray.get(refs["base"]))
+    finetuned = {name: numpy_views(ray.get(refs[name])) for name in finetuned}
     with phase("start workers"):
         configs = {**exp.methods, **(exp.sweep.methods if exp.sweep else {})}
         task_cpus = max((methods.get(name).task_cpus for name in configs), default=0.0)
@@ -321,7 +355,7 @@ def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
                 pool.add_dataset(f"{name}/{split}", ds)
         pool.prepare()
     cache = LogitCache((cache_dir or default_cache_dir()) / "logits", bypass_reads=force)
-    return Run(exp, base, finetuned, tasks, pool, cache, store, force=force, model_hashes=hashes,
+    return Run(exp, base, finetuned, tasks, pool, cache, store, force=force, model_hashes=hashes, model_refs=refs,
                done=set() if force else store.keys())
 
 

@@ -112,6 +112,18 @@ def to_numpy(sd: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return out
 
 
+def numpy_views(arrays: Mapping[str, np.ndarray]) -> StateDict:
+    """Tensors sharing memory with ``arrays`` (no copy), e.g. read-only object-store arrays that a merge reads.
+
+    Safe only for readers: merges never write into their inputs (:mod:`raymerge.merge`), so torch's warning about
+    non-writable arrays does not apply and is silenced."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {key: torch.from_numpy(arr) for key, arr in arrays.items()}
+
+
 def from_numpy(arrays: Mapping[str, np.ndarray]) -> StateDict:
     """Inverse of :func:`to_numpy`; copies, because object-store arrays are read-only."""
     return {key: torch.from_numpy(np.array(arr, copy=True)) for key, arr in arrays.items()}

@@ -2,8 +2,8 @@
 
 Each (subset, method) is one candidate of the driver in :mod:`raymerge.pipeline`, judged on the test split of
 every task in its subset, so the results store makes sweeps resumable: a restarted sweep plans only the rows it
-lacks. Merges for the next candidates are built in a background thread while the actors evaluate the current one,
-so workers do not wait on the driver.
+lacks. The merges of the next candidates are made off the driver (Ray tasks, or the actors from their resident
+models: ``resources.merge_on``) while the actors evaluate the current one, so workers do not wait on the driver.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -26,11 +24,10 @@ from raymerge.config import Experiment, MethodConfigs
 from raymerge.methods import Candidate, Method, Params, Pool
 from raymerge.pipeline import Run, phase, start_run
 from raymerge.results import ResultStore
-from raymerge.statedict import to_numpy
 
 log = logging.getLogger("raymerge")
 
-PREFETCH = 2  # merges built ahead of the evaluation in flight
+MERGES_AHEAD = 4  # merges made ahead of the evaluation in flight
 
 
 def label(name: str) -> str:
@@ -133,21 +130,13 @@ def sweep_run(run: Run) -> None:
     log.info("sweep work: %d merged models, %d test-set evaluations (each one forward pass over a test split)",
              len(todo), evaluations)
     start = time.perf_counter()
-    with phase("sweep"), ThreadPoolExecutor(max_workers=1) as builder:
-        futures: list[Future | None] = []
-
-        def schedule(i: int) -> None:
-            c = todo[i][2]
-            futures.append(builder.submit(lambda: to_numpy(c.build())) if c.build else None)
-
-        for i in range(min(PREFETCH, len(todo))):
-            schedule(i)
+    with phase("sweep"):
         for i, (unit, params, cand, pool) in enumerate(tqdm(todo, desc="sweep", unit="merge")):
-            if i + PREFETCH < len(todo):
-                schedule(i + PREFETCH)
-            weights = futures[i].result() if futures[i] else None
-            futures[i] = None
-            run.evaluate(unit, params, cand, pool, label(unit.name), weights)
+            # the next merges are made (Ray tasks, in parallel where CPUs are free) while this one is evaluated
+            for _, _, ahead, _ in todo[i:i + MERGES_AHEAD + 1]:
+                if ahead.recipe is not None:
+                    run.prefetch(ahead.recipe)
+            run.evaluate(unit, params, cand, pool, label(unit.name))
     minutes = (time.perf_counter() - start) / 60
     done = len({tuple(c.params["subset"]) for _, _, c, _ in todo})
     if minutes > 0 and todo:

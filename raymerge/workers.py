@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -26,12 +27,33 @@ from raymerge.config import Resources
 from raymerge.data import DatasetError, ImageDataset, shard_indices
 from raymerge.iso import plan_iso_c, plan_iso_cts
 from raymerge.lowrank import LowRankPlan, Operand, Output, SvdJob, assemble, run_job
-from raymerge.statedict import state_dict_hash, to_numpy
+from raymerge.methods.base import Recipe
+from raymerge.statedict import numpy_views, state_dict_hash, to_numpy
 from raymerge.tsv import plan_tsv_merge
 
 log = logging.getLogger(__name__)
 
 Weights = Mapping[str, np.ndarray]
+
+
+# a merge task's CPUs: elementwise merges are memory-bound, one core each; several run at once where CPUs are free
+MERGE_CPUS = 1.0
+
+
+@dataclass(frozen=True)
+class OnActors:
+    """A merge each actor builds itself, on its device, from the pool models it keeps resident: the recipe travels
+    instead of dense weights. ``models`` maps the recipe's model names to their object-store references (nested in
+    a mapping, so Ray hands the actor the references, not the arrays)."""
+
+    recipe: Recipe
+    models: dict[str, ray.ObjectRef]
+
+
+def build_merge(recipe: Recipe, names: list[str], *arrays: Weights) -> dict[str, np.ndarray]:
+    """A Ray task: ``recipe`` built from its models (numpy arrays read zero-copy from the object store), as numpy,
+    so every actor that evaluates it reads it from its node's object store without a copy."""
+    return to_numpy(recipe.build({name: numpy_views(a) for name, a in zip(names, arrays)}))
 
 
 class EvalWorker:
@@ -51,6 +73,7 @@ class EvalWorker:
         self.batch_size = batch_size
         self.heads: dict[str, models.Head] = {}
         self.shards: dict[str, torch.Tensor] = {}
+        self.resident: dict[str, dict[str, torch.Tensor]] = {}  # pool models, for recipes built here
         self.loaded: str | None = None
 
     def _head(self, name: str, spec: list) -> models.Head:
@@ -78,10 +101,23 @@ class EvalWorker:
             self._head(name, spec)
         return sum(len(self._shard(key, spec)) for key, spec in shards.items())
 
-    def evaluate(self, weights_key: str, weights: Weights, head: str, head_spec: list, shard: str, shard_spec: list,
-                 rows: np.ndarray | None = None) -> np.ndarray:
-        """float32 logits (n, C) of shard ``shard`` (or its local ``rows``) under ``weights`` and head ``head``."""
+    def _models(self, refs: Mapping[str, ray.ObjectRef]) -> dict[str, dict[str, torch.Tensor]]:
+        """The pool models ``refs`` names, kept resident: views of the object store on a CPU, copies on a GPU."""
+        for name, ref in refs.items():
+            if name not in self.resident:
+                arrays = numpy_views(ray.get(ref))
+                self.resident[name] = arrays if self.device.type == "cpu" else {
+                    k: v.to(self.device) for k, v in arrays.items()}
+        return {name: self.resident[name] for name in refs}
+
+    def evaluate(self, weights_key: str, weights: Weights | OnActors, head: str, head_spec: list, shard: str,
+                 shard_spec: list, rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 logits (n, C) of shard ``shard`` (or its local ``rows``) under ``weights`` (numpy arrays, or a
+        recipe to build here from the resident models) and head ``head``."""
         if self.loaded != weights_key:
+            if isinstance(weights, OnActors):
+                with torch.no_grad():
+                    weights = weights.recipe.build(self._models(weights.models))
             models.load_weights_in_place(self.encoder, weights)
             self.loaded = weights_key
         images = self._shard(shard, shard_spec)
@@ -187,6 +223,24 @@ class WorkerPool:
                 problems.append(str(err.cause))
         if problems:
             raise DatasetError("\n".join(problems))
+
+    @property
+    def registered(self) -> set[str]:
+        """Keys of the weight sets the actors can be asked to evaluate now."""
+        return set(self._weights)
+
+    def build(self, recipe: Recipe, models: Mapping[str, ray.ObjectRef]) -> ray.ObjectRef | OnActors:
+        """Start making ``recipe``'s weights: with ``resources.merge_on: actor``, each actor builds them itself from
+        its resident models when it first evaluates them (recipes that run Ray tasks of their own, the SVD-based
+        merges, still run as a task); otherwise a Ray task builds them once, into the object store."""
+        if self.resources.merge_on == "actor" and recipe.where == "any":
+            return OnActors(recipe, dict(models))
+        names = list(models)
+        return ray.remote(build_merge).options(num_cpus=MERGE_CPUS).remote(recipe, names, *models.values())
+
+    def put_built(self, key: str, weights: ray.ObjectRef | OnActors) -> None:
+        """Register weights made elsewhere under ``key``: a reference to numpy arrays, or a recipe the actors build."""
+        self._weights.setdefault(key, weights)
 
     def put_weights(self, weights: Weights) -> str:
         """Store ``weights`` (numpy arrays) once and return the key that names them in later calls."""

@@ -73,13 +73,13 @@ class LinearEvaluator:
         self.rows_calls: list[int] = []  # weight sets per logits_rows call
 
     def logits(self, weights, pairs):
-        return {p: self.x @ weights["w"] for p in pairs}
+        return {p: self.x @ np.asarray(weights["w"]) for p in pairs}
 
     def logits_rows(self, assignments, pair):
         self.rows_calls.append(len(assignments))
-        out = np.full((len(self.x), assignments[0][0]["w"].shape[1]), np.nan)
+        out = np.full((len(self.x), np.asarray(assignments[0][0]["w"]).shape[1]), np.nan)
         for weights, rows in assignments:
-            out[rows] = self.x[rows] @ weights["w"]
+            out[rows] = self.x[rows] @ np.asarray(weights["w"])
         return out
 
     def central(self, fn, *args):

@@ -17,7 +17,7 @@ import yaml
 from conftest import ARCH, random_dataset, random_encoder
 from raymerge import config, merge, methods, models
 from raymerge.dawin_pipeline import LocalEvaluator
-from raymerge.methods import MULTITASK, ROBUST, Pool
+from raymerge.methods import MULTITASK, ROBUST, Pool, Recipe
 from raymerge.pipeline import LoadedTask, Run
 from raymerge.results import ResultStore, row_key
 from raymerge.statedict import state_dict_hash, to_numpy
@@ -53,7 +53,7 @@ def _world(setting: str) -> tuple[Pool, Run]:
         sets |= {(task, s): ds for s, ds in data.items()}
         head_hash = state_dict_hash(heads[task].to_arrays())
         loaded[task] = LoadedTask(task, data, dict.fromkeys(data, heads[task]), dict.fromkeys(["*", *data], head_hash), model)
-    evaluator = LocalEvaluator(ARCH, heads, sets, BATCH)
+    evaluator = LocalEvaluator(ARCH, heads, sets, BATCH, {"base": base, **finetuned})
     pool = Pool(setting=setting, seed=0, base=base, finetuned=finetuned, tasks=list(tasks),
                 splits={t: [s for s in splits if s != "validation"] for t, (_, splits) in tasks.items()},
                 validation={t: True for t in tasks}, task_models={t: m for t, (m, _) in tasks.items()},
@@ -78,10 +78,11 @@ def _keys(run: Run, unit, params, pool: Pool) -> list[set[str]]:
 
 def _results(unit, params, pool: Pool) -> list:
     """What each candidate evaluates to: its merged weights, or its predictions and per-sample extras."""
-    out = []
+    out, models = [], {"base": pool.base, **pool.finetuned}
     for c in unit.candidates(pool, params):
-        if c.build is not None:
-            out.append(to_numpy(c.build()))
+        if c.recipe is not None or c.build is not None:
+            weights = c.recipe or c.build()
+            out.append(to_numpy(weights.build(models) if isinstance(weights, Recipe) else weights))
         else:
             pred = c.predict(pool.eval_pairs(c.tasks))
             out.append({f"{p}": (pred.outputs[p], *pred.extras.get(p, {}).values()) for p in pred.outputs})

@@ -20,18 +20,20 @@ from raymerge.methods.base import (
     Candidate,
     Evaluator,
     Method,
+    Model,
     Paper,
     Params,
     Pool,
     Prediction,
     Reads,
+    Recipe,
     default_of,
     register,
 )
 
 __all__ = [
-    "MERGES", "MULTITASK", "REGISTRY", "ROBUST", "SETTINGS", "SWEEP", "Candidate", "Evaluator", "Method", "Paper",
-    "Params", "Pool", "Prediction", "Reads", "all_methods", "default_of", "get", "register",
+    "MERGES", "MULTITASK", "REGISTRY", "ROBUST", "SETTINGS", "SWEEP", "Candidate", "Evaluator", "Method", "Model",
+    "Paper", "Params", "Pool", "Prediction", "Reads", "Recipe", "all_methods", "default_of", "get", "register",
 ]
 
 _loaded = False

@@ -17,7 +17,9 @@ Third-party packages register units through the ``raymerge.methods`` entry-point
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -66,10 +68,11 @@ class Paper:
 class Evaluator(Protocol):
     """What a unit may ask of the running experiment (the Ray worker pool, or a single process)."""
 
-    def logits(self, weights: Mapping[str, np.ndarray], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
-        """(N, C) float32 logits of ``weights`` on each whole (task, split)."""
+    def logits(self, weights: Recipe | Mapping[str, np.ndarray], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
+        """(N, C) float32 logits of ``weights`` (a recipe, or numpy arrays) on each whole (task, split)."""
 
-    def logits_rows(self, assignments: Sequence[tuple[Mapping[str, np.ndarray], np.ndarray]], pair: Pair) -> np.ndarray:
+    def logits_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, np.ndarray], np.ndarray]],
+                    pair: Pair) -> np.ndarray:
         """(N, C) logits of ``pair`` where the rows of each assignment use that assignment's weights."""
 
     def central(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -120,10 +123,83 @@ class Pool:
             raise ValueError(f"tasks {missing} have no validation split, which this method selects on")
         return [(t, "validation") for t in self.tasks]
 
-    def accuracy(self, weights: Mapping[str, np.ndarray], pairs: list[Pair]) -> float:
+    def accuracy(self, weights: Recipe | Mapping[str, np.ndarray], pairs: list[Pair]) -> float:
         """Mean accuracy of ``weights`` over ``pairs`` (selection on validation splits)."""
         logits = self.evaluator.logits(weights, pairs)
         return float(np.mean([np.mean(logits[p].argmax(1) == self.evaluator.labels(p)) for p in pairs]))
+
+
+@dataclass(frozen=True)
+class Model:
+    """A placeholder for one of the pool's models (``"base"`` or a fine-tuned model's name) in a :class:`Recipe`."""
+
+    name: str
+
+
+def _substitute(value: Any, models: Mapping[str, Any]) -> Any:
+    if isinstance(value, Model):
+        return models[value.name]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_substitute(v, models) for v in value)
+    return value
+
+
+def _placeholders(value: Any) -> Iterator[str]:
+    if isinstance(value, Model):
+        yield value.name
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _placeholders(v)
+
+
+def resident(sd: StateDict) -> StateDict:
+    """The identity merge: a pool model evaluated as it is (zero-shot, fine-tuned)."""
+    return sd
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A merge as a pure function of pool models: ``fn(*args, **kwargs)`` with each :class:`Model` placeholder in
+    ``args`` or ``kwargs`` replaced by that model's state dict. The driver never builds it: the pipeline runs it
+    where it is cheapest (a Ray task reading the models from the object store, or the evaluation actors, which hold
+    the models), once per merged weight set, and it is identified by :meth:`key` without being built."""
+
+    fn: Callable[..., StateDict]
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # "task": the merge runs Ray tasks of its own (the SVD-based merges), so it is built as a task, never on an actor
+    where: str = "any"
+
+    @classmethod
+    def model(cls, name: str) -> Recipe:
+        """One pool model as it is."""
+        return cls(resident, (Model(name),))
+
+    @property
+    def single_model(self) -> str | None:
+        """The model's name when this recipe is one pool model as it is."""
+        return self.args[0].name if self.fn is resident else None
+
+    def models(self) -> list[str]:
+        """The pool models the recipe reads, in first-use order."""
+        return list(dict.fromkeys([*_placeholders(self.args), *_placeholders(tuple(self.kwargs.values()))]))
+
+    def build(self, models: Mapping[str, StateDict]) -> StateDict:
+        """The merged state dict, from ``models`` by name."""
+        return self.fn(*_substitute(self.args, models), **{k: _substitute(v, models) for k, v in self.kwargs.items()})
+
+    def key(self, hashes: Mapping[str, str]) -> str:
+        """A hash of what determines the merged weights: the function, its arguments and the models' hashes."""
+        def canonical(value: Any) -> Any:
+            if isinstance(value, Model):
+                return {"model": hashes[value.name]}
+            if isinstance(value, (list, tuple)):
+                return [canonical(v) for v in value]
+            return value
+
+        blob = json.dumps([f"{self.fn.__module__}.{self.fn.__qualname__}", canonical(self.args),
+                           {k: canonical(v) for k, v in sorted(self.kwargs.items())}], default=repr)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @dataclass
@@ -131,15 +207,17 @@ class Candidate:
     """One thing to evaluate, described before any work so the results store can be asked first.
 
     ``params``: what the row records (a unit's full validated parameters plus per-candidate values such as a grid
-    point). Exactly one of ``build`` (the merged weight set; selection work happens inside it, so a stored candidate
-    skips it) and ``predict`` (output-space methods: predictions and per-sample extras per pair) is set.
+    point). Exactly one of ``recipe`` (a merge, built off the driver), ``build`` (driver-side work that yields the
+    weights or a recipe: selection on validation, test-time adaptation; a stored candidate skips it) and ``predict``
+    (output-space methods: predictions and per-sample extras per pair) is set.
     ``details`` is filled while building (e.g. the λ a selection chose) and stored beside the row.
     ``models``: the pool models the candidate reads (``"base"`` and fine-tuned names); None means all of them.
     ``tasks``: the tasks it is judged on; None means every task of the pool.
     """
 
     params: dict[str, Any]
-    build: Callable[[], StateDict] | None = None
+    recipe: Recipe | None = None
+    build: Callable[[], StateDict | Recipe] | None = None
     predict: Callable[[list[Pair]], Prediction] | None = None
     models: list[str] | None = None
     tasks: list[str] | None = None
@@ -147,8 +225,10 @@ class Candidate:
     details: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if (self.build is None) == (self.predict is None):
-            raise ValueError("a candidate has exactly one of build (a weight set) and predict (output-space)")
+        if sum(x is not None for x in (self.recipe, self.build, self.predict)) != 1:
+            raise ValueError("a candidate has exactly one of recipe, build (a weight set) and predict (output-space)")
+        if self.recipe is not None and self.models is None:
+            self.models = self.recipe.models()
 
 
 @dataclass

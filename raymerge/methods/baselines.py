@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from raymerge.methods.base import MULTITASK, ROBUST, Candidate, Params, Pool, register
+from raymerge.methods.base import MULTITASK, ROBUST, Candidate, Params, Pool, Recipe, register
 
 
 class NoParams(Params):
@@ -14,7 +14,7 @@ class NoParams(Params):
 @register("zeroshot", params=NoParams, settings={ROBUST, MULTITASK})
 def zeroshot(pool: Pool, p: NoParams) -> Iterator[Candidate]:
     """The pre-trained model θ0 with each task's head."""
-    yield Candidate(p.record(), build=lambda: pool.base, models=["base"], merges=0)
+    yield Candidate(p.record(), recipe=Recipe.model("base"), merges=0)
 
 
 @register("finetuned", params=NoParams, settings={ROBUST, MULTITASK})
@@ -24,8 +24,7 @@ def finetuned(pool: Pool, p: NoParams) -> Iterator[Candidate]:
         for task in pool.tasks:
             name = pool.task_models[task]
             if name:
-                yield Candidate(p.record(model=name, own_task=True), build=lambda sd=pool.finetuned[name]: sd,
-                                models=[name], tasks=[task], merges=0)
+                yield Candidate(p.record(model=name, own_task=True), recipe=Recipe.model(name), tasks=[task], merges=0)
     else:
-        for name, sd in pool.finetuned.items():
-            yield Candidate(p.record(model=name), build=lambda sd=sd: sd, models=[name], merges=0)
+        for name in pool.names:
+            yield Candidate(p.record(model=name), recipe=Recipe.model(name), merges=0)

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from raymerge import cart as cart_math
 from raymerge import merge
-from raymerge.methods.base import MERGES, MULTITASK, Candidate, Paper, Params, Pool, default_of, register
+from raymerge.methods.base import MERGES, MULTITASK, Candidate, Model, Paper, Params, Pool, Recipe, default_of, register
 from raymerge.workers import distributed_cart
 
 CART = Paper("Revisiting weight averaging for model merging", "2412.12153")
@@ -36,8 +36,9 @@ def _randomized(p: CartParams | RankSweepParams, setting: str) -> bool:
 @register("cart", params=CartParams, settings=MERGES, paper=CART, random=_randomized, task_cpus=1.0)
 def cart(pool: Pool, p: CartParams) -> Iterator[Candidate]:
     """θavg + λ Σt SVDk(θt − θavg) per weight matrix; the SVDs run as Ray tasks."""
-    yield Candidate(p.record(), build=lambda: distributed_cart(
-        pool.base, pool.models, p.rank_ratio, p.lam, p.svd, pool.seed, names=pool.names, qkv=p.qkv), models=pool.names)
+    yield Candidate(p.record(), recipe=Recipe(distributed_cart, (
+        Model("base"), [Model(n) for n in pool.names], p.rank_ratio, p.lam, p.svd, pool.seed),
+        {"names": pool.names, "qkv": p.qkv}, where="task"))
 
 
 class RankSweepParams(Params):
@@ -54,10 +55,10 @@ class RankSweepParams(Params):
 def rank_sweep(pool: Pool, p: RankSweepParams) -> Iterator[Candidate]:
     """Accuracy versus rank ratio (CART Fig. 1/5): CART and task arithmetic with rank-k task vectors per ρ."""
     for rho in p.rank_ratios:
-        yield Candidate(p.record(exclude=["rank_ratios"], curve="cart", rank_ratio=rho), models=pool.names,
-                        build=lambda rho=rho: distributed_cart(pool.base, pool.models, rho, p.cart_lam, p.svd, pool.seed,
-                                                               names=pool.names, qkv=p.qkv))
-        yield Candidate(p.record(exclude=["rank_ratios"], curve="task_arithmetic", rank_ratio=rho),
-                        build=lambda rho=rho: merge.task_arithmetic(pool.base, pool.models, p.task_arithmetic_lam,
-                                                                    rank_ratio=rho, svd=p.svd, seed=pool.seed,
-                                                                    qkv=p.qkv, names=pool.names))
+        models = (Model("base"), [Model(n) for n in pool.names])
+        yield Candidate(p.record(exclude=["rank_ratios"], curve="cart", rank_ratio=rho), recipe=Recipe(
+            distributed_cart, (*models, rho, p.cart_lam, p.svd, pool.seed), {"names": pool.names, "qkv": p.qkv},
+            where="task"))
+        yield Candidate(p.record(exclude=["rank_ratios"], curve="task_arithmetic", rank_ratio=rho), recipe=Recipe(
+            merge.task_arithmetic, (*models, p.task_arithmetic_lam),
+            {"rank_ratio": rho, "svd": p.svd, "seed": pool.seed, "qkv": p.qkv, "names": pool.names}))

@@ -13,9 +13,22 @@ from pydantic import Field
 from raymerge import dawin as dawin_math
 from raymerge import diagnostics
 from raymerge.dawin_pipeline import CENTRAL_CPUS, DawinRunner, Outcome, phase1
-from raymerge.methods.base import MERGES, MULTITASK, ROBUST, Candidate, Paper, Params, Pool, Prediction, Reads, register
+from raymerge.methods.base import (
+    MERGES,
+    MULTITASK,
+    ROBUST,
+    Candidate,
+    Model,
+    Paper,
+    Params,
+    Pool,
+    Prediction,
+    Reads,
+    Recipe,
+    register,
+)
 from raymerge.methods.wise_ft import theta1
-from raymerge.statedict import StateDict, to_numpy
+
 
 DAWIN = Paper("Adapting foundation models via training-free dynamic weight interpolation (DaWin)", "2410.03782")
 MODEL_DOC = "robust setting: θ1, a model of model_pool.finetuned (default: the first)"
@@ -67,20 +80,19 @@ def candidate_names(pool: Pool, model: str | None) -> list[str]:
     return ["base", theta1(pool, model)] if pool.setting == ROBUST else pool.names
 
 
-def _weights(pool: Pool, names: list[str]) -> list[StateDict]:
-    return [pool.base if n == "base" else pool.finetuned[n] for n in names]
-
-
 def runner(pool: Pool, names: list[str], lam0: float, pairs: list[tuple[str, str]]) -> DawinRunner:
     """Phase 1 (candidate logits, cached; temperatures on each task's validation split; entropies) ready to run."""
     validation = {t: (t, "validation") if pool.validation[t] else None for t, _ in pairs}
-    p1 = phase1(pool.evaluator, [to_numpy(w) for w in _weights(pool, names)], pairs, validation)
+    p1 = phase1(pool.evaluator, [Recipe.model(n) for n in names], pairs, validation)
     robust = pool.setting == ROBUST
-    fts = _weights(pool, names[1:] if robust else names)
-    ft_names = names[1:] if robust else names
-    return DawinRunner(pool.evaluator, p1, lambda c: dawin_math.merge_for(pool.base, fts, c, robust=robust, lam0=lam0,
-                                                                           names=ft_names),
-                       pool.seed, max_in_flight=pool.max_in_flight, names=names)
+    fts = names[1:] if robust else names
+
+    def merge(c: np.ndarray) -> Recipe:
+        # exact floats (not numpy's shortened repr) identify the merge
+        return Recipe(dawin_math.merge_for, (Model("base"), [Model(n) for n in fts], tuple(float(x) for x in c)),
+                      {"robust": robust, "lam0": lam0, "names": fts})
+
+    return DawinRunner(pool.evaluator, p1, merge, pool.seed, max_in_flight=pool.max_in_flight, names=names)
 
 
 def _prediction(outcome: Outcome) -> Prediction:
@@ -140,7 +152,7 @@ def output_ensemble(pool: Pool, p: EnsembleParams) -> Iterator[Candidate]:
     names = candidate_names(pool, p.model)
 
     def predict(pairs: list[tuple[str, str]]) -> Prediction:
-        per_model = [pool.evaluator.logits(to_numpy(w), pairs) for w in _weights(pool, names)]
+        per_model = [pool.evaluator.logits(Recipe.model(n), pairs) for n in names]
         return Prediction({q: dawin_math.output_ensemble([lg[q] for lg in per_model]) for q in pairs})
 
     yield Candidate(p.record(models=names), predict=predict, models=names, merges=0)

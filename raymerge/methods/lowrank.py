@@ -7,12 +7,18 @@ from collections.abc import Iterator
 from pydantic import Field
 
 from raymerge import iso, tsv
-from raymerge.methods.base import MERGES, Candidate, Paper, Params, Pool, default_of, register
+from raymerge.methods.base import MERGES, Candidate, Model, Paper, Params, Pool, Recipe, default_of, register
 from raymerge.methods.cart import QKV, QKV_DOC
 from raymerge.workers import distributed_low_rank
 
 TSV = Paper("Task singular vectors: reducing task interference in model merging", "2412.00081")
 ISO = Paper("No task left behind: isotropic model merging with common and task-specific subspaces", "2502.04959")
+
+
+def _low_rank(method: str, pool: Pool, lam: float, **params: object) -> Recipe:
+    """One of the SVD-based merges, its per-layer SVD jobs run as Ray tasks."""
+    return Recipe(distributed_low_rank, (method, Model("base"), [Model(n) for n in pool.names], lam),
+                  {**params, "names": pool.names}, where="task")
 
 
 class TsvParams(Params):
@@ -23,8 +29,7 @@ class TsvParams(Params):
 @register("tsv_merge", params=TsvParams, settings=MERGES, paper=TSV, task_cpus=1.0)
 def tsv_merge(pool: Pool, p: TsvParams) -> Iterator[Candidate]:
     """θ0 + α Σ of each task's top singular vectors, decorrelated by orthogonalizing the stacked bases, per layer."""
-    yield Candidate(p.record(), build=lambda: distributed_low_rank(
-        "tsv_merge", pool.base, pool.models, p.lam, qkv=p.qkv, names=pool.names))
+    yield Candidate(p.record(), recipe=_low_rank("tsv_merge", pool, p.lam, qkv=p.qkv))
 
 
 class IsoCParams(Params):
@@ -35,8 +40,7 @@ class IsoCParams(Params):
 @register("iso_c", params=IsoCParams, settings=MERGES, paper=ISO, task_cpus=1.0)
 def iso_c(pool: Pool, p: IsoCParams) -> Iterator[Candidate]:
     """θ0 + α U σ̄ Vᵀ: the summed task matrix with its spectrum flattened to its mean, per layer."""
-    yield Candidate(p.record(), build=lambda: distributed_low_rank(
-        "iso_c", pool.base, pool.models, p.lam, qkv=p.qkv, names=pool.names))
+    yield Candidate(p.record(), recipe=_low_rank("iso_c", pool, p.lam, qkv=p.qkv))
 
 
 class IsoCtsParams(Params):
@@ -49,6 +53,5 @@ class IsoCtsParams(Params):
 @register("iso_cts", params=IsoCtsParams, settings=MERGES, paper=ISO, task_cpus=1.0)
 def iso_cts(pool: Pool, p: IsoCtsParams) -> Iterator[Candidate]:
     """Iso-C's common subspace plus each task's top directions outside it, orthogonalized, spectrum flattened."""
-    yield Candidate(p.record(), build=lambda: distributed_low_rank(
-        "iso_cts", pool.base, pool.models, p.lam, qkv=p.qkv, common_space_fraction=p.common_space_fraction,
-        names=pool.names))
+    yield Candidate(p.record(), recipe=_low_rank("iso_cts", pool, p.lam, qkv=p.qkv,
+                                                 common_space_fraction=p.common_space_fraction))

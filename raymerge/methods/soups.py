@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from raymerge import merge
-from raymerge.methods.base import MERGES, ROBUST, Candidate, Paper, Params, Pool, Reads, register
+from raymerge.methods.base import MERGES, ROBUST, Candidate, Model, Paper, Params, Pool, Reads, Recipe, register
 from raymerge.statedict import StateDict, to_numpy
 
 SOUPS = Paper("Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
@@ -19,14 +19,15 @@ class NoParams(Params):
 @register("weight_average", params=NoParams, settings=MERGES, paper=SOUPS)
 def weight_average(pool: Pool, p: NoParams) -> Iterator[Candidate]:
     """The uniform soup (1/T) Σt θt of the fine-tuned models."""
-    yield Candidate(p.record(), build=lambda: merge.weight_average(pool.models, pool.names), models=pool.names)
+    yield Candidate(p.record(), recipe=Recipe(merge.weight_average, ([Model(n) for n in pool.names], pool.names)))
 
 
 @register("model_stock", params=NoParams, settings={ROBUST},
           paper=Paper("Model Stock: All we need is just a few fine-tuned models", "2403.19522"))
 def model_stock(pool: Pool, p: NoParams) -> Iterator[Candidate]:
     """Per layer t·θ̄ft + (1−t)·θ0, t from the angle between the fine-tuned deltas (≥ 2 fine-tunes of one task)."""
-    yield Candidate(p.record(), build=lambda: merge.model_stock(pool.base, pool.models, names=pool.names))
+    yield Candidate(p.record(), recipe=Recipe(merge.model_stock, (Model("base"), [Model(n) for n in pool.names]),
+                                              {"names": pool.names}))
 
 
 @register("greedy_soup", params=NoParams, settings={ROBUST}, paper=SOUPS, reads=Reads(every_task=("validation",)))

@@ -7,8 +7,7 @@ from collections.abc import Iterator
 from pydantic import Field
 
 from raymerge import merge
-from raymerge.methods.base import MERGES, Candidate, Paper, Params, Pool, Reads, default_of, register
-from raymerge.statedict import StateDict, to_numpy
+from raymerge.methods.base import MERGES, Candidate, Model, Paper, Params, Pool, Reads, Recipe, default_of, register
 
 
 class TaskArithmeticParams(Params):
@@ -24,22 +23,24 @@ def _reads(p: TaskArithmeticParams) -> Reads:
           paper=Paper("Editing models with task arithmetic", "2212.04089"))
 def task_arithmetic(pool: Pool, p: TaskArithmeticParams) -> Iterator[Candidate]:
     """θ0 + λ Σt τt, λ chosen on the validation splits of the pool's tasks when a grid is given."""
-    cand = Candidate(p.record(), build=lambda: _select(pool, p.lambdas, cand), merges=len(p.lambdas))
+    if len(p.lambdas) == 1:
+        yield Candidate(p.record(), recipe=_recipe(pool, p.lambdas[0]), details={"lam": p.lambdas[0]})
+        return
+    cand = Candidate(p.record(), build=lambda: _select(pool, p.lambdas, cand), models=["base", *pool.names],
+                     merges=len(p.lambdas))
     yield cand
 
 
-def _select(pool: Pool, lambdas: list[float], cand: Candidate) -> StateDict:
-    def build(lam: float) -> StateDict:
-        return merge.task_arithmetic(pool.base, pool.models, lam, names=pool.names)
+def _recipe(pool: Pool, lam: float) -> Recipe:
+    return Recipe(merge.task_arithmetic, (Model("base"), [Model(n) for n in pool.names], lam), {"names": pool.names})
 
-    if len(lambdas) == 1:
-        cand.details["lam"] = lambdas[0]
-        return build(lambdas[0])
+
+def _select(pool: Pool, lambdas: list[float], cand: Candidate) -> Recipe:
     pairs = pool.validation_pairs()
-    scores = {lam: pool.accuracy(to_numpy(build(lam)), pairs) for lam in lambdas}
+    scores = {lam: pool.accuracy(_recipe(pool, lam), pairs) for lam in lambdas}
     best = max(scores, key=lambda lam: (scores[lam], -lam))
     cand.details.update(lam=best, validation_accuracy=scores)
-    return build(best)
+    return _recipe(pool, best)
 
 
 class TiesParams(Params):
@@ -52,4 +53,5 @@ class TiesParams(Params):
           paper=Paper("TIES-Merging: Resolving interference when merging models", "2306.01708"))
 def ties(pool: Pool, p: TiesParams) -> Iterator[Candidate]:
     """Trim each τt to its top entries, elect a sign per entry, average the agreeing entries: θ0 + λ·merged."""
-    yield Candidate(p.record(), build=lambda: merge.ties(pool.base, pool.models, p.lam, p.density, names=pool.names))
+    yield Candidate(p.record(), recipe=Recipe(merge.ties, (Model("base"), [Model(n) for n in pool.names], p.lam, p.density),
+                                              {"names": pool.names}))

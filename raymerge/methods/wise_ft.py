@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pydantic import Field
 
 from raymerge import merge
-from raymerge.methods.base import ROBUST, Candidate, Paper, Params, Pool, register
+from raymerge.methods.base import ROBUST, Candidate, Model, Paper, Params, Pool, Recipe, register
 
 TENTHS = [round(0.1 * i, 1) for i in range(11)]
 
@@ -29,4 +29,4 @@ def wise_ft(pool: Pool, p: WiseFtParams) -> Iterator[Candidate]:
     ft = theta1(pool, p.model)
     for lam in p.lambdas:
         yield Candidate(p.record(exclude=["lambdas"], lam=lam, model=ft),
-                        build=lambda lam=lam: merge.interpolate(pool.base, pool.finetuned[ft], lam), models=["base", ft])
+                        recipe=Recipe(merge.interpolate, (Model("base"), Model(ft), lam)))
