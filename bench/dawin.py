@@ -61,12 +61,15 @@ def _timed_run_class():
 
 
 def _setup(ctx: Context):
+    import ray
+
     from raymerge import config
-    from raymerge.data import ImageDataset
     from raymerge.cache import LogitCache
+    from raymerge.data import ImageDataset
     from raymerge.pipeline import LoadedTask, load_experiment_inputs
     from raymerge.results import ResultStore
-    from raymerge.workers import Resources, WorkerPool
+    from raymerge.statedict import state_dict_hash, to_numpy
+    from raymerge.workers import WorkerPool
 
     robust_yaml = Path(config.__file__).parent / "experiments" / "robust.yaml"
     out = ctx.scratch("dawin")
@@ -86,8 +89,11 @@ def _setup(ctx: Context):
     for split, ds in loaded[task.name].sets.items():
         pool.add_dataset(f"{task.name}/{split}", ds)
     pool.prepare()
+    models = {"base": base, **finetuned}
     run = _timed_run_class()(exp, base, finetuned, loaded, pool, LogitCache(out / "cache-setup"),
-                             ResultStore(out / "results"), force=True)
+                             ResultStore(out / "results"), force=True,
+                             model_hashes={n: state_dict_hash(sd) for n, sd in models.items()},
+                             model_refs={n: ray.put(to_numpy(sd)) for n, sd in models.items()})
     run.clock = defaultdict(float)
     return run, task.name, len(sets), len(combined), len(task.sets["validation"]), out
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from clip_fixtures import ARCH, TASKS
 from raymerge import cli, formats, models
-from raymerge.data import load_dataset
+from raymerge.data import decode, load_dataset
 from raymerge.formats import UnsafePickleError
 
 # never the user's cache: conversions and heads of these fixtures go to a test-only RAYMERGE_CACHE
@@ -122,12 +122,13 @@ def test_image_features_match_transformers(clip_pool, raymerge_cache, tmp_path):
             expected = reference[name](pixel_values=processor(images=pil, return_tensors="pt")["pixel_values"]).image_embeds
             ours = encoder(torch.stack([transform(im) for im in pil]))
             assert torch.allclose(ours, expected, atol=1e-4, rtol=0), (name, files[0].parent, (ours - expected).abs().max())
-        # the 224 px images as raymerge's loaders read an image folder today
-        data = load_dataset(tmp_path / "224x224")
-        ours = encoder(models.preprocess(data.images, models.image_size(ARCH)))
-        pil = [Image.fromarray(image) for image in data.images]
-        expected = reference[name](pixel_values=processor(images=pil, return_tensors="pt")["pixel_values"]).image_embeds
-        assert torch.allclose(ours, expected, atol=1e-4, rtol=0)
+        # the images as raymerge reads an image folder and its actors preprocess it (any size)
+        for folder in ("224x224", "320x256"):
+            data = load_dataset(tmp_path / folder)
+            ours = encoder(models.prepare_images(data, ARCH))
+            pil = [decode(blob, name) for blob, name in zip(data.encoded, data.names)]
+            expected = reference[name](pixel_values=processor(images=pil, return_tensors="pt")["pixel_values"]).image_embeds
+            assert torch.allclose(ours, expected, atol=1e-4, rtol=0), (name, folder)
 
 
 class _RunsACommand:
