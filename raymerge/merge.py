@@ -156,8 +156,8 @@ def task_arithmetic(
 # exact thresholds and are computed again from scratch. A bracket decides the speed, never the result: where a
 # sample misses, the exact threshold comes from a full selection and the pass runs again.
 _TIES_SAMPLE_STRIDE = 97  # a prime: the strided sample walks across the columns of every matrix
-_TIES_BRACKET_SIGMAS = 5.0  # bracket half-width, in binomial standard deviations of the k-th largest's sample rank
-_TIES_CHUNK = {"cpu": 1 << 18}  # entries per chunk: on a CPU the chunk's working set stays in cache
+_TIES_BRACKET_SIGMAS = 4.0  # bracket half-width, in binomial standard deviations of the k-th largest's sample rank
+_TIES_CHUNK = {"cpu": 1 << 17}  # entries per chunk: on a CPU the chunk's working set stays in cache
 _TIES_DEVICE_CHUNK = 1 << 24  # on an accelerator, few large kernels
 _TIES_SUMS = ("sum", "pos", "neg", "n_pos", "n_neg", "listed")
 
@@ -393,8 +393,8 @@ def ties(
 
     ``density`` in (0, 1] (default 0.2); ``lam`` λ any finite real (default 1.0).
 
-    Runs on the inputs' device, chunk by chunk: besides the result it holds a few chunks and the entries near a
-    threshold, never a flattened task vector. Sums over tasks run in task order and the majority counts signs
+    Runs on θ0's device (where the fine-tuned tensors must be too), chunk by chunk: besides the result it holds a
+    few chunks and the entries near a threshold, never a flattened task vector. Sums over tasks run in task order and the majority counts signs
     exactly, so every entry is computed the same way whatever the chunking or the device.
     """
     lam = check_real("lam", lam)
