@@ -1,9 +1,9 @@
 """``python -m bench [--quick] [--out DIR] [--zoo embedded|tiny|MANIFEST] [--only SECTION ...] [--update JSON]
 [--render JSON]``
 
-Runs the benchmark sections in order (mixture, dawin, cart, adamerging, evaluation, sweep) on a private local Ray
-(``address="local"``, 2 CPUs, no dashboard) and writes ``BENCHMARKS.md`` (repository root) and
-``bench/results.json``, or both into ``--out DIR``. Progress lines go to stderr.
+Runs the benchmark sections in order (mixture, dawin, cart, adamerging, ties, evaluation, sweep), those that need
+one on a private local Ray (``address="local"``, 2 CPUs, no dashboard), and writes ``BENCHMARKS.md`` (repository
+root) and ``bench/results.json``, or both into ``--out DIR``. Progress lines go to stderr.
 
 ``--quick`` is a smoke run (well under a minute once its zoo exists) with tiny sizes, on the tiny zoo unless
 ``--zoo`` says otherwise; its ratios mean nothing. The full run takes about 10–15 minutes on 2 cores, plus the
@@ -33,7 +33,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # raymerge's driver-side progress ba
 from bench import common, report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("mixture", "dawin", "cart", "adamerging", "evaluation", "sweep")
+SECTIONS = ("mixture", "dawin", "cart", "adamerging", "ties", "evaluation", "sweep")
+WITHOUT_RAY = ("mixture", "ties")  # sections that need neither Ray nor the zoo
 
 
 def _module(key: str):
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for key in args.only or SECTIONS:
             module = _module(key)
-            if key != "mixture" and not ray_started:
+            if key not in WITHOUT_RAY and not ray_started:
                 ctx.manifest()  # build or wait for the zoo before Ray holds the cores
                 common.progress("starting a private local Ray (2 CPUs)")
                 common.start_ray()

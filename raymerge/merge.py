@@ -11,12 +11,15 @@ Notation: θ0 the pre-trained weights (``base``), θ1..θT the fine-tuned ones, 
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
 from raymerge._arith import (
+    PRECISIONS,
     average,
     cast_to,
     check_real,
@@ -146,37 +149,229 @@ def task_arithmetic(
     return cast_to(per_key([base, *finetuned], merge_key, precision), dtypes_of(base))
 
 
-def _trim(vector: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the ``max(1, ⌊density · n⌋)`` largest-magnitude entries of a flat vector.
+# TIES without T flattened task vectors side by side. Each τt's trim threshold stays the exact k-th largest
+# magnitude, but a sample of |τt| first brackets it: one pass over the models, chunk by chunk and task by task,
+# settles every entry outside the brackets, and lists the few inside one (and those with a zero sum, whose sign
+# waits for the global majority). Once the pass has counted what each bracket keeps, the listed entries give the
+# exact thresholds and are computed again from scratch. A bracket decides the speed, never the result: where a
+# sample misses, the exact threshold comes from a full selection and the pass runs again.
+_TIES_SAMPLE_STRIDE = 97  # a prime: the strided sample walks across the columns of every matrix
+_TIES_BRACKET_SIGMAS = 4.0  # bracket half-width, in binomial standard deviations of the k-th largest's sample rank
+_TIES_CHUNK = {"cpu": 1 << 17}  # entries per chunk: on a CPU the chunk's working set stays in cache
+_TIES_DEVICE_CHUNK = 1 << 24  # on an accelerator, few large kernels
+_TIES_SUMS = ("sum", "pos", "neg", "n_pos", "n_neg", "listed")
 
-    Every entry whose magnitude equals the threshold (the k-th largest magnitude) is kept, so ties at the threshold
-    may keep a few more than k entries; the result does not depend on the order of entries (hence of keys).
+
+class _TiesInputs(NamedTuple):
+    """Flat views of the floating, non-empty tensors of θ0 and each θt, in θ0's key order."""
+
+    keys: list[str]
+    base: list[torch.Tensor]
+    tasks: list[list[torch.Tensor]]  # [task][key]
+    dtype: torch.dtype  # the compute dtype
+    device: torch.device
+
+    @property
+    def numel(self) -> int:
+        return sum(theta0.numel() for theta0 in self.base)
+
+    def scratch(self, size: int) -> dict[str, torch.Tensor]:
+        """Buffers for :func:`_trimmed_sums` over at most ``size`` entries."""
+        names = (*_TIES_SUMS, "base", "theta", "tau", "part", "sign")
+        return {name: torch.empty(size, dtype=self.dtype, device=self.device) for name in names}
+
+
+def _ties_inputs(
+    base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]], precision: torch.dtype
+) -> _TiesInputs:
+    keys = [key for key, tensor in base.items() if tensor.is_floating_point() and tensor.numel()]
+    device = base[keys[0]].device if keys else torch.device("cpu")
+    return _TiesInputs(keys, [base[key].reshape(-1) for key in keys],
+                       [[theta[key].reshape(-1) for key in keys] for theta in finetuned], precision, device)
+
+
+def _below(value: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` number below ``value``, so that ``|τ| > _below(thr)`` is ``|τ| ≥ thr``."""
+    return torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)).item()
+
+
+def _in_dtype(tensor: torch.Tensor, inputs: _TiesInputs, out: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in the compute dtype on the merge's device: itself when it already is, else copied into ``out``."""
+    if tensor.dtype == inputs.dtype and tensor.device == inputs.device:
+        return tensor
+    return out.copy_(tensor)
+
+
+def _trimmed_sums(
+    theta0: torch.Tensor,
+    thetas: Sequence[torch.Tensor],
+    keep_above: Sequence[float],
+    list_above: Sequence[float] | None,
+    inputs: _TiesInputs,
+    scratch: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Per-entry sums, in task order, of the trimmed task vectors over one chunk of c entries.
+
+    ``theta0`` (c,) in the compute dtype, ``thetas`` T tensors (c,). Task t keeps the entries with
+    ``|τt| > keep_above[t]``. Returns (c,) views into ``scratch``: ``sum`` (Σ kept τt), ``pos`` (Σ kept positive
+    τt), ``neg`` (Σ kept negative |τt|), ``n_pos`` and ``n_neg`` (how many), ``listed`` (how many tasks have
+    ``|τt| > list_above[t]``;
+    only with ``list_above``, which must not exceed ``keep_above``; zeros never count), and per task the number of
+    non-zero entries it keeps (0-dim tensors). Each τt is materialized for one chunk only, and the sums add one task
+    after another, so that no entry's sum depends on the chunking or the device.
     """
-    if vector.numel() == 0:
-        return vector
-    keep = max(1, floor_fraction(density, vector.numel()))
-    magnitude = vector.abs()
-    threshold = magnitude.kthvalue(vector.numel() - keep + 1).values
-    # METHODS §1 TIES: trim to the top-density fraction by magnitude
-    return torch.where(magnitude >= threshold, vector, torch.zeros_like(vector))
+    c = theta0.numel()
+    buf = {name: tensor[:c] for name, tensor in scratch.items()}
+    sums = {name: buf[name].zero_() for name in _TIES_SUMS if name != "listed" or list_above is not None}
+    part, sign = buf["part"], buf["sign"]
+    kept = []
+    for t, theta in enumerate(thetas):
+        tau = torch.sub(_in_dtype(theta, inputs, buf["theta"]), theta0, out=buf["tau"])
+        # METHODS §1 TIES: trim τt to its top-density entries by magnitude (positive and negative ones apart;
+        # threshold(x, cut, 0) is x where x > cut, else 0)
+        torch.threshold(tau, keep_above[t], 0.0, out=part)
+        sums["sum"].add_(part)
+        sums["pos"].add_(part)
+        sums["n_pos"].add_(torch.sign(part, out=sign))
+        count = sign.sum()
+        torch.threshold_(torch.neg(tau, out=part), keep_above[t], 0.0)
+        sums["sum"].sub_(part)  # exactly += τt: of part and the one added above, one is 0
+        sums["neg"].add_(part)
+        sums["n_neg"].add_(torch.sign(part, out=sign))
+        kept.append(count + sign.sum())
+        if list_above is not None:
+            torch.threshold_(tau.abs_(), list_above[t], 0.0)
+            sums["listed"].add_(torch.sign(tau, out=sign))
+    return sums, kept
 
 
-def _elect_sign(trimmed: torch.Tensor) -> torch.Tensor:
-    """Per-entry sign (−1, 0 or +1) for trimmed task vectors stacked as T × n."""
+def _disjoint_mean(sums: Mapping[str, torch.Tensor], majority: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged entries (new tensor) and their elected signs (−1, 0 or +1) from :func:`_trimmed_sums`' sums.
+
+    The elected sign is that of ``sum``; where that is 0, ``majority`` (the released code's rule, see :func:`ties`).
+    """
     # METHODS §1 TIES: elect the sign of the summed trimmed values
-    sign = torch.sign(trimmed.sum(dim=0))
-    # released TIES code (resolve_zero_signs, "majority"): where the sum is exactly 0, use the sign of the sum of the
+    elected = torch.sign(sums["sum"])
+    if majority:
+        elected = torch.where(elected == 0, majority, elected)
+    # METHODS §1 TIES: disjoint mean, the mean of the kept entries with the elected sign (0 where there are none);
+    # the factors are exactly 0 or 1, so each entry is one of the two means, or +0
+    up, down = elected.clamp(min=0), elected.neg().clamp(min=0)
+    merged = sums["pos"] / sums["n_pos"].clamp(min=1) * up - sums["neg"] / sums["n_neg"].clamp(min=1) * down
+    return merged, elected
+
+
+class _TiesPass(NamedTuple):
+    out: dict[str, torch.Tensor]  # per key, flat θ0 + λ·merged in the checkpoint dtype, except at ``listed``
+    listed: dict[str, torch.Tensor]  # per key, the flat positions to compute again
+    theta0: torch.Tensor  # θ0 at the listed positions, concatenated in key order, in the compute dtype
+    thetas: list[torch.Tensor]  # each θt likewise
+    kept: list[torch.Tensor]  # per task, how many non-zero entries |τt| > keep_above[t] holds (0-dim)
+    votes: torch.Tensor  # Σ elected signs over the entries not listed (0-dim)
+
+
+def _ties_pass(
+    inputs: _TiesInputs,
+    keep_above: Sequence[float],
+    list_above: Sequence[float] | None,
+    lam: float,
+    dtypes: Mapping[str, torch.dtype],
+) -> _TiesPass:
+    """One pass over every chunk of every key: trim at ``keep_above``, elect, disjoint mean, θ0 + λ·merged.
+
+    Lists, with their values, the entries that some task has in its bracket (``list_above[t] < |τt| ≤
+    keep_above[t]``) and those whose trimmed values sum to 0 without all being 0 (their sign waits for the majority).
+    """
+    chunk = _TIES_CHUNK.get(inputs.device.type, _TIES_DEVICE_CHUNK)
+    scratch = inputs.scratch(min(chunk, max(theta0.numel() for theta0 in inputs.base)))
+    kept = [torch.zeros((), dtype=torch.float64, device=inputs.device) for _ in inputs.tasks]
+    votes = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    out, listed, values = {}, {}, [[] for _ in range(len(inputs.tasks) + 1)]
+    for i, key in enumerate(inputs.keys):
+        numel = inputs.base[i].numel()
+        out[key] = torch.empty(numel, dtype=dtypes[key], device=inputs.device)
+        positions = []
+        for start in range(0, numel, chunk):
+            stop = min(start + chunk, numel)
+            theta0 = _in_dtype(inputs.base[i][start:stop], inputs, scratch["base"][: stop - start])
+            thetas = [task[i][start:stop] for task in inputs.tasks]
+            sums, counts = _trimmed_sums(theta0, thetas, keep_above, list_above, inputs, scratch)
+            for t, count in enumerate(counts):
+                kept[t] += count
+            merged, elected = _disjoint_mean(sums, 0.0)
+            n_kept = sums["n_pos"] + sums["n_neg"]
+            redo = n_kept * (1 - elected.abs())  # > 0 where kept values sum to 0
+            if list_above is not None:
+                redo += sums["listed"] - n_kept  # > 0 where some task has the entry in its bracket
+            where = redo.nonzero().squeeze(1)
+            if where.numel():
+                votes -= elected[where].sum()
+                positions.append(where + start)
+                for column, tensor in zip(values, [theta0, *thetas]):
+                    column.append(tensor.index_select(0, where).to(inputs.dtype))
+            votes += elected.sum()
+            # METHODS §1 TIES: θ = θ0 + λ·merged
+            out[key][start:stop] = merged.mul_(lam).add_(theta0)
+        if positions:
+            listed[key] = torch.cat(positions)
+    theta0, *thetas = (torch.cat(column) if column else torch.empty(0, dtype=inputs.dtype, device=inputs.device)
+                       for column in values)
+    return _TiesPass(out, listed, theta0, thetas, kept, votes)
+
+
+def _redo_listed(run: _TiesPass, cuts: Sequence[float], lam: float, inputs: _TiesInputs,
+                 dtypes: Mapping[str, torch.dtype]) -> None:
+    """Compute the listed entries of ``run.out`` from scratch, trimming task t at ``|τt| > cuts[t]``."""
+    sums, _ = _trimmed_sums(run.theta0, run.thetas, cuts, None, inputs, inputs.scratch(run.theta0.numel()))
+    # released TIES code (resolve_zero_signs, "majority"): where the sum is exactly 0, the sign of the sum of the
     # elected signs over all entries; if that is 0 too the entry stays 0 and no task agrees with it
-    majority = torch.sign(sign.sum())
-    return torch.where(sign == 0, majority, sign)
+    majority = float(torch.sign(run.votes + torch.sign(sums["sum"]).sum()).item())
+    values = _disjoint_mean(sums, majority)[0].mul_(lam).add_(run.theta0)
+    offset = 0
+    for key, where in run.listed.items():
+        run.out[key][where] = values[offset : offset + where.numel()].to(dtypes[key])
+        offset += where.numel()
 
 
-def _disjoint_mean(trimmed: torch.Tensor, elected: torch.Tensor) -> torch.Tensor:
-    """Mean over tasks of the trimmed entries with the elected (non-zero) sign, 0 where none has it; T × n → n."""
-    agrees = torch.sign(trimmed) * elected > 0
-    total = torch.where(agrees, trimmed, torch.zeros_like(trimmed)).sum(dim=0)
-    # METHODS §1 TIES: disjoint mean (total is 0 where no entry agrees, so clamping the count there yields 0)
-    return total / agrees.sum(dim=0).clamp(min=1)
+def _strided_sample(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Every ``_TIES_SAMPLE_STRIDE``-th entry of ``tensors`` taken one after another, in ``dtype``."""
+    parts, offset = [], 0
+    for tensor in tensors:
+        parts.append(tensor[-offset % _TIES_SAMPLE_STRIDE :: _TIES_SAMPLE_STRIDE].to(dtype))
+        offset += tensor.numel()
+    return torch.cat(parts)
+
+
+def _bracket(sample: torch.Tensor, keep: int, n: int) -> tuple[float, float]:
+    """(lo, hi) around the ``keep``-th largest of n magnitudes, from a uniform sample of them: hi is ∞ and lo is 0
+    where the sample cannot bound that side."""
+    m = sample.numel()
+    rate = keep / n
+    spread = _TIES_BRACKET_SIGMAS * math.sqrt(m * rate * (1 - rate)) + 1
+    top, bottom = math.floor(rate * m - spread), math.ceil(rate * m + spread)  # sample ranks from the largest
+    hi = sample.kthvalue(m - top + 1).values.item() if top >= 1 else math.inf
+    lo = sample.kthvalue(m - bottom + 1).values.item() if bottom <= m else 0.0
+    return lo, hi
+
+
+def _bracketed_threshold(magnitudes: torch.Tensor, kept: int, keep: int, lo: float, hi: float) -> float | None:
+    """The ``keep``-th largest magnitude of τt, or ``None`` where it is not in [lo, hi].
+
+    ``kept`` entries of τt are > hi; ``magnitudes`` hold |τt| wherever it may lie in [lo, hi] (and elsewhere)."""
+    inside = magnitudes[(magnitudes >= lo) & (magnitudes <= hi) & (magnitudes > 0)]
+    rank = keep - kept  # its rank among the entries inside
+    if 1 <= rank <= inside.numel():
+        return inside.kthvalue(inside.numel() - rank + 1).values.item()
+    if rank > inside.numel() and lo == 0:  # only zeros are left: everything is kept
+        return 0.0
+    return None
+
+
+def _kth_magnitude(inputs: _TiesInputs, t: int, keep: int) -> float:
+    """The ``keep``-th largest |τt| by a selection over the whole task vector (the fallback: n entries in memory)."""
+    magnitudes = torch.cat([(theta.to(inputs.dtype) - theta0.to(inputs.dtype)).abs_()
+                            for theta0, theta in zip(inputs.base, inputs.tasks[t])])
+    return magnitudes.kthvalue(magnitudes.numel() - keep + 1).values.item()
 
 
 def ties(
@@ -197,25 +392,36 @@ def ties(
     3. Disjoint mean: the mean of the trimmed entries whose sign equals the elected one (0 where there are none).
 
     ``density`` in (0, 1] (default 0.2); ``lam`` λ any finite real (default 1.0).
+
+    Runs on θ0's device (where the fine-tuned tensors must be too), chunk by chunk: besides the result it holds a
+    few chunks and the entries near a threshold, never a flattened task vector. Sums over tasks run in task order and the majority counts signs
+    exactly, so every entry is computed the same way whatever the chunking or the device.
     """
     lam = check_real("lam", lam)
     if not 0 < check_real("density", density) <= 1:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be torch.float32 or torch.float64, got {precision}")
     validate_with_base("ties", base, finetuned, names, min_finetuned=1)
-    float_keys = [key for key, tensor in base.items() if tensor.is_floating_point()]
-    trimmed = []
-    for theta_t in finetuned:
-        tau = per_key([base, theta_t], lambda key, tensors: _task_vector(tensors[1], tensors[0]), precision)
-        trimmed.append(_trim(torch.cat([tau[key].flatten() for key in float_keys]), density))
-    stacked = torch.stack(trimmed)
-    merged_flat = _disjoint_mean(stacked, _elect_sign(stacked))
-    merged_parts = dict(zip(float_keys, merged_flat.split([base[key].numel() for key in float_keys])))
-
-    def merge_key(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        # METHODS §1 TIES: θ = θ0 + λ·merged
-        return tensors[0] + lam * merged_parts[key].view_as(tensors[0])
-
-    return cast_to(per_key([base], merge_key, precision), dtypes_of(base))
+    inputs = _ties_inputs(base, finetuned, precision)
+    dtypes = dtypes_of(base)
+    merged: dict[str, torch.Tensor] = {}
+    n = inputs.numel
+    if n:
+        keep = max(1, floor_fraction(density, n))
+        base_sample = _strided_sample(inputs.base, precision)
+        brackets = [_bracket((_strided_sample(task, precision) - base_sample).abs_(), keep, n) for task in inputs.tasks]
+        run = _ties_pass(inputs, [hi for _, hi in brackets], [_below(lo, precision) for lo, _ in brackets], lam, dtypes)
+        thresholds = [
+            _bracketed_threshold((theta - run.theta0).abs_(), int(run.kept[t].item()), keep, lo, hi)
+            for t, (theta, (lo, hi)) in enumerate(zip(run.thetas, brackets))
+        ]
+        if None in thresholds:  # a sample missed: exact selection for those tasks, and a pass without brackets
+            thresholds = [_kth_magnitude(inputs, t, keep) if thr is None else thr for t, thr in enumerate(thresholds)]
+            run = _ties_pass(inputs, [_below(thr, precision) for thr in thresholds], None, lam, dtypes)
+        _redo_listed(run, [_below(thr, precision) for thr in thresholds], lam, inputs, dtypes)
+        merged = {key: run.out[key].view(base[key].shape) for key in inputs.keys}
+    return {key: merged[key] if key in merged else tensor.clone() for key, tensor in base.items()}
 
 
 def _model_stock_ratio(deltas: Sequence[torch.Tensor]) -> torch.Tensor:

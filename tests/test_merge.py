@@ -169,7 +169,7 @@ def test_ties_all_zero_sums_and_zero_majority_give_base():
 
 
 def ties_reference(base, fts, lam, density):
-    keys = list(SHAPES)
+    keys = [k for k, v in base.items() if v.is_floating_point()]
     taus = [np.concatenate([(np64(ft[k]) - np64(base[k])).ravel() for k in keys]) for ft in fts]
     n = taus[0].size
     keep = max(1, math.floor(round(density * n, 9)))
@@ -186,8 +186,8 @@ def ties_reference(base, fts, lam, density):
         merged[j] = np.mean(agreeing) if agreeing else 0.0
     ref, offset = {}, 0
     for k in keys:
-        size = int(np.prod(SHAPES[k]))
-        ref[k] = np64(base[k]) + lam * merged[offset : offset + size].reshape(SHAPES[k])
+        size = base[k].numel()
+        ref[k] = np64(base[k]) + lam * merged[offset : offset + size].reshape(tuple(base[k].shape))
         offset += size
     return ref
 
@@ -197,6 +197,91 @@ def ties_reference(base, fts, lam, density):
 def test_ties_matches_float64_reference(dtype, density):
     base, fts = make_models(4, dtype, seed=3)
     assert_matches(ties(base, fts, lam=0.7, density=density), ties_reference(base, fts, 0.7, density), base)
+
+
+# TIES runs chunk by chunk and finds each threshold from a sample's bracket: none of that may show in the result.
+TIES_SHAPES = {"blocks.0.w": (40, 24), "blocks.0.b": (40,), "conv": (6, 3, 5, 5), "scale": (), "blocks.1.w": (24, 40),
+               "empty": (0, 3)}
+
+
+def grid_models(n_finetuned, dtype=torch.float32, seed=0, sparse_last=False):
+    """θ0 on a grid of 1/16 and task vectors of small multiples of 1/4, so every difference and sum is exact (float32,
+    bfloat16, float64 alike): magnitudes tie often, at the thresholds too, and trimmed values often sum to exactly 0.
+    ``sparse_last``: the last task vector is 90% zeros, so at density ≥ 0.1 its threshold is 0 (it keeps all)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: torch.randint(-32, 33, s, generator=gen) / 16 for k, s in TIES_SHAPES.items()}
+    finetuned = []
+    for i in range(n_finetuned):
+        ft = {}
+        for k, s in TIES_SHAPES.items():
+            tau = torch.randint(-6, 7, s, generator=gen) / 4
+            if sparse_last and i == n_finetuned - 1:
+                tau[torch.rand(s, generator=gen) < 0.9] = 0
+            ft[k] = (base[k] + tau).to(dtype)
+        ft["steps"] = torch.tensor([3, 1, 4])
+        finetuned.append(ft)
+    base = {k: v.to(dtype) for k, v in base.items()} | {"steps": torch.tensor([3, 1, 4])}
+    return base, finetuned
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize(
+    "models",
+    # in the second, entries listed near a threshold decide the majority sign of the zero sums (at density 0.5)
+    [{"n_finetuned": 5, "seed": 7, "sparse_last": True}, {"n_finetuned": 3, "seed": 1}],
+    ids=["5 tasks, one sparse", "3 tasks"],
+)
+def test_ties_with_ties_and_zero_sums_matches_float64_reference_in_any_chunking(monkeypatch, dtype, density, models):
+    import raymerge.merge as merge
+
+    selections = []
+    exact = merge._kth_magnitude
+    monkeypatch.setattr(merge, "_kth_magnitude", lambda *args: selections.append(args[1]) or exact(*args))
+    base, fts = grid_models(dtype=dtype, **models)
+    reference = ties_reference(base, fts, 0.7, density)
+    default = ties(base, fts, lam=0.7, density=density)
+    assert_matches(default, reference, base)
+    # chunks of 37 entries (keys split across chunks) and a sample of every 3rd entry (a real bracket: at the
+    # default stride this small model's sample is too small to bound anything, and every entry near it is listed)
+    monkeypatch.setattr(merge, "_TIES_CHUNK", {"cpu": 37})
+    monkeypatch.setattr(merge, "_TIES_SAMPLE_STRIDE", 3)
+    small = ties(base, fts, lam=0.7, density=density)
+    assert_matches(small, reference, base)
+    assert all(torch.equal(small[k], default[k]) for k in base)
+    assert selections == []  # the brackets held (a threshold of 0 included): no full selection
+
+
+def test_ties_exact_when_the_sample_misses_the_threshold(monkeypatch):
+    import raymerge.merge as merge
+
+    # every sampled entry of each task vector (stride 3: entries 0, 3, 6, ...) is small and every other one large,
+    # so the sample puts the threshold far too low and the merge must select it exactly over the whole vector
+    monkeypatch.setattr(merge, "_TIES_SAMPLE_STRIDE", 3)
+    selections = []
+    exact = merge._kth_magnitude
+    monkeypatch.setattr(merge, "_kth_magnitude", lambda *args: selections.append(args[1]) or exact(*args))
+    gen = torch.Generator().manual_seed(1)
+    base = {"w": torch.randint(-32, 33, (300,), generator=gen) / 16, "b": torch.zeros(7)}
+    fts = []
+    for _ in range(3):
+        ft = {}
+        for k, v in base.items():
+            tau = torch.randint(1, 7, v.shape, generator=gen) / 4 * (2 * torch.randint(0, 2, v.shape, generator=gen) - 1)
+            offset = 0 if k == "w" else 300
+            sampled = (torch.arange(v.numel()) + offset) % 3 == 0
+            ft[k] = v + torch.where(sampled, tau / 64, tau * 4)
+        fts.append(ft)
+    out = ties(base, fts, lam=0.5, density=0.3)
+    assert selections == [0, 1, 2]
+    assert_matches(out, ties_reference(base, fts, 0.5, 0.3), base)
+
+
+def test_ties_without_floating_entries_copies_the_base():
+    base = {"empty": torch.zeros(0, 4), "steps": torch.tensor([3, 1, 4])}
+    out = ties(base, [{"empty": torch.zeros(0, 4), "steps": torch.tensor([3, 1, 4])}])
+    assert out["empty"].shape == (0, 4) and torch.equal(out["steps"], base["steps"])
+    assert out["steps"].data_ptr() != base["steps"].data_ptr()
 
 
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.01, float("nan")])
