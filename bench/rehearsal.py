@@ -496,14 +496,16 @@ def _rows(jobs: list[dict], ctx: Context) -> list[dict]:
 def run(ctx: Context) -> list[dict]:
     fx = ensure_fixture()
     n_floor = 10 if ctx.quick else FLOOR_IMAGES
+    # labels fixed once: a branch (main) may move while the measurements run
+    labels = {rev: rev if _short(resolve(rev)) == rev else f"{rev} ({_short(resolve(rev))})" for rev in ctx.revisions}
+    this = _this_tree()
     jobs = []
     for rep in range(ctx.repeat):
         suffix = f", run {rep + 1}" if ctx.repeat > 1 else ""
         for rev in ctx.revisions:
-            with checkout(rev) as tree:
-                label = rev if _short(resolve(rev)) == rev else f"{rev} ({_short(resolve(rev))})"
-                jobs.append(_measure(label + suffix, tree, fx, ctx, n_floor))
-        jobs.append(_measure(_this_tree() + suffix, REPO, fx, ctx, n_floor))
+            with checkout(resolve(rev)) as tree:
+                jobs.append(_measure(labels[rev] + suffix, tree, fx, ctx, n_floor))
+        jobs.append(_measure(this + suffix, REPO, fx, ctx, n_floor))
     return _rows(jobs, ctx)
 
 
