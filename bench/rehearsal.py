@@ -265,15 +265,12 @@ def _git(*args: str) -> str:
 
 
 def _this_tree() -> str:
-    """``this tree (HEAD)``, saying whether its code (raymerge/, jobs/) is modified or is main's."""
+    """``this tree (HEAD)``, naming the commit its code (raymerge/, jobs/) comes from when that is not HEAD."""
     head = _git("rev-parse", "HEAD")
     if _git("status", "--porcelain", "--", "raymerge", "jobs"):
         return f"this tree ({_short(head)}, raymerge/ or jobs/ modified)"
-    main = _git("rev-parse", "--verify", "--quiet", "main")
-    if main and main != head and all(_git("rev-parse", f"{head}:{d}") == _git("rev-parse", f"{main}:{d}")
-                                     for d in ("raymerge", "jobs")):
-        return f"this tree ({_short(head)}: main's code, {_short(main)})"
-    return f"this tree ({_short(head)})"
+    code = _git("log", "-1", "--format=%H", "--", "raymerge", "jobs")
+    return f"this tree ({_short(head)}; code as at {_short(code)})" if code and code != head else f"this tree ({_short(head)})"
 
 
 @contextmanager
