@@ -1,5 +1,4 @@
-"""``python -m bench [--quick] [--out DIR] [--zoo embedded|tiny|MANIFEST] [--only SECTION ...] [--update JSON]
-[--render JSON]``
+"""``python -m bench [--quick] [--out DIR] [--zoo Z] [--only SECTION ...] [--update J] [--render J] [--revision REV]``
 
 Runs the benchmark sections in order (mixture, dawin, cart, adamerging, ties, evaluation, sweep), those that need
 one on a private local Ray (``address="local"``, 2 CPUs, no dashboard), and writes ``BENCHMARKS.md`` (repository
@@ -13,6 +12,11 @@ another process is waited for). ``--zoo tiny`` builds (once) a tiny zoo under ``
 from stored rows (after a change to the report's format or its "what this means" lines). ``--only cart --update
 bench/results.json`` measures one section and puts it into an existing report in place of its old rows, keeping the
 other sections (each updated section then says when and how it was measured).
+
+``rehearsal`` (issue 16's rehearsal: ``jobs/sweep.py`` over a real-sized ViT-B/32 pool in its own processes,
+minutes per code revision, a one-time 1.7 GB fixture under ``$RAYMERGE_CACHE/bench-rehearsal``) runs only when
+named: ``python -m bench --only rehearsal --revision e27b674 --update bench/results.json`` measures that commit
+(from a temporary git worktree) beside this tree, side by side; ``--repeat 2`` measures each twice.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from bench import common, report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("mixture", "dawin", "cart", "adamerging", "ties", "evaluation", "sweep")
-WITHOUT_RAY = ("mixture", "ties")  # sections that need neither Ray nor the zoo
+OPTIONAL = ("rehearsal",)  # only with --only: minutes of real-sized jobs
 
 
 def _module(key: str):
@@ -51,15 +55,28 @@ def main(argv: list[str] | None = None) -> int:
                         "repository root, bench/results.json)")
     parser.add_argument("--zoo", default=None,
                         help="embedded (default), tiny (default with --quick), or a zoo manifest.yaml path")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS + OPTIONAL, default=None, help="run only these sections")
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                         help="measure nothing: rewrite the report (and its 'what this means' lines) from a results.json")
     parser.add_argument("--update", type=Path, default=None, metavar="RESULTS_JSON",
                         help="put the sections measured now into this results.json in place of their old rows, keep the "
                         "others, and rewrite its report (BENCHMARKS.md beside --out, else at the repository root)")
+    parser.add_argument("--revision", action="append", default=[], metavar="REV",
+                        help="rehearsal: also measure this git revision (from a temporary worktree), e.g. the code "
+                        "before a change; repeatable")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N", help="rehearsal: measurements per revision")
     args = parser.parse_args(argv)
     if args.update and not args.update.is_file():
         parser.error(f"--update {args.update}: no such results.json")
+    if (args.revision or args.repeat != 1) and "rehearsal" not in (args.only or ()):
+        parser.error("--revision and --repeat apply to the rehearsal section: add --only rehearsal")
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: must be at least 1")
+    for rev in args.revision:  # a typo fails here, not after minutes of measurements
+        try:
+            _module("rehearsal").resolve(rev)
+        except ValueError as err:
+            parser.error(str(err))
     if args.render:
         return render(args.render, args.out)
     zoo = args.zoo or os.environ.get("RAYMERGE_BENCH_ZOO") or ("tiny" if args.quick else "embedded")
@@ -70,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     machine = common.machine()
     workdir = Path(tempfile.mkdtemp(prefix="raymerge-bench-"))
-    ctx = common.Context(quick=args.quick, zoo=zoo, workdir=workdir)
+    ctx = common.Context(quick=args.quick, zoo=zoo, workdir=workdir, revisions=args.revision, repeat=args.repeat)
     common.progress(f"{command}: zoo {zoo}, scratch {workdir}, load average {machine['load_average_at_start']}")
     capacity_args = {"reps": 30, "tries": 1} if args.quick else {}
     machine["parallel_capacity_at_start"] = round(common.parallel_capacity(**capacity_args), 2)
@@ -81,11 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for key in args.only or SECTIONS:
             module = _module(key)
-            if key not in WITHOUT_RAY and not ray_started:
+            uses_ray = getattr(module, "USES_RAY", True)
+            if uses_ray and not ray_started:
                 ctx.manifest()  # build or wait for the zoo before Ray holds the cores
                 common.progress("starting a private local Ray (2 CPUs)")
                 common.start_ray()
                 ray_started = True
+            elif not uses_ray and ray_started:  # a section running its own processes gets the machine to itself
+                import ray
+
+                ray.shutdown()
+                ray_started = False
             common.progress(f"section {key}: start")
             start = time.perf_counter()
             entry = {"key": key, "title": module.TITLE}
@@ -127,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def updated(json_path: Path, run: dict) -> dict:
-    """The stored results with ``run``'s sections in place of theirs (new ones in SECTIONS order), each marked with
+    """The stored results with ``run``'s sections in place of theirs (in SECTIONS, OPTIONAL order), each marked with
     the run that measured it."""
     import json
 
@@ -142,7 +165,7 @@ def updated(json_path: Path, run: dict) -> dict:
     # the report's run time: the sections' time moves with them
     stored["seconds"] += sum(s["seconds"] - by_key.get(key, {"seconds": 0.0})["seconds"] for key, s in fresh.items())
     by_key.update(fresh)
-    stored["sections"] = [by_key[key] for key in SECTIONS if key in by_key]
+    stored["sections"] = [by_key[key] for key in SECTIONS + OPTIONAL if key in by_key]
     return stored
 
 

@@ -85,6 +85,8 @@ class Context:
     quick: bool
     zoo: str  # "embedded", "tiny" or a manifest path
     workdir: Path
+    revisions: list[str] = field(default_factory=list)  # other code revisions to measure beside this tree (rehearsal)
+    repeat: int = 1  # measurements per revision (rehearsal)
     shared: dict[str, Any] = field(default_factory=dict)
     _manifest: Path | None = None
 

@@ -8,6 +8,7 @@ from bench import mixture
 from bench.common import Context
 
 TITLE = "Mixture fitting (DaWin's Beta / Dirichlet mixtures)"
+USES_RAY = False  # plain numpy in this process
 
 
 def run(ctx: Context) -> list[dict]:

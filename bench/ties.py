@@ -30,7 +30,7 @@ import torch
 from bench.common import Context, best, progress, row, spread
 
 TITLE = "TIES at ViT-B/32 size: one model copy, the previous implementation, memory"
-NEEDS_RAY = False
+USES_RAY = False  # merges of in-process state dicts
 TARGET = 10.0  # issue #16: TIES within 10× of one model copy at ViT-B/32 size
 LAM, DENSITY = 1.0, 0.2
 TASKS = (3, 8)
