@@ -274,8 +274,9 @@ def check_resources(num_actors: int, num_cpus: float, num_gpus: float, *, task_c
     if task_cpus and total_cpus - num_actors * num_cpus < task_cpus - 1e-9:
         raise ClusterResourceError(
             f"{demand} would hold {num_actors * num_cpus:g} of the cluster's {total_cpus:g} CPUs for the whole run, "
-            f"leaving less than the {task_cpus:g} CPU(s) that tasks beside them need (CART's SVDs); they would wait "
-            f"forever. Lower resources.num_cpus_per_actor (fractions are fine) or resources.num_actors.")
+            f"leaving less than the {task_cpus:g} CPU(s) that tasks beside them need (merges, SVD jobs); they would "
+            f"wait forever. Lower resources.num_cpus_per_actor (fractions are fine) or resources.num_actors, or set "
+            f"resources.merge_on: actor (the actors then make the merges themselves).")
     return False
 
 

@@ -38,7 +38,7 @@ from raymerge.statedict import StateDict, check_compatible, numpy_views, state_d
 from raymerge.cluster import connect
 from raymerge.dawin_pipeline import CENTRAL_CPUS
 from raymerge.errors import InputError
-from raymerge.workers import WorkerPool
+from raymerge.workers import MERGE_CPUS, WorkerPool
 
 log = logging.getLogger("raymerge")
 
@@ -347,7 +347,10 @@ def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
     finetuned = {name: numpy_views(ray.get(refs[name])) for name in finetuned}
     with phase("start workers"):
         configs = {**exp.methods, **(exp.sweep.methods if exp.sweep else {})}
-        task_cpus = max((methods.get(name).task_cpus for name in configs), default=0.0)
+        # Ray tasks beside the actors (merges, SVD jobs, mixture fits) must find CPUs the actors do not hold, or
+        # they would wait forever: the resource check refuses such a request up front
+        merges = MERGE_CPUS if exp.resources.merge_on == "task" else 0.0
+        task_cpus = max([merges, *(methods.get(name).task_cpus for name in configs)])
         pool = WorkerPool(exp.architecture, exp.resources, cpu_fallback=local, task_cpus=task_cpus)
         for name, task in tasks.items():
             for split, ds in task.sets.items():
