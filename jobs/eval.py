@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     written = []
     for exp, store in zip(experiments, stores):
-        rows = [r for r in store.rows() if r["experiment"] == exp.name]
+        rows = [r for r in report.current_rows(store) if r["experiment"] == exp.name]
         print(f"\n== {exp.name} ({exp.setting}) — accuracy %\n")
         print(report.format_table(rows))
         written.append((exp, report.write_report(exp.output_dir)))

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    rows = [r for r in store.rows() if r["method"].startswith("sweep/")]
+    rows = [r for r in report.current_rows(store) if r["experiment"] == exp.name and r["method"].startswith("sweep/")]
     print(report.format_sweep_table(rows))
     report.print_locations([(exp, report.write_report(exp.output_dir))])
     return 0

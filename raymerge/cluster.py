@@ -129,6 +129,11 @@ def _own_token() -> str | None:
     return loader.get_raw_token(ignore_auth_mode=True)
 
 
+# whether the Ray this process joined is a cluster (not a local Ray it started), by GCS address: a second experiment
+# of the same job asks again, and must not take a cluster whose GPU nodes scaled to zero for a local Ray without GPUs
+_JOINED_CLUSTER: dict[str, bool] = {}
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join or start Ray; True when the Ray in use runs on this machine only (started here, or already running).
 
@@ -139,7 +144,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     when the cluster asks for a token this process does not have or has wrong.
     """
     if ray.is_initialized():
-        local = True
+        local = not _JOINED_CLUSTER.get(ray.get_runtime_context().gcs_address, False)
     else:
         joining = address not in (None, "local") or (address is None and bool(os.environ.get("RAY_ADDRESS")))
         target = address or os.environ.get("RAY_ADDRESS") or "a local Ray"
@@ -163,6 +168,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         except ConnectionError as err:
             raise ClusterError(f"cannot reach the Ray cluster at {target}: {err}") from None
         local = not joining
+        _JOINED_CLUSTER[ray.get_runtime_context().gcs_address] = joining
         if local:
             make_token_private()
     warn_if_unauthenticated(ray.get_runtime_context().gcs_address)

@@ -114,7 +114,7 @@ class SweepSpec(Spec):
 
 class ExperimentSpec(Spec):
     name: str = Field(min_length=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="every random draw (mixtures, randomized SVDs, sampling) from it")
     zoo: str | None = Field(None, description="'embedded' or a zoo manifest path, with setting")
     setting: Literal["robust", "multitask"] | None = None
     model_pool: ModelPoolSpec | None = None
@@ -215,10 +215,29 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _problems(err: ValidationError, model: type[BaseModel], where: str) -> list[str]:
+def _user_loc(loc: tuple[Any, ...], raw: Any) -> tuple[Any, ...]:
+    """``loc`` without pydantic's union-member tags (``str``, ``HeadSpec``, ``list[...]``): a part is kept when it is a
+    key or index of the input at that depth (a task called ``Cars`` stays), or when the input stops there."""
+    out, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif isinstance(node, (dict, list)):
+            out.append(part)  # a key the input lacks: the missing (or unknown) key itself
+            node = None
+            continue
+        else:
+            continue  # below a leaf or a union tag of a leaf value
+        out.append(part)
+    return tuple(out)
+
+
+def _problems(err: ValidationError, model: type[BaseModel], where: str, raw: Any = None) -> list[str]:
     out = []
     for e in err.errors():
-        loc = tuple(part for part in e["loc"] if not (isinstance(part, str) and part[:1].isupper()))
+        loc = _user_loc(tuple(e["loc"]), raw)
         path = ".".join([where, *map(str, loc)] if where else map(str, loc)) or "file"
         if e["type"] == "extra_forbidden":
             holder = _model_at(model, loc)
@@ -275,7 +294,7 @@ def validate_methods(node: Any, where: str, setting: str | None, models: list[st
             try:
                 params = unit.params.model_validate(cfg)
             except ValidationError as err:
-                problems += _problems(err, unit.params, loc)
+                problems += _problems(err, unit.params, loc, cfg)
                 continue
             if setting is not None:
                 problems += [f"{loc}: {m}" for m in unit.problems(params, setting, sweep=sweep)]
@@ -441,12 +460,36 @@ def _check_pools(model_pool: ModelPoolSpec, task_pool: dict[str, TaskFileSpec], 
 
 
 def _check_selection(exp_methods: MethodConfigs, tasks: dict[str, TaskSpec], where: str, problems: list[str]) -> None:
-    """Methods that read validation splits need every task to have one."""
+    """Methods that select on every task's validation split need every task to have one (DaWin, which only reads a
+    task's own validation split when it has one, fits no temperature without it)."""
     lacking = [t for t, spec in tasks.items() if spec.validation is None]
     for name, configs in exp_methods.items():
         unit = methods.get(name)
-        if lacking and any("validation" in unit.reads_for(p).every_task + unit.reads_for(p).own for p in configs):
+        if lacking and any("validation" in unit.reads_for(p).every_task for p in configs):
             problems.append(f"{where}.{name}: reads validation splits, which tasks {lacking} lack")
+
+
+RESERVED_SPLITS = ("test", "validation")
+
+
+def _check_names(tasks: dict[str, TaskSpec], problems: list[str]) -> None:
+    """Task and shift names become parts of dataset and head names (``task/split``): no ``/``, and a shift may not
+    take a split's name."""
+    for name, spec in tasks.items():
+        if "/" in name or name == "*":
+            problems.append(f"task_pool.{name}: a task name may not contain '/' or be '*'")
+        for shift in spec.shifts:
+            if shift in RESERVED_SPLITS or "/" in shift or shift == "*":
+                problems.append(f"task_pool.{name}.shifts.{shift}: a shift may not be called {', '.join(RESERVED_SPLITS)} "
+                                "or '*', or contain '/'")
+
+
+def _check_model_counts(exp_methods: MethodConfigs, models: int, where: str, problems: list[str],
+                        what: str = "the pool has") -> None:
+    for name in exp_methods:
+        need = methods.get(name).min_models
+        if models < need:
+            problems.append(f"{where}.{name}: merges at least {need} fine-tuned models, {what} {models}")
 
 
 @dataclass(frozen=True)
@@ -468,7 +511,7 @@ def _spec(raw: Any, problems: list[str]) -> tuple[ExperimentSpec | None, set[str
     try:
         return ExperimentSpec.model_validate(raw), set()
     except ValidationError as err:
-        problems += _problems(err, ExperimentSpec, "")
+        problems += _problems(err, ExperimentSpec, "", raw)
         bad = {str(e["loc"][0]) for e in err.errors() if e["loc"]}
         if not isinstance(raw, dict) or len(bad) < len({str(e["loc"][0]) if e["loc"] else "" for e in err.errors()}):
             return None, bad
@@ -504,7 +547,7 @@ def _check_file(raw: Any, source: str, base_dir: Path) -> _Checked:
     pools = None
     if not spec.zoo and spec.model_pool and spec.task_pool:
         pools = _check_pools(spec.model_pool, spec.task_pool, base_dir, problems)
-        _check_references(exp_methods, sweep, pools[2], problems)
+        _check_references(exp_methods, sweep, pools[2], len(spec.model_pool.finetuned), problems)
     output = Path(spec.output_dir or f"results/{spec.name}").expanduser()
     if problems:
         raise ConfigError(source, problems)
@@ -513,13 +556,22 @@ def _check_file(raw: Any, source: str, base_dir: Path) -> _Checked:
 
 
 def _check_references(exp_methods: MethodConfigs, sweep: Sweep | None, tasks: dict[str, TaskSpec],
-                      problems: list[str]) -> None:
+                      finetuned: int, problems: list[str]) -> None:
     _check_selection(exp_methods, tasks, "methods", problems)
+    _check_names(tasks, problems)
+    _check_model_counts(exp_methods, finetuned, "methods", problems)
     if sweep is not None:
         _check_selection(sweep.methods, tasks, "sweep.methods", problems)
-        unknown = [t for t in sweep.tasks or [] if t not in tasks]
+        swept = sweep.tasks or list(tasks)
+        unknown = [t for t in swept if t not in tasks]
         if unknown:
             problems.append(f"sweep.tasks: {unknown} are not tasks of the task pool")
+        if len(set(swept)) < len(swept):
+            problems.append(f"sweep.tasks: lists a task twice ({swept})")
+        alone = [t for t in swept if t in tasks and not tasks[t].finetuned]
+        if alone:
+            problems.append(f"sweep.tasks: {alone} have no fine-tuned model (task_pool.<task>.finetuned) to merge")
+        _check_model_counts(sweep.methods, sweep.min_size, "sweep.methods", problems, "sweep.min_size is")
 
 
 def validate(raw: Any, source: str = "<experiment>", base_dir: Path | None = None) -> Experiment:
@@ -547,7 +599,7 @@ def validate(raw: Any, source: str = "<experiment>", base_dir: Path | None = Non
         exp_methods = validate_methods(spec.methods, "methods", setting, list(model_pool.finetuned), problems,
                                        architecture=architecture)
         base, finetuned, tasks, projection = _check_pools(model_pool, task_pool, manifest.parent, problems)
-        _check_references(exp_methods, checked.sweep, tasks, problems)
+        _check_references(exp_methods, checked.sweep, tasks, len(model_pool.finetuned), problems)
         if problems:
             raise ConfigError(source, problems)
     return Experiment(

@@ -22,6 +22,7 @@ import numpy as np
 
 from raymerge import dawin, diagnostics, models
 from raymerge.diagnostics import Diagnostics
+from raymerge.errors import InputError
 from raymerge.methods.base import Recipe
 from raymerge.statedict import StateDict
 
@@ -226,9 +227,10 @@ class DawinRunner:
         for pair in pairs:
             n = len(self.p1.entropies[pair])
             if mixture in (None, "beta", "dirichlet") and not 1 <= k <= n:
-                raise ValueError(f"dawin k must be in [1, N={n}] for {pair[0]}/{pair[1]}, got {k}")
+                raise InputError(f"methods.dawin.k: {k} mixture components for {pair[0]}/{pair[1]}, which has {n} "
+                                 f"samples: k must be in [1, {n}]")
         if mixture is None:
-            mixture = "beta" if next(iter(self.p1.entropies.values())).shape[1] == 2 else "dirichlet"
+            mixture = dawin.default_mixture(robust=next(iter(self.p1.entropies.values())).shape[1] == 2)
         return self._outcome(pairs, lambda pair: self.coefficients(pair, offset), mixture, k)
 
     def samplewise(self, pairs: list[Pair], offset: bool, scores: Mapping[Pair, np.ndarray] | None = None) -> Outcome:

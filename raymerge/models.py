@@ -245,20 +245,34 @@ class Head:
         """The head restricted to ``classes`` (names or row indices, in that order): its rows of ``weight`` and
         ``bias``, so logits, entropies and accuracy use that label space only (ImageNet-R's 200 classes of 1000).
         :class:`ModelError` naming each class not in the head (``source`` names it)."""
-        rows, missing = [], []
+        rows, missing, ambiguous = [], [], []
         for c in classes:
             if isinstance(c, int) and not isinstance(c, bool):
                 (rows if 0 <= c < self.num_classes else missing).append(c)
-            elif c in self.class_names:
+            elif self.class_names.count(c) == 1:
                 rows.append(self.class_names.index(c))
             else:
-                missing.append(c)
+                (ambiguous if c in self.class_names else missing).append(c)
+
+        def shown(items: list) -> str:
+            return ", ".join(map(repr, items[:10])) + (f" and {len(items) - 10} more" if len(items) > 10 else "")
+
         if missing:
-            shown = ", ".join(map(repr, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-            raise ModelError(f"classes {shown} are not classes of head {source} ({self.num_classes} classes)")
+            raise ModelError(f"classes {shown(missing)} are not classes of head {source} ({self.num_classes} classes)")
+        if ambiguous:  # OpenAI's ImageNet names two classes 'missile' and two 'sunglasses'
+            raise ModelError(f"classes {shown(ambiguous)} name several rows of head {source}: give their row indices")
+        if len(set(rows)) < len(rows):
+            raise ModelError(f"the classes given for head {source} repeat a class: each may appear once")
         index = torch.tensor(rows, dtype=torch.long)
         return Head(self.weight[index], None if self.bias is None else self.bias[index],
                     tuple(self.class_names[i] for i in rows), self.normalize)
+
+    @property
+    def hash(self) -> str:
+        """SHA-256 of everything that determines the logits and what they mean: weight, bias, the normalize flag and
+        the class names (part of every row key and logit-cache key that reads this head)."""
+        meta = np.frombuffer(json.dumps([self.normalize, list(self.class_names)]).encode(), np.uint8)
+        return statedict.state_dict_hash({**self.to_arrays(), "__meta__": meta})
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"weight": self.weight.numpy()}

@@ -83,27 +83,23 @@ def scored_on(head: models.Head, ds: ImageDataset, classes: Sequence[str | int] 
               ) -> tuple[models.Head, ImageDataset]:
     """The head ``ds`` is scored with and ``ds`` with labels indexing it.
 
-    Without ``classes``, the whole head: ``ds`` must have the head's classes. With them, the head's rows for those
-    classes (:meth:`Head.subset`), and ``ds``'s labels mapped onto them by class name (a folder of ImageNet-R's 200
-    class names), or kept as positions when ``ds`` names no classes of the subset and has exactly as many."""
-    if classes is None:
-        ds.check_labels(head.num_classes, head_source)
-        if len(ds.class_names) != head.num_classes:
-            raise DatasetError(f"dataset {ds.source} has {len(ds.class_names)} classes but head {head_source} has "
-                               f"{head.num_classes}; restrict the head with `classes:` if the set covers a subset")
-        return head, ds
-    sub = head.subset(classes, head_source)
-    position = {name: i for i, name in enumerate(sub.class_names)}
+    The head, or with ``classes`` its rows for those classes (:meth:`Head.subset`). ``ds``'s labels are matched to
+    the head's classes by name wherever ``ds`` names them (an image folder sorts its class directories, which need
+    not be the head's order: EuroSAT, Cars, GTSRB), and kept as positions only when ``ds`` names none of them and has
+    exactly as many classes; a partial overlap is an error naming the classes the head lacks."""
+    scored = head if classes is None else head.subset(classes, head_source)
+    position = {name: i for i, name in enumerate(scored.class_names)}
     if set(ds.class_names) <= set(position):
         mapping = np.array([position[name] for name in ds.class_names], dtype=np.int64)
-    elif len(ds.class_names) == sub.num_classes and not set(ds.class_names) & set(position):
-        mapping = np.arange(sub.num_classes)
+    elif len(ds.class_names) == scored.num_classes and not set(ds.class_names) & set(position):
+        mapping = np.arange(scored.num_classes)
     else:
         unknown = sorted(set(ds.class_names) - set(position))
-        raise DatasetError(f"dataset {ds.source}: classes {unknown[:10]} are not among the {sub.num_classes} classes "
-                           f"it is scored on (head {head_source})")
+        hint = "" if classes is not None else "; restrict the head with `classes:` if the set covers a subset"
+        raise DatasetError(f"dataset {ds.source}: classes {unknown[:10]} are not among the {scored.num_classes} "
+                           f"classes of head {head_source} it is scored on{hint}")
     ds.check_labels(len(ds.class_names), ds.source)
-    return sub, ds.relabel(mapping[ds.labels], sub.class_names)
+    return scored, ds.relabel(mapping[ds.labels], scored.class_names)
 
 
 def load_experiment_inputs(exp: Experiment) -> tuple[StateDict, dict[str, StateDict], dict[str, LoadedTask]]:
@@ -139,8 +135,8 @@ def load_experiment_inputs(exp: Experiment) -> tuple[StateDict, dict[str, StateD
             scored = None if ds is None else attempt(scored_on, head, ds, spec.classes.get(split), source)
             if scored is not None:
                 heads[split], sets[split] = scored
-        hashes = {split: state_dict_hash(h.to_arrays()) for split, h in heads.items()}
-        tasks[name] = LoadedTask(name, sets, heads, {"*": state_dict_hash(head.to_arrays()), **hashes}, spec.finetuned)
+        hashes = {split: h.hash for split, h in heads.items()}
+        tasks[name] = LoadedTask(name, sets, heads, {"*": head.hash, **hashes}, spec.finetuned)
     if problems:
         raise InputError(f"{len(problems)} problem(s) with the experiment's inputs:\n" + "\n".join(f"  - {p}" for p in problems))
     return base, finetuned, tasks
@@ -166,6 +162,7 @@ class Run:
     skipped: int = 0
     evaluated: int = 0
     done: set[str] = field(default_factory=set)
+    planned: set[str] = field(default_factory=set)  # every row key this run evaluated or found stored
 
     # --- weights: recipes built off the driver -------------------------------------------------------------------
 
@@ -182,23 +179,44 @@ class Run:
             self.pool.put_built(key, made)
         return key
 
-    def _register(self, weights: Recipe | Mapping[str, Any]) -> str:
-        if isinstance(weights, Recipe):
-            return self.prefetch(weights)
-        return self.pool.put_weights(to_numpy(weights) if any(isinstance(v, torch.Tensor) for v in weights.values())
-                                     else weights)
+    def prefetch_candidate(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> None:
+        """Start making ``cand``'s merge ahead of its evaluation, unless none is needed: every row stored, or every
+        pending row's logits cached. Only elementwise merges: an SVD-based one runs its own tasks when evaluated, so
+        that at most one holds copies of the pool in the object store."""
+        if cand.recipe is None or cand.recipe.where != "any":
+            return
+        key = cand.recipe.key(self.model_hashes)
+        pending = self.pending(unit, params, cand, pool, label)
+        if any(self.force or not self.cache.path(*self._cache_parts(key, pair)).exists() for pair in pending):
+            self.prefetch(cand.recipe)
+
+    def _cache_parts(self, key: str, pair: Pair) -> tuple[str, ...]:
+        """What a logit-cache entry is keyed by: the weights (or recipe), the head, the data, the evaluation."""
+        t = self.tasks[pair[0]]
+        return (self.exp.architecture, key, t.head_hashes[pair[1]], t.sets[pair[1]].hash,
+                str(self.pool.resources.batch_size), self.pool.precision)
+
+    def _register(self, weights: Recipe | Mapping[str, np.ndarray]) -> str:
+        return self.prefetch(weights) if isinstance(weights, Recipe) else self.pool.put_weights(weights)
+
+    @staticmethod
+    def _numpy(weights: Recipe | Mapping[str, Any]) -> Recipe | Mapping[str, np.ndarray]:
+        """Weight sets as numpy (what the object store holds and keys hash), recipes as they are."""
+        if isinstance(weights, Recipe) or not any(isinstance(v, torch.Tensor) for v in weights.values()):
+            return weights
+        return to_numpy(weights)
 
     # --- the Evaluator protocol ---------------------------------------------------------------------------------
 
     def logits(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
         """Logits of ``weights`` (a recipe, or a weight set) on each (task, split), from the cache or the pool (all
         shards at once). A recipe is keyed without being built, so cached logits cost no merge."""
+        weights = self._numpy(weights)
         key = weights.key(self.model_hashes) if isinstance(weights, Recipe) else state_dict_hash(weights)
         out, pending = {}, {}
         for task, split in pairs:
             t = self.tasks[task]
-            parts = (self.exp.architecture, key, t.head_hashes[split], t.sets[split].hash,
-                     str(self.pool.resources.batch_size), self.pool.precision)
+            parts = self._cache_parts(key, (task, split))
             cached = self.cache.get(*parts)
             if cached is not None:
                 out[(task, split)] = cached
@@ -217,7 +235,7 @@ class Run:
         """Phase 2 of DaWin: every (weights, rows) assignment at once, each actor evaluating its rows only."""
         task, split = pair
         t = self.tasks[task]
-        keys = [self._register(weights) for weights, _ in assignments]  # every merge starts before any waits
+        keys = [self._register(self._numpy(weights)) for weights, _ in assignments]  # all start before any waits
         pending = [call for key, (_, rows) in zip(keys, assignments)
                    for call in self.pool.submit(key, t.head_name(split), f"{task}/{split}", rows)]
         out = self.pool.gather(pending, len(t.sets[split]), t.heads[split].num_classes)
@@ -290,9 +308,12 @@ class Run:
         """Evaluate ``cand`` on the pairs whose rows are not stored (all of them under ``--force``). Rows are
         independent per pair, so a changed test set recomputes its own rows only."""
         label = label or unit.name
+        self.planned.update(self.keys(unit, params, cand, pool, label))
         identities = self.pending(unit, params, cand, pool, label)
         self.skipped += len(pool.eval_pairs(cand.tasks)) - len(identities)
         if not identities:
+            if cand.recipe is not None:  # made ahead for nothing (another configuration stored these rows)
+                self.pool.drop_weights(cand.recipe.key(self.model_hashes))
             return
         keys = {pair: row_key(identity) for pair, identity in identities.items()}
         pairs = list(identities)
@@ -329,8 +350,14 @@ def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
     problems = []
     try:
         store.check()  # a corrupt or older-format results directory is refused before anything is started
+        probe = exp.output_dir / f".raymerge-probe-{os.getpid()}"
+        exp.output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
     except ResultsError as err:
         problems.append(str(err))
+    except OSError as err:
+        problems.append(f"output_dir {exp.output_dir} cannot be written: {err.strerror or err}")
     try:
         with phase("load"):
             base, finetuned, tasks = load_experiment_inputs(exp)
@@ -382,6 +409,7 @@ def run_experiment(exp: Experiment, force: bool = False, cache_dir: Path | None 
     run = start_run(exp, force, cache_dir, address)
     try:
         run_methods(run, exp.methods)
+        run.store.write_current(exp.name, "eval", run.planned)
     finally:
         run.pool.shutdown()
         run.store.write_summary()

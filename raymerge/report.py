@@ -99,13 +99,18 @@ def is_oracle(method: str, params: dict[str, Any]) -> bool:
     return method == "dawin" and params.get("scores") == "oracle"
 
 
-def current_rows(rows: Sequence[Row]) -> list[Row]:
-    """The newest row of each (experiment, method, params, task, split): a row superseded because an input changed
-    (another test set, head or seed gives it another key) is left out of tables and plots, though it stays stored."""
-    newest: dict[tuple, Row] = {}
-    for r in sorted(rows, key=lambda r: r.get("written_at") or 0):
-        newest[(r["experiment"], r["method"], json.dumps(_params(r), sort_keys=True), r["task"], r["split"])] = r
-    return list(newest.values())
+def current_rows(store: ResultStore) -> list[Row]:
+    """The rows tables and plots show: for an experiment whose runs recorded their plan (:meth:`ResultStore.
+    write_current`), the rows of that plan; otherwise the newest row of each (method, params, task, split). Rows an
+    input change superseded (another test set, head or seed gives a row another key) stay stored but are not shown."""
+    current, shown, newest = store.current(), [], {}
+    for r in sorted(store.rows(), key=lambda r: r.get("written_at") or 0):
+        if r["experiment"] in current:
+            if r["key"] in current[r["experiment"]]:
+                shown.append(r)
+        else:
+            newest[(r["experiment"], r["method"], json.dumps(_params(r), sort_keys=True), r["task"], r["split"])] = r
+    return shown + list(newest.values())
 
 
 def table_rows(rows: Sequence[Row]) -> list[Row]:
@@ -853,7 +858,7 @@ def write_report(results_dir: str | Path) -> Path:
     root = Path(results_dir)
     store = ResultStore(root)
     by_exp: dict[str, list[Row]] = {}
-    for r in current_rows(store.rows()):
+    for r in current_rows(store):
         by_exp.setdefault(r["experiment"], []).append(r)
     parts = [f"# raymerge report: {root.name}", ""]
     for name, exp_rows in by_exp.items():

@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +255,20 @@ class ResultStore:
             self._take(row, (written_at, part.name, i))
         self._read.add(part)
         return len(fresh)
+
+    def write_current(self, experiment: str, job: str, keys: Iterable[str]) -> None:
+        """Record the row keys the last ``job`` (``eval``, ``sweep``) of ``experiment`` planned, stored or computed:
+        what its tables and report show, so that rows an input change superseded are left out of them even when a
+        later run reuses older rows (a seed changed, then changed back)."""
+        write_text(self.root / "current" / f"{experiment}.{job}.json", json.dumps(sorted(keys)))
+
+    def current(self) -> dict[str, set[str]]:
+        """The row keys each experiment's last runs planned (:meth:`write_current`), by experiment."""
+        out: dict[str, set[str]] = {}
+        for path in sorted((self.root / "current").glob("*.json")):
+            experiment = path.name.rsplit(".", 2)[0]
+            out.setdefault(experiment, set()).update(json.loads(path.read_text()))
+        return out
 
     def write_summary(self) -> None:
         """``summary.json``: every row in brief. Written at the end of a run, not per append (it grows with the rows)."""

@@ -107,6 +107,7 @@ def run_sweep(exp: Experiment, force: bool = False, cache_dir=None, address: str
     run = start_run(exp, force, cache_dir, address)
     try:
         sweep_run(run)
+        run.store.write_current(exp.name, "sweep", run.planned)
     finally:
         run.pool.shutdown()
         run.store.write_summary()
@@ -120,6 +121,7 @@ def sweep_run(run: Run) -> None:
     todo = []
     for s in plan:
         for unit, params, c, pool in sweep_candidates(run, s, cfg.methods):
+            run.planned.update(run.keys(unit, params, c, pool, label(unit.name)))
             if run.pending(unit, params, c, pool, label(unit.name)):
                 todo.append((unit, params, c, pool))
             else:
@@ -133,9 +135,8 @@ def sweep_run(run: Run) -> None:
     with phase("sweep"):
         for i, (unit, params, cand, pool) in enumerate(tqdm(todo, desc="sweep", unit="merge")):
             # the next merges are made (Ray tasks, in parallel where CPUs are free) while this one is evaluated
-            for _, _, ahead, _ in todo[i:i + MERGES_AHEAD + 1]:
-                if ahead.recipe is not None:
-                    run.prefetch(ahead.recipe)
+            for ahead in todo[i:i + MERGES_AHEAD + 1]:
+                run.prefetch_candidate(*ahead, label(ahead[0].name))
             run.evaluate(unit, params, cand, pool, label(unit.name))
     minutes = (time.perf_counter() - start) / 60
     done = len({tuple(c.params["subset"]) for _, _, c, _ in todo})

@@ -75,7 +75,7 @@ def test_empty_dataset(pool_copy, capsys):
 def test_labels_out_of_range(pool_copy, capsys):
     write_parquet(random_dataset(1, 40, 12), pool_copy / "noise")
     err = _run(pool_copy, capsys)
-    assert "noise" in err and "out of range for head" in err and "head.safetensors with 10 classes" in err
+    assert "noise" in err and "classes ['10', '11'] are not among the 10 classes of head" in err and "head.safetensors" in err
 
 
 def test_unknown_model_name(pool_copy, capsys):
@@ -92,4 +92,4 @@ def test_label_space_differs_from_the_head(pool_copy, capsys):
     wider = ImageDataset("w", ds.images, ds.labels, tuple(str(i) for i in range(12)))  # labels fit, classes do not
     write_parquet(wider, pool_copy / "rotate")
     err = _run(pool_copy, capsys)
-    assert "rotate has 12 classes but head" in err and "head.safetensors has 10" in err
+    assert "rotate: classes ['10', '11'] are not among the 10 classes of head" in err and "head.safetensors" in err

@@ -154,3 +154,40 @@ def test_adaptation_and_low_rank_parameters_are_checked(mini_pool):
         config.validate(raw, "exp.yaml", mini_pool)
     assert "methods.cart.qkv: split needs fused attention weights (attn.in_proj_weight), which RN50 does not have" in str(info.value)
     assert "tsv_merge" not in str(info.value).split("RN50 does not have")[1]
+
+
+def test_names_counts_and_seeds_that_would_fail_later_are_refused_now(mini_pool):
+    raw = _raw(mini_pool)
+    raw["task_pool"]["Cars"] = {"head": "head.safetensors", "tset": "test"}  # a benchmark-style capitalized name
+    raw["task_pool"]["digits"]["shifts"]["test"] = "rotate"
+    raw["seed"] = -1
+    with pytest.raises(config.ConfigError) as info:
+        config.validate(raw, "exp.yaml", mini_pool)
+    text = str(info.value)
+    assert "task_pool.Cars.test: required key is missing" in text
+    assert "task_pool.Cars.tset: unknown key (known: head, finetuned, validation, test, classes, shifts)" in text
+    assert "seed: input should be greater than or equal to 0, got int -1" in text
+    raw = _raw(mini_pool)
+    raw["task_pool"]["digits"]["shifts"]["validation"] = "rotate"
+    raw["methods"] = {"model_stock": {}}
+    raw["model_pool"]["finetuned"] = {"ft1": "ft1.safetensors"}
+    with pytest.raises(config.ConfigError) as info:
+        config.validate(raw, "exp.yaml", mini_pool)
+    text = str(info.value)
+    assert "task_pool.digits.shifts.validation: a shift may not be called test, validation" in text
+    assert "methods.model_stock: merges at least 2 fine-tuned models, the pool has 1" in text
+
+
+def test_sweep_tasks_need_their_models_and_enough_of_them(mini_pool):
+    raw = _raw(mini_pool)
+    raw["task_pool"]["digits"]["finetuned"] = "ft1"
+    raw["task_pool"]["other"] = {"head": "head.safetensors", "test": "test"}  # no fine-tuned model of its own
+    raw["methods"] = {}
+    raw["sweep"] = {"tasks": ["digits", "other", "digits"], "min_size": 1, "methods": {"cart": {}, "ties": {}}}
+    with pytest.raises(config.ConfigError) as info:
+        config.validate(raw, "exp.yaml", mini_pool)
+    text = str(info.value)
+    assert "sweep.tasks: lists a task twice" in text
+    assert "sweep.tasks: ['other'] have no fine-tuned model" in text
+    assert "sweep.methods.cart: merges at least 2 fine-tuned models, sweep.min_size is 1" in text
+    assert "sweep.methods.ties" not in text

@@ -130,3 +130,23 @@ def test_force_replaces_rows_and_their_samples(robust, ray_local, tmp_path):
     for r in rows:
         samples = store.samples(r["key"]).to_pydict()
         assert np.mean(np.array(samples["prediction"]) == np.array(samples["label"])) == r["accuracy"]
+
+
+def test_reports_show_the_rows_of_the_current_inputs(robust, ray_local, tmp_path):
+    """Seed 0, then 1, then 0 again: the third run reuses seed 0's stored rows, and the report shows those, not the
+    newer seed-1 rows."""
+    from raymerge import report
+
+    exp, cache = robust / "experiment.yaml", tmp_path / "cache"
+    _run_job(exp, cache)
+    first = {r["key"] for r in report.current_rows(ResultStore(tmp_path / "out"))}
+    _run_job(exp, cache, "seed=1")
+    assert {r["key"] for r in report.current_rows(ResultStore(tmp_path / "out"))} != first
+    _run_job(exp, cache)
+    assert {r["key"] for r in report.current_rows(ResultStore(tmp_path / "out"))} == first
+
+
+def _run_job(path: Path, cache: Path, *overrides: str) -> None:
+    from raymerge import pipeline
+
+    pipeline.run_experiment(config.load(path, list(overrides)), cache_dir=cache)

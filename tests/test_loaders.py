@@ -159,7 +159,19 @@ def test_a_set_scored_on_a_class_subset_of_its_head():
     assert sub.class_names == ("eel", "ant", "cat") and scored.labels.tolist() == [2, 0, 1, 1]
     with pytest.raises(models.ModelError, match=r"classes 'fox', 7 are not classes of head h.safetensors \(5 classes\)"):
         scored_on(head, ds, ["fox", "bee", 7], "h.safetensors")
-    with pytest.raises(DatasetError, match=r"classes \['eel'\] are not among the 2 classes it is scored on"):
+    with pytest.raises(DatasetError, match=r"classes \['eel'\] are not among the 2 classes of head h.safetensors"):
         scored_on(head, ds, ["bee", "dog"], "h.safetensors")
-    with pytest.raises(DatasetError, match="has 3 classes but head h.safetensors has 5; restrict the head"):
-        scored_on(head, ds, None, "h.safetensors")
+    with pytest.raises(models.ModelError, match="repeat a class"):
+        scored_on(head, ds, ["bee", "bee", "dog"], "h.safetensors")
+    # the whole head: a set that names the head's classes in another order (an image folder sorts them) is matched
+    # by name, never by position
+    whole, scored = scored_on(head, ds, None, "h.safetensors")
+    assert whole is head and scored.labels.tolist() == [1, 3, 4, 3]
+    shuffled = ImageDataset("s", ds.images, np.array([0, 1, 2, 3]), ("eel", "dog", "cat", "bee", "ant"))
+    assert scored_on(head, shuffled, None, "h.safetensors")[1].labels.tolist() == [4, 3, 2, 1]
+    odd = ImageDataset("o", ds.images, np.array([0, 1, 0, 1]), ("bee", "fox"))
+    with pytest.raises(DatasetError, match=r"classes \['fox'\] are not among the 5 classes .* restrict the head"):
+        scored_on(head, odd, None, "h.safetensors")
+    twice = models.Head(torch.randn(3, 64), None, ("missile", "ant", "missile"))
+    with pytest.raises(models.ModelError, match=r"classes 'missile' name several rows .*: give their row indices"):
+        twice.subset(["missile", "ant"], "imagenet.safetensors")

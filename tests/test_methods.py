@@ -51,7 +51,7 @@ def _world(setting: str) -> tuple[Pool, Run]:
         heads[task] = models.Head(torch.randn(5, 64), None, tuple("abcde"))
         data = {s: random_dataset(10 * j + i, 64, 5, f"{task}/{s}") for i, s in enumerate(splits)}
         sets |= {(task, s): ds for s, ds in data.items()}
-        head_hash = state_dict_hash(heads[task].to_arrays())
+        head_hash = heads[task].hash
         loaded[task] = LoadedTask(task, data, dict.fromkeys(data, heads[task]), dict.fromkeys(["*", *data], head_hash), model)
     evaluator = LocalEvaluator(ARCH, heads, sets, BATCH, {"base": base, **finetuned})
     pool = Pool(setting=setting, seed=0, base=base, finetuned=finetuned, tasks=list(tasks),

@@ -130,8 +130,15 @@ def load_pickled_modules(path: str | Path) -> object:
         raise CheckpointError(f"{path} cannot be read by raymerge's restricted unpickler: {reason}") from None
 
 
-def _named_tensors(obj: StandIn, prefix: str, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+MAX_DEPTH = 64  # far deeper than any real module tree: a crafted pickle may nest modules in a cycle
+
+
+def _named_tensors(obj: StandIn, prefix: str, path: Path, seen: frozenset[int] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """``obj.state_dict()`` of the module ``obj`` stood in for: parameters, persistent buffers, then children."""
+    if id(obj) in seen or len(seen) > MAX_DEPTH:
+        raise CheckpointError(f"{path}: the pickled modules nest in a cycle or deeper than {MAX_DEPTH} levels at "
+                              f"{prefix.rstrip('.') or 'the top level'}: not a checkpoint")
+    seen = seen | {id(obj)}
     state = vars(obj) if isinstance(obj, StandIn) else {}
     if not isinstance(state.get("_parameters"), dict):
         where = prefix.rstrip(".") or "the top level"
@@ -146,7 +153,7 @@ def _named_tensors(obj: StandIn, prefix: str, path: Path) -> Iterator[tuple[str,
         yield prefix + name, value.detach()
     for name, child in (state.get("_modules") or {}).items():
         if child is not None:
-            yield from _named_tensors(child, f"{prefix}{name}.", path)
+            yield from _named_tensors(child, f"{prefix}{name}.", path, seen)
 
 
 def module_state_dict(obj: object, path: str | Path) -> dict[str, torch.Tensor]:
@@ -179,14 +186,14 @@ def submodule(obj: object, dotted: str) -> object | None:
     return obj
 
 
-def activation(obj: object) -> str | None:
+def activation(obj: object, seen: frozenset[int] = frozenset()) -> str | None:
     """``quick_gelu`` or ``gelu``: the activation the pickled tower's MLPs use (shapes cannot tell them apart)."""
-    if not isinstance(obj, StandIn):
+    if not isinstance(obj, StandIn) or id(obj) in seen or len(seen) > MAX_DEPTH:
         return None
     if obj.pickled_name in _ACTIVATIONS:
         return _ACTIVATIONS[obj.pickled_name]
     for child in (vars(obj).get("_modules") or {}).values():
-        found = activation(child)
+        found = activation(child, seen | {id(obj)})
         if found is not None:
             return found
     return None

@@ -12,7 +12,7 @@ from pydantic import Field
 from raymerge import adamerging, cart
 from raymerge.adamerging import AdaptSettings, LowRankMerge, TaskVectorMerge
 from raymerge.methods.base import MULTITASK, SWEEP, Candidate, Paper, Params, Pool, Reads, default_of, register
-from raymerge.methods.cart import CART, QKV, QKV_DOC, RATIO, SVD, SVD_DOC
+from raymerge.methods.cart import CART, QKV, QKV_DOC, SVD, SVD_DOC
 from raymerge.statedict import StateDict
 from raymerge.workers import run_svd_jobs
 
@@ -36,7 +36,8 @@ class AdaMergingParams(AdaptParams):
 
 
 class CartPPParams(AdaptParams):
-    rank_ratio: float = Field(default_of(cart.cart, "rank_ratio"), **RATIO, description="CART's ρ")
+    rank_ratio: float = Field(default_of(cart.cart, "rank_ratio"), gt=0.0, le=1.0,
+                              description="CART's ρ (> 0: CART++ learns coefficients of the rank-k vectors)")
     lam: float = Field(default_of(cart.cart, "lam"), description="CART's λ, where every coefficient starts (no clamp)")
     svd: SVD = Field(default_of(cart.cart, "svd"), description=SVD_DOC)
     qkv: QKV = Field(default_of(cart.cart, "qkv"), description=QKV_DOC)
@@ -71,7 +72,7 @@ def adamerging_unit(pool: Pool, p: AdaMergingParams) -> Iterator[Candidate]:
 
 
 @register("cart_pp", params=CartPPParams, settings={MULTITASK, SWEEP}, paper=CART, random=True, reads=ADAPTS_ON_TESTS,
-          task_cpus=1.0)
+          task_cpus=1.0, min_models=2)
 def cart_pp(pool: Pool, p: CartPPParams) -> Iterator[Candidate]:
     """CART++ (Eq. 6): θavg + Σt λt,l SVDk(θt − θavg) with λ learned as AdaMerging's, starting at CART's λ."""
     def build() -> StateDict:

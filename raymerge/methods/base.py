@@ -51,6 +51,10 @@ class Params(BaseModel):
         return {**self.model_dump(mode="json", exclude=set(exclude)), **extra}
 
 
+class NoParams(Params):
+    """A method without parameters."""
+
+
 def default_of(fn: Callable[..., Any], name: str) -> Any:
     """The default of parameter ``name`` of the pure function ``fn``: a unit's defaults are the math's own."""
     return inspect.signature(fn).parameters[name].default
@@ -271,6 +275,7 @@ class Method:
     check: CheckFn | None = None
     summary: str = ""
     task_cpus: float = 0.0
+    min_models: int = 1
 
     def reads_for(self, params: Params) -> Reads:
         """What rows made with ``params`` read beyond their own set and head (see :class:`Reads`)."""
@@ -303,11 +308,12 @@ def register(
     reads: Reads | Callable[[Any], Reads] = Reads(),
     check: CheckFn | None = None,
     task_cpus: float = 0.0,
+    min_models: int = 1,
 ) -> Callable[[CandidateFn], CandidateFn]:
     """Register the decorated candidate generator as method ``name``; its docstring's first line is its summary.
 
     ``task_cpus``: the CPUs one of its Ray tasks asks for (SVD jobs, mixture fits), which must stay free beside the
-    evaluation actors or the tasks would wait forever.
+    evaluation actors or the tasks would wait forever. ``min_models``: the fewest fine-tuned models it merges.
     """
     unknown = set(settings) - set(SETTINGS)
     if unknown:
@@ -317,7 +323,8 @@ def register(
         if name in REGISTRY and REGISTRY[name].candidates is not fn:
             raise ValueError(f"method {name!r} is registered twice")
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        REGISTRY[name] = Method(name, paper, params, frozenset(settings), fn, random, reads, check, summary, task_cpus)
+        REGISTRY[name] = Method(name, paper, params, frozenset(settings), fn, random, reads, check, summary, task_cpus,
+                                min_models)
         return fn
 
     return decorate

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from raymerge.methods.base import MULTITASK, ROBUST, Candidate, Params, Pool, Recipe, register
-
-
-class NoParams(Params):
-    pass
+from raymerge.methods.base import MULTITASK, ROBUST, Candidate, NoParams, Pool, Recipe, register
 
 
 @register("zeroshot", params=NoParams, settings={ROBUST, MULTITASK})

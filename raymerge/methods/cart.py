@@ -33,7 +33,7 @@ def _randomized(p: CartParams | RankSweepParams, setting: str) -> bool:
     return p.svd == "randomized"
 
 
-@register("cart", params=CartParams, settings=MERGES, paper=CART, random=_randomized, task_cpus=1.0)
+@register("cart", params=CartParams, settings=MERGES, paper=CART, random=_randomized, task_cpus=1.0, min_models=2)
 def cart(pool: Pool, p: CartParams) -> Iterator[Candidate]:
     """θavg + λ Σt SVDk(θt − θavg) per weight matrix; the SVDs run as Ray tasks."""
     yield Candidate(p.record(), recipe=Recipe(distributed_cart, (
@@ -51,7 +51,8 @@ class RankSweepParams(Params):
     qkv: QKV = Field(default_of(cart_math.cart, "qkv"), description=QKV_DOC)
 
 
-@register("rank_sweep", params=RankSweepParams, settings={MULTITASK}, paper=CART, random=_randomized, task_cpus=1.0)
+@register("rank_sweep", params=RankSweepParams, settings={MULTITASK}, paper=CART, random=_randomized, task_cpus=1.0,
+          min_models=2)
 def rank_sweep(pool: Pool, p: RankSweepParams) -> Iterator[Candidate]:
     """Accuracy versus rank ratio (CART Fig. 1/5): CART and task arithmetic with rank-k task vectors per ρ."""
     for rho in p.rank_ratios:

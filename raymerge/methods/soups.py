@@ -5,15 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from raymerge import merge
-from raymerge.methods.base import MERGES, ROBUST, Candidate, Model, Paper, Params, Pool, Reads, Recipe, register
+from raymerge.methods.base import MERGES, ROBUST, Candidate, Model, NoParams, Paper, Pool, Reads, Recipe, register
 from raymerge.statedict import StateDict, to_numpy
 
 SOUPS = Paper("Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
               "inference time", "2203.05482")
-
-
-class NoParams(Params):
-    pass
 
 
 @register("weight_average", params=NoParams, settings=MERGES, paper=SOUPS)
@@ -22,7 +18,7 @@ def weight_average(pool: Pool, p: NoParams) -> Iterator[Candidate]:
     yield Candidate(p.record(), recipe=Recipe(merge.weight_average, ([Model(n) for n in pool.names], pool.names)))
 
 
-@register("model_stock", params=NoParams, settings={ROBUST},
+@register("model_stock", params=NoParams, settings={ROBUST}, min_models=2,
           paper=Paper("Model Stock: All we need is just a few fine-tuned models", "2403.19522"))
 def model_stock(pool: Pool, p: NoParams) -> Iterator[Candidate]:
     """Per layer t·θ̄ft + (1−t)·θ0, t from the angle between the fine-tuned deltas (≥ 2 fine-tunes of one task)."""
