@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from raymerge._arith import cast_to, dtypes_of, per_key, validate_with_base
+from raymerge._arith import cast_to, check_real, dtypes_of, per_key, validate_with_base
 from raymerge.lowrank import Factors, LowRankPlan
 from raymerge.models import Head
 from raymerge.statedict import StateDict
@@ -51,11 +50,6 @@ ALL_TENSORS = "all tensors"  # the one coefficient group of a task-wise merge
 def _positive_int(name: str, value: int, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-
-
-def _finite(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -80,18 +74,18 @@ class AdaptSettings:
         _positive_int("steps", self.steps)
         _positive_int("batch_size", self.batch_size)
         _positive_int("batches_per_step", self.batches_per_step)
-        _finite("lr", self.lr)
+        check_real("lr", self.lr)
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if len(self.betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        _finite("init", self.init)
+        check_real("init", self.init)
         if self.clamp is not None:
             if len(self.clamp) != 2:
                 raise ValueError(f"clamp must be (low, high) or None, got {self.clamp!r}")
             low, high = self.clamp
-            _finite("clamp low", low)
-            _finite("clamp high", high)
+            check_real("clamp low", low)
+            check_real("clamp high", high)
             if not low < high:
                 raise ValueError(f"clamp must have low < high, got {self.clamp!r}")
             if not low <= self.init <= high:

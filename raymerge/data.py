@@ -17,12 +17,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymerge._io import atomic_dir
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 from raymerge.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -127,7 +131,7 @@ def check_encoded(blobs: Sequence[bytes], names: Sequence[str], source: str) -> 
         raise DatasetError(f"{source}: {len(bad)} of {len(blobs)} images cannot be read:\n{listed}{more}")
 
 
-def decode(blob: bytes, name: str):
+def decode(blob: bytes, name: str) -> PILImage:
     """An encoded image as an RGB PIL image; :class:`DatasetError` naming it when it cannot be decoded."""
     from PIL import Image
 

@@ -8,7 +8,8 @@ as with CLIP's zero-shot text heads (task vectors, CART and DaWin all merge the 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,7 +398,7 @@ def preprocess_config(model_name: str) -> dict:
     return merged
 
 
-def image_transform(model_name: str):
+def image_transform(model_name: str) -> Callable[[Any], torch.Tensor]:
     """PIL image → float32 (3, S, S) tensor, exactly as open_clip preprocesses ``model_name``'s inputs at evaluation
     (resize the shortest side, center crop, normalize)."""
     from open_clip.transform import PreprocessCfg, image_transform_v2

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -100,7 +101,8 @@ def sweep_candidates(run: Run, subset: tuple[str, ...], configs: MethodConfigs) 
                 yield unit, params, cand, pool
 
 
-def run_sweep(exp: Experiment, force: bool = False, cache_dir=None, address: str | None = None) -> ResultStore:
+def run_sweep(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None
+              ) -> ResultStore:
     """Run the experiment's ``sweep`` section over every task subset; rows already stored are skipped."""
     if not exp.sweep:
         raise ValueError(f"{exp.source}: no sweep section")

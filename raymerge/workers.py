@@ -21,12 +21,12 @@ from tqdm import tqdm
 
 from raymerge import cluster, models
 from raymerge._arith import check_real
-from raymerge.adamerging import AdaptResult
+from raymerge.adamerging import AdaptResult, AdaptSettings, DifferentiableMerge
 from raymerge.cart import plan_cart
 from raymerge.config import Resources
 from raymerge.data import DatasetError, ImageDataset, shard_indices
 from raymerge.iso import plan_iso_c, plan_iso_cts
-from raymerge.lowrank import LowRankPlan, Operand, Output, SvdJob, assemble, run_job
+from raymerge.lowrank import LowRankPlan, LowRankRule, Operand, Output, RuleLike, SvdJob, assemble, run_job
 from raymerge.methods.base import Recipe
 from raymerge.statedict import numpy_views, state_dict_hash, to_numpy
 from raymerge.tsv import plan_tsv_merge
@@ -125,7 +125,7 @@ class EvalWorker:
             images = images[torch.from_numpy(np.array(rows, dtype=np.int64)).to(images.device)]
         return models.predict_logits(self.encoder, self._head(head, head_spec), images, self.batch_size, self.precision)
 
-    def adapt(self, merge: list, heads: dict[str, list], datasets: dict[str, list], settings, seed: int,
+    def adapt(self, merge: list, heads: dict[str, list], datasets: dict[str, list], settings: AdaptSettings, seed: int,
               label: str) -> AdaptResult:
         """Learn ``merge``'s coefficients (:func:`raymerge.adamerging.adapt`) on this actor's device, on the whole
         unlabeled test set of each task (``datasets[task]`` = [ref to its :class:`ImageDataset`]), each through its
@@ -280,7 +280,8 @@ class WorkerPool:
         out = self.gather(self.submit(weights_key, head, dataset, rows), n, self.head_classes[head])
         return out if rows is None else out[rows]
 
-    def adapt(self, merge, datasets: Mapping[str, ImageDataset], settings, seed: int, label: str) -> AdaptResult:
+    def adapt(self, merge: DifferentiableMerge, datasets: Mapping[str, ImageDataset], settings: AdaptSettings, seed: int,
+              label: str) -> AdaptResult:
         """Test-time adaptation of ``merge`` on the first actor (:meth:`EvalWorker.adapt`), whose device and resident
         encoder it uses; ``datasets`` the unlabeled test set of each task, by head name."""
         call = self.actors[0].adapt.remote([ray.put(merge)], {t: self.head_specs[t] for t in datasets},
@@ -377,7 +378,7 @@ def distributed_cart(
     lam: float = 1.0,
     svd: str = "exact",
     seed: int = 0,
-    rule=None,
+    rule: LowRankRule | RuleLike | None = None,
     names: Sequence[str] | None = None,
     num_cpus: float = 1.0,
     *,

@@ -16,6 +16,7 @@ import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -166,7 +167,7 @@ def pickled_class(obj: object) -> str:
     return obj.pickled_name if isinstance(obj, StandIn) else type(obj).__name__
 
 
-def pickled_attribute(obj: StandIn, name: str, default=None):
+def pickled_attribute(obj: StandIn, name: str, default: Any = None) -> Any:
     """A plain attribute the pickled object carried (``normalize`` of a ClassificationHead)."""
     return vars(obj).get(name, default)
 
