@@ -368,10 +368,14 @@ def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
     local = connect(address)
     hashes = {"base": state_dict_hash(base), **{n: state_dict_hash(sd) for n, sd in finetuned.items()}}
     # the pool models go into the object store once, where merge tasks and actors read them; the driver keeps
-    # zero-copy views of them instead of its own copies
-    refs = {name: ray.put(to_numpy(sd)) for name, sd in {"base": base, **finetuned}.items()}
-    base = numpy_views(ray.get(refs["base"]))
-    finetuned = {name: numpy_views(ray.get(refs[name])) for name in finetuned}
+    # zero-copy views of them instead of its own copies, each dropped as soon as it is stored (peak: one extra model)
+    models_ = {"base": base, **finetuned}
+    del base, finetuned
+    refs = {}
+    for name in list(models_):
+        refs[name] = ray.put(to_numpy(models_[name]))
+        models_[name] = numpy_views(ray.get(refs[name]))
+    base, finetuned = models_.pop("base"), models_
     with phase("start workers"):
         configs = {**exp.methods, **(exp.sweep.methods if exp.sweep else {})}
         # Ray tasks beside the actors (merges, SVD jobs, mixture fits) must find CPUs the actors do not hold, or
