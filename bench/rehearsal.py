@@ -10,8 +10,8 @@ head (10 random unit rows times CLIP's logit scale 100, features L2-normalized) 
 weight averaging, task arithmetic (λ = 0.3) and TIES: 33 candidates, 84 test-set evaluations, 840 images.
 
 Resources: 2 actors × 0.5 CPU on a fresh local Ray of this 2-core machine, one torch thread each, leaving one of
-Ray's two CPUs to tasks beside them (merges built as Ray tasks ask for one: with 2 × 1 CPU they never start and
-the sweep waits forever); batch 5, so each 10-image test set is split over both actors (shards are batch-aligned:
+Ray's two CPUs to tasks beside them (merges built as Ray tasks ask for one: 22b606a waited forever with 2 × 1 CPU,
+7d094b4 refuses that up front); batch 5, so each 10-image test set is split over both actors (shards are batch-aligned:
 with batch 10 one actor would get every image and the other none).
 
 Measured, per code revision, each job between two measurements of its compute floor (just before, just after):
