@@ -9,21 +9,22 @@ head (10 random unit rows times CLIP's logit scale 100, features L2-normalized) 
 ``experiment.yaml``: a multi-task pool (each task its own fine-tune) swept over its 11 subsets of sizes 2–4 with
 weight averaging, task arithmetic (λ = 0.3) and TIES: 33 candidates, 84 test-set evaluations, 840 images.
 
-Resources: 2 actors × 1 CPU (one torch thread each) on a fresh local Ray of this 2-core machine; batch 5, so each
-10-image test set is split over both actors (shards are batch-aligned: with batch 10 one actor would get every
-image and the other none).
+Resources: 2 actors × 0.5 CPU on a fresh local Ray of this 2-core machine, one torch thread each, leaving one of
+Ray's two CPUs to tasks beside them (merges built as Ray tasks ask for one: 22b606a waited forever with 2 × 1 CPU,
+7d094b4 refuses that up front); batch 5, so each 10-image test set is split over both actors (shards are batch-aligned:
+with batch 10 one actor would get every image and the other none).
 
-Measured, per code revision, each run preceded by its own compute floor:
+Measured, per code revision, each job between two measurements of its compute floor (just before, just after):
 
 - the whole job's wall time: ``python jobs/sweep.py --config <yaml> --address local --cache-dir <fresh>`` as a
   subprocess (fresh results store and logit cache), and its phases as the job logs them;
 - the compute floor: the same image forward passes (``models.predict_logits`` at the same batch size, padding
-  included) in two plain single-thread torch processes started together, no Ray: images/s of both → floor seconds
-  for the images the sweep evaluated;
+  included) in two plain single-thread torch processes started together, no Ray: images/s of both (the mean of
+  the measurements before and after the job) → floor seconds for the images the sweep evaluated;
 - the driver process alone (not Ray's workers, which are other processes): its peak resident memory (``VmHWM``)
   and its user and system CPU seconds, read from ``/proc`` until it exits;
 - per-method throughput from the stored rows: images over Σ candidate seconds (the store's ``seconds``: weights
-  put and evaluated; merges built ahead by the prefetch thread are not in it, but slow what runs beside them).
+  put and evaluated; merges built ahead, by the prefetch thread or Ray tasks, are not in it, but slow what runs beside them).
 
 ``--revision REV`` (repeatable) also runs REV's ``jobs/sweep.py`` from a temporary ``git worktree`` (same fixture;
 the experiment written in the sweep syntax REV accepts), so one run shows before and after side by side.
@@ -52,7 +53,7 @@ TITLE = "Rehearsal: jobs/sweep.py over 11 subsets of a real-sized ViT-B/32 pool 
 USES_RAY = False  # every measurement starts its own processes; the bench's in-process Ray would only take memory
 
 REPO = Path(__file__).resolve().parents[1]
-VERSION = "1"  # part of the fixture's cache path: bump it when anything the fixture writes changes
+VERSION = "2"  # part of the fixture's cache path: bump it when anything the fixture writes changes
 ARCH = "ViT-B-32"
 TASKS = ("taskA", "taskB", "taskC", "taskD")
 CLASSES = 10
@@ -61,14 +62,14 @@ IMAGE_SIDE = 224
 LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) at the end of pre-training
 BATCH = 5
 SWEEP_METHODS = {"weight_average": {}, "task_arithmetic": {"lambdas": [0.3]}, "ties": {}}
-RESOURCES = {"num_actors": 2, "num_cpus_per_actor": 1, "batch_size": BATCH}
+RESOURCES = {"num_actors": 2, "num_cpus_per_actor": 0.5, "batch_size": BATCH}
 # The sweep syntaxes revisions accept, newest first: the first one a revision validates is used.
 SWEEP_FORMS = {
     "lambdas": SWEEP_METHODS,
     "lam (before 2026-11-23)": {**SWEEP_METHODS, "task_arithmetic": {"lam": 0.3}},
 }
 FLOOR_IMAGES = 60  # per floor process (12 batches of 5: ~6 s per process at ~10 images/s)
-JOB_TIMEOUT_S = 3600.0
+JOB_TIMEOUT_S = 1800.0  # the slowest run seen here took 470 s, under load average 15
 # Issue 16, "Why (measured)": the rehearsal before the scale work (two runs, this machine)
 ISSUE_WALL_S = (178.0, 227.0)
 ISSUE_FLOOR_S = 41.0
@@ -432,7 +433,7 @@ def _measure(label: str, tree: Path, fx: Fixture, ctx: Context, n_floor: int) ->
 def _rows(jobs: list[dict], ctx: Context) -> list[dict]:
     capacity = ctx.shared.get("capacity", ["?"])[0]
     setup = (f"{len(TASKS)} tasks × {IMAGES} JPEG images, ViT-B-32 θ0 + {len(TASKS)} fine-tunes (~350 MB each, "
-             f"safetensors), 2 actors × 1 CPU, batch {BATCH}, fresh local Ray, results store and logit cache; parallel "
+             f"safetensors), 2 actors × 0.5 CPU (1 thread each), batch {BATCH}, fresh local Ray, results store and logit cache; parallel "
              f"capacity at the start of this bench run {capacity}× (2.0 = two free cores)")
     rows = []
     for j in jobs:
@@ -484,7 +485,7 @@ def _rows(jobs: list[dict], ctx: Context) -> list[dict]:
                 "Rehearsal: per-method throughput", f"{j['label']}: {m}", seconds, images / j["rate"],
                 "its images at the floor rate", rate / j["rate"], "1.0× the floor rate (both cores evaluating)",
                 f"{count} candidate(s), {images} images; Σ over its candidates of the seconds the results store records "
-                "(weights put and evaluated; merges built ahead by the prefetch thread are not in it, but slow what "
+                "(weights put and evaluated; merges built ahead, by the prefetch thread or Ray tasks, are not in it, but slow what "
                 "runs beside them)",
                 value=rate, baseline_value=j["rate"], unit="images/s", ratio_means="images/s / floor images/s",
                 gap=f"{rate / j['rate']:.0%} of the floor rate", ideal_value=1.0))
