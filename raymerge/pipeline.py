@@ -344,16 +344,28 @@ class Run:
         self.evaluated += len(rows)
 
 
+def _probe_writable(directory: Path) -> None:
+    """Raise OSError unless ``directory`` can be written, without creating it: bad input leaves nothing behind."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if existing != directory:
+        # the directory will be made under its nearest existing ancestor, which must take new entries
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise OSError(f"{existing} does not take new entries")
+        return
+    probe = directory / f".raymerge-probe-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> Run:
     """Load and check every input, then (and only then) join Ray and start the worker pool."""
     store = ResultStore(exp.output_dir)
     problems = []
     try:
         store.check()  # a corrupt or older-format results directory is refused before anything is started
-        probe = exp.output_dir / f".raymerge-probe-{os.getpid()}"
-        exp.output_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        _probe_writable(exp.output_dir)
     except ResultsError as err:
         problems.append(str(err))
     except OSError as err:

@@ -112,6 +112,22 @@ def test_a_corrupt_results_part_is_reported_before_any_work(pool, tmp_path):
     assert not (tmp_path / "ray").exists()
 
 
+def test_an_unwritable_output_dir_is_reported_with_the_other_problems(pool, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (pool / "ft1.safetensors").write_bytes(b"not a checkpoint")
+    out = tmp_path / "a-file" / "out"
+    err = _run(tmp_path, "--config", str(pool / "experiment.yaml"), "--set", f"output_dir={out}").stderr
+    assert f"output_dir {out} cannot be written" in err and "ft1.safetensors" in err
+    _nothing_started(tmp_path)
+
+
+def test_a_bad_input_leaves_no_output_dir_behind(pool, tmp_path):
+    (pool / "ft1.safetensors").write_bytes(b"not a checkpoint")
+    out = tmp_path / "new" / "out"
+    _run(tmp_path, "--config", str(pool / "experiment.yaml"), "--set", f"output_dir={out}")
+    assert not (tmp_path / "new").exists()
+
+
 def test_an_infeasible_resource_request_fails_fast(pool, tmp_path):
     ray_dir = Path(tempfile.mkdtemp(prefix="rm-", dir="/tmp"))  # Ray's socket paths must stay under 108 characters
     try:
