@@ -6,7 +6,7 @@ loaded machine. DaWin runs exactly as ``jobs/eval.py`` runs it, through
 :func:`raymerge.methods.dawin.runner` and :meth:`DawinRunner.mixture` on a :class:`raymerge.pipeline.Run` with the
 experiment's worker pool (``robust.yaml``: 2 actors × 0.5 CPU, batch 32), the logit cache pointed at a fresh
 directory for every measurement (so nothing is reused), M = 2 candidates (θ0, θ1), Beta mixture K = 3 with the
-offset (Eq. 2). The baseline is one evaluation of θ1 over the same set through the same ``Run.logits``.
+offset (Eq. 2). The baseline is one evaluation of θ1 over the same set through the same ``Run.scores``.
 
 Ideal: M + 1 = 3 passes (each candidate once, then each sample once under its component's merge). Phase 1 also
 evaluates the validation split (temperatures), which adds 2·N_val/N passes to that ideal.
@@ -36,19 +36,19 @@ def _timed_run_class():
 
         clock: defaultdict
 
-        def logits(self, weights, pairs):
+        def _outputs(self, weights, pairs, temperatures):
             start = time.perf_counter()
             try:
-                return super().logits(weights, pairs)
+                return super()._outputs(weights, pairs, temperatures)
             finally:
-                self.clock["logits"] += time.perf_counter() - start
+                self.clock["outputs"] += time.perf_counter() - start
 
-        def logits_rows(self, assignments, pair):
+        def scores_rows(self, assignments, pair):
             start = time.perf_counter()
             try:
-                return super().logits_rows(assignments, pair)
+                return super().scores_rows(assignments, pair)
             finally:
-                self.clock["logits_rows"] += time.perf_counter() - start
+                self.clock["scores_rows"] += time.perf_counter() - start
 
         def central(self, fn, *args):
             start = time.perf_counter()
@@ -103,7 +103,7 @@ def _single_pass(run, pair, weights, cache_dir: Path) -> float:
 
     run.cache = LogitCache(cache_dir)
     start = time.perf_counter()
-    run.logits(weights, [pair])
+    run.scores(weights, [pair])
     return time.perf_counter() - start
 
 
@@ -116,7 +116,7 @@ def _dawin_once(run, pair, names, lam0: float, k: int, cache_dir: Path) -> dict[
     start = time.perf_counter()
     runner = dawin_runner(run.view(), names, lam0, [pair])
     phase1_s = time.perf_counter() - start
-    phase1_logits = run.clock["logits"]
+    phase1_outputs = run.clock["outputs"]
     merge = runner.merge
     merge_s = [0.0]
 
@@ -135,12 +135,12 @@ def _dawin_once(run, pair, names, lam0: float, k: int, cache_dir: Path) -> dict[
     total = time.perf_counter() - start
     return {
         "total": total,
-        "phase1_logits": phase1_logits,
-        "phase1_rest": phase1_s - phase1_logits,
+        "phase1_outputs": phase1_outputs,
+        "phase1_rest": phase1_s - phase1_outputs,
         "central": run.clock["central"],
         "merges": merge_s[0],
-        "phase2": run.clock["logits_rows"],
-        "coefficients_and_bookkeeping": mixture_s - run.clock["central"] - merge_s[0] - run.clock["logits_rows"],
+        "phase2": run.clock["scores_rows"],
+        "coefficients_and_bookkeeping": mixture_s - run.clock["central"] - merge_s[0] - run.clock["scores_rows"],
         "merges_built": float(outcome.merges[pair]),
     }
 
@@ -181,7 +181,7 @@ def run(ctx: Context) -> list[dict]:
              f"for every measurement; after a warm-up")
     rows = [row(
         BENCHMARK, f"M=2, Beta mixture K={k}, offset, N={n}", fastest["total"], single,
-        "one evaluation pass of θ1 over the same set, same pool, same Run.logits (cache off)", ratio,
+        "one evaluation pass of θ1 over the same set, same pool, same Run.scores (cache off)", ratio,
         f"3 passes (M + 1); {3 + val_passes:.2f} counting phase 1's validation split; target ≤ {3 * (1 + TARGET):.2f}",
         f"{setup}; the median of {repeats} side-by-side ratios (single pass, then DaWin): all {spread(per_repeat)}, "
         f"best DaWin / best single pass {ratio_of_bests:.2f}; "
@@ -190,9 +190,9 @@ def run(ctx: Context) -> list[dict]:
         gap=f"{pct_over(ratio, 3)} (target +{TARGET:.0%}: {verdict})",
     )]
     parts = [
-        ("phase 1: candidate logits", "phase1_logits", 2 + val_passes,
-         "2 candidates over the test set and the validation split"),
-        ("phase 1: temperatures, entropies", "phase1_rest", 0.0, "driver-side numpy on (N, M, C) logits"),
+        ("phase 1: validation logits, candidate scores", "phase1_outputs", 2 + val_passes,
+         "2 candidates over the validation split (logits) and the test set (scores computed on the actors)"),
+        ("phase 1: temperatures", "phase1_rest", 0.0, "driver-side fit on the validation logits"),
         (f"central: Beta mixture K={k} (Ray task)", "central", 0.0, "one Ray task: mixture fit and assignment"),
         ("coefficients, grouping, argmax", "coefficients_and_bookkeeping", 0.0, "driver-side numpy"),
         (f"{k} merges (interpolate θ0, θ1)", "merges", 0.0, "tiny model: 0.2 M parameters per merge"),

@@ -3,6 +3,7 @@
 Everything here is pure math on arrays of logits, entropies and coefficients, computed in float64:
 
 - :func:`entropy`, :func:`oracle_losses` and :func:`fit_temperature` turn logits into expertise scores;
+  :func:`sample_scores` is all of them for one model, the reduction the actors run on their shard's logits;
 - :func:`expertise_coefficients` turns scores into coefficients (Eq. 1, its many-model softmax, Eq. 2);
 - :func:`dynamic_classifier_selection`, :func:`dynamic_output_ensemble` and :func:`output_ensemble` are the
   logit-only variants (DaWin Table 6), which need no merged model;
@@ -104,6 +105,28 @@ def oracle_losses(
     """
     z = _as_logits(logits)
     return _cross_entropy(z, _as_labels(labels, z), temperature)
+
+
+SCORE_COLUMNS = ("entropy", "entropy_t1", "cross_entropy", "prediction")
+"""The columns of :func:`sample_scores`, in order."""
+
+
+def sample_scores(logits: ArrayLike, labels: ArrayLike, temperature: float = 1.0) -> np.ndarray:
+    """What DaWin needs of one model's (N, C) logits, per sample: (N, 4) float64 with the columns of
+    :data:`SCORE_COLUMNS`: entropy at ``temperature``, entropy at temperature 1, cross-entropy with ``labels`` (N,)
+    at ``temperature`` (nats), and the argmax class (exact in float64).
+
+    Computed where the logits are (on the actors), so that these four numbers per sample travel instead of C."""
+    z = _as_logits(logits)
+    if z.ndim != 2:
+        raise ValueError(f"sample_scores takes one model's logits (N, C), got shape {z.shape}")
+    return np.column_stack([entropy(z, temperature), entropy(z), oracle_losses(z, labels, temperature),
+                            z.argmax(-1).astype(np.float64)])
+
+
+def score_predictions(scores: ArrayLike) -> np.ndarray:
+    """The argmax classes (...,) int64 in scores (..., 4) of :func:`sample_scores`."""
+    return np.asarray(scores)[..., SCORE_COLUMNS.index("prediction")].astype(np.int64)
 
 
 def fit_temperature(

@@ -1,11 +1,12 @@
 """DaWin's two-phase evaluation (METHODS §4), written once against a small :class:`Evaluator` interface.
 
-1. phase 1: logits of every candidate model on every test set (sharded over the workers, cached);
-2. central: temperatures on validation, entropies, coefficients with domain statistics, mixture fit
-   (a Ray task on a cluster), component of each sample;
+1. phase 1: temperatures fitted on each task's validation logits; then every candidate's per-sample scores
+   (:func:`raymerge.dawin.sample_scores`: entropies, cross-entropy, prediction) on every test set, computed by
+   the workers from their shard's logits, so four numbers per sample travel instead of C (cached);
+2. central: coefficients with domain statistics, mixture fit (a Ray task on a cluster), component of each sample;
 3. the merged weight sets are built once each;
 4. phase 2: each sample is evaluated with its component's merged model only, at most ``max_in_flight`` merged
-   weight sets alive at once;
+   weight sets alive at once; again only scores travel back;
 5. per-sample diagnostics (:mod:`raymerge.diagnostics`): does entropy track the loss on this test set?
 
 The Ray worker pool (:class:`raymerge.pipeline.Run`) and :class:`LocalEvaluator` (one process, no Ray) both
@@ -16,32 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from raymerge import dawin, diagnostics, models
 from raymerge.diagnostics import Diagnostics
 from raymerge.errors import InputError
-from raymerge.methods.base import Recipe
+from raymerge.methods.base import Evaluator, Recipe
 from raymerge.statedict import StateDict
 
 Pair = tuple[str, str]  # (task, split)
 CENTRAL_CPUS = 0.5  # what a central-statistics task (a mixture fit) asks Ray for, beside the actors
 Weights = Mapping[str, np.ndarray]
-
-
-class Evaluator(Protocol):
-    def logits(self, weights: Weights, pairs: list[Pair]) -> dict[Pair, np.ndarray]:
-        """(N, C) logits of ``weights`` on each whole (task, split)."""
-
-    def logits_rows(self, assignments: Sequence[tuple[Weights, np.ndarray]], pair: Pair) -> np.ndarray:
-        """(N, C) logits of ``pair`` where the rows of each assignment use that assignment's weights."""
-
-    def central(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` where central statistics are computed (a Ray task, or inline)."""
-
-    def labels(self, pair: Pair) -> np.ndarray: ...
 
 
 class LocalEvaluator:
@@ -64,11 +52,17 @@ class LocalEvaluator:
         self._load(weights)
         return {p: models.predict_logits(self.encoder, self.heads[p[0]], self.images[p], self.batch_size) for p in pairs}
 
-    def logits_rows(self, assignments: Sequence[tuple[Recipe | Weights, np.ndarray]], pair: Pair) -> np.ndarray:
-        out = np.full((len(self.images[pair]), self.heads[pair[0]].num_classes), np.nan, dtype=np.float32)
+    def scores(self, weights: Recipe | Weights, pairs: list[Pair], temperatures: Mapping[str, float] | None = None
+               ) -> dict[Pair, np.ndarray]:
+        logits = self.logits(weights, pairs)
+        return {p: dawin.sample_scores(logits[p], self._labels[p], (temperatures or {}).get(p[0], 1.0)) for p in pairs}
+
+    def scores_rows(self, assignments: Sequence[tuple[Recipe | Weights, np.ndarray]], pair: Pair) -> np.ndarray:
+        out = np.full((len(self.images[pair]), len(dawin.SCORE_COLUMNS)), np.nan)
         for weights, rows in assignments:
             self._load(weights)
-            out[rows] = models.predict_logits(self.encoder, self.heads[pair[0]], self.images[pair][rows], self.batch_size)
+            logits = models.predict_logits(self.encoder, self.heads[pair[0]], self.images[pair][rows], self.batch_size)
+            out[rows] = dawin.sample_scores(logits, self._labels[pair][rows])
         return out
 
     def central(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -86,39 +80,45 @@ class LocalEvaluator:
 
 @dataclass
 class Phase1:
-    """Candidate logits (N, M, C) and entropies (N, M) per test set, and the temperatures used."""
+    """Candidate scores (N, M, 4) per test set (:func:`raymerge.dawin.sample_scores` of each candidate, stacked
+    on axis 1), the temperatures used, and the candidates themselves (the logit-only variants ask for logits)."""
 
-    logits: dict[Pair, np.ndarray]
-    entropies: dict[Pair, np.ndarray]
+    scores: dict[Pair, np.ndarray]
     temperatures: dict[str, list[float]]  # task -> one temperature per candidate
+    candidates: Sequence[Recipe | Weights] = ()
+
+    @property
+    def entropies(self) -> dict[Pair, np.ndarray]:
+        """(N, M) entropies at the fitted temperatures."""
+        return {p: s[..., dawin.SCORE_COLUMNS.index("entropy")] for p, s in self.scores.items()}
 
 
 @dataclass
 class Outcome:
     """What one DaWin variant reports per test set: predictions (N,), per-sample extras (the columns of
-    :mod:`raymerge.diagnostics`, written to the samples Parquet), merged weight sets evaluated, phase-2 logits
-    (N, C) where merged models were evaluated, and the diagnostics of the set."""
+    :mod:`raymerge.diagnostics`, written to the samples Parquet), merged weight sets evaluated, and the
+    diagnostics of the set."""
 
     predictions: dict[Pair, np.ndarray]
     extras: dict[Pair, dict[str, np.ndarray]] = field(default_factory=dict)
     merges: dict[Pair, int] = field(default_factory=dict)
-    logits: dict[Pair, np.ndarray] = field(default_factory=dict)
     diagnostics: dict[Pair, Diagnostics] = field(default_factory=dict)
 
 
-def phase1(ev: Evaluator, candidates: Sequence[Weights], pairs: list[Pair], validation: Mapping[str, Pair | None]) -> Phase1:
-    """Logits of each candidate on ``pairs`` and on each task's validation split; temperatures fitted there."""
+def phase1(ev: Evaluator, candidates: Sequence[Recipe | Weights], pairs: list[Pair],
+           validation: Mapping[str, Pair | None]) -> Phase1:
+    """Temperatures fitted on each task's validation split (its logits travel: temperature scaling needs them,
+    and validation splits are small), then each candidate's scores on ``pairs`` at those temperatures."""
     tasks = list(dict.fromkeys(t for t, _ in pairs))
     val_pairs = [validation[t] for t in tasks if validation.get(t)]
-    per_model = [ev.logits(w, pairs + val_pairs) for w in candidates]
+    val_logits = [ev.logits(w, val_pairs) if val_pairs else {} for w in candidates]
     temperatures = {}
     for t in tasks:
         vp = validation.get(t)
         # temperature scaling on validation (METHODS §4); without a validation split the logits are used as they are
-        temperatures[t] = [dawin.fit_temperature(lg[vp], ev.labels(vp)) if vp else 1.0 for lg in per_model]
-    logits = {p: np.stack([lg[p] for lg in per_model], axis=1) for p in pairs}
-    entropies = {p: dawin.entropy(logits[p], temperatures[p[0]]) for p in pairs}
-    return Phase1(logits, entropies, temperatures)
+        temperatures[t] = [dawin.fit_temperature(lg[vp], ev.labels(vp)) if vp else 1.0 for lg in val_logits]
+    per_model = [ev.scores(w, pairs, {t: temperatures[t][m] for t in tasks}) for m, w in enumerate(candidates)]
+    return Phase1({p: np.stack([s[p] for s in per_model], axis=1) for p in pairs}, temperatures, candidates)
 
 
 @dataclass
@@ -159,8 +159,7 @@ class DawinRunner:
         cross-entropies, oracle coefficients, candidate predictions and correctness."""
         for pair in pairs:
             if pair not in self._columns:
-                self._columns[pair] = diagnostics.sample_columns(
-                    self.p1.logits[pair], self.ev.labels(pair), self.p1.temperatures[pair[0]])
+                self._columns[pair] = diagnostics.columns_from_scores(self.p1.scores[pair], self.ev.labels(pair))
         return {p: self._columns[p] for p in pairs}
 
     def reference_entropy(self, pairs: Sequence[Pair]) -> dict[Pair, np.ndarray]:
@@ -168,13 +167,13 @@ class DawinRunner:
         one merge, evaluated on all pairs not seen yet."""
         missing = [p for p in pairs if p not in self._reference]
         if missing:
-            m = self.p1.logits[missing[0]].shape[1]
-            static = self.ev.logits(self.merge(np.full(m, 1.0 / m)), missing)
-            self._reference.update((p, dawin.entropy(static[p])) for p in missing)
+            m = self.p1.scores[missing[0]].shape[1]
+            static = self.ev.scores(self.merge(np.full(m, 1.0 / m)), missing)
+            self._reference.update((p, static[p][:, dawin.SCORE_COLUMNS.index("entropy_t1")]) for p in missing)
         return {p: self._reference[p] for p in pairs}
 
     def _evaluate(self, pair: Pair, groups: dawin.MergeGroups) -> np.ndarray:
-        """Phase 2: logits (N, C) where each sample is evaluated by the merge of its group only.
+        """Phase 2: scores (N, 4) at temperature 1 where each sample is evaluated by the merge of its group only.
 
         At most ``max_in_flight`` merged weight sets exist at once: each batch of groups is merged, evaluated
         and dropped before the next batch is merged. Empty groups get no merge.
@@ -186,12 +185,12 @@ class DawinRunner:
         for start in range(0, len(members), self.max_in_flight):
             batch = members[start:start + self.max_in_flight]
             assignments = [(self.merge(groups.table[j]), rows) for j, rows in batch]
-            logits = self.ev.logits_rows(assignments, pair)
+            scores = self.ev.scores_rows(assignments, pair)
             del assignments  # before the next batch is merged, so only one batch is ever alive
             if out is None:
-                out = np.full(logits.shape, np.nan, dtype=logits.dtype)
+                out = np.full(scores.shape, np.nan)
             for _, rows in batch:
-                out[rows] = logits[rows]
+                out[rows] = scores[rows]
         assert out is not None  # N ≥ 1, so some group has members
         return out
 
@@ -208,12 +207,11 @@ class DawinRunner:
                 fitted = mixture in ("beta", "dirichlet")  # EM runs where central statistics run
                 groups = self.ev.central(dawin.merge_groups, c, mixture, k, self.seed) if fitted else \
                     dawin.merge_groups(c, mixture, k, self.seed)
-                logits = self._evaluate(pair, groups)
-                out.logits[pair] = logits
-                out.predictions[pair] = logits.argmax(1)
+                scores = self._evaluate(pair, groups)
+                out.predictions[pair] = dawin.score_predictions(scores)
                 out.merges[pair] = int(np.count_nonzero(np.bincount(groups.component)))
                 extras.update(component=groups.component, merge_coefficients=groups.table[groups.component],
-                              output_entropy=dawin.entropy(logits))
+                              output_entropy=scores[:, dawin.SCORE_COLUMNS.index("entropy_t1")])
                 if pair in static:
                     extras["reference_entropy"] = static[pair]
             out.extras[pair] = extras
@@ -225,12 +223,12 @@ class DawinRunner:
         ``mean``, ``dirichlet``, ``beta`` or ``none``); the default fits a K-component ``beta`` mixture for two
         candidates and a ``dirichlet`` one for more. A fitted mixture runs where central statistics run."""
         for pair in pairs:
-            n = len(self.p1.entropies[pair])
+            n = len(self.p1.scores[pair])
             if mixture in (None, "beta", "dirichlet") and not 1 <= k <= n:
                 raise InputError(f"methods.dawin.k: {k} mixture components for {pair[0]}/{pair[1]}, which has {n} "
                                  f"samples: k must be in [1, {n}]")
         if mixture is None:
-            mixture = dawin.default_mixture(robust=next(iter(self.p1.entropies.values())).shape[1] == 2)
+            mixture = dawin.default_mixture(robust=next(iter(self.p1.scores.values())).shape[1] == 2)
         return self._outcome(pairs, lambda pair: self.coefficients(pair, offset), mixture, k)
 
     def samplewise(self, pairs: list[Pair], offset: bool, scores: Mapping[Pair, np.ndarray] | None = None) -> Outcome:
@@ -245,11 +243,13 @@ class DawinRunner:
         return self.samplewise(pairs, offset=offset, scores={p: columns[p]["cross_entropies"] for p in pairs})
 
     def selection(self, pairs: list[Pair], offset: bool) -> tuple[Outcome, Outcome]:
-        """Dynamic classifier selection and dynamic output ensemble: logits only, no merged model."""
+        """Dynamic classifier selection and dynamic output ensemble: the candidates' logits (cached), no merged
+        model."""
         dcs = self._outcome(pairs, lambda pair: self.coefficients(pair, offset), None)
         doe = Outcome({}, {p: dict(e) for p, e in dcs.extras.items()}, diagnostics=dict(dcs.diagnostics))
+        per_model = [self.ev.logits(w, pairs) for w in self.p1.candidates]
         for pair in pairs:
-            c = dcs.extras[pair]["coefficients"]
-            dcs.predictions[pair] = dawin.dynamic_classifier_selection(self.p1.logits[pair], c)
-            doe.predictions[pair] = dawin.dynamic_output_ensemble(self.p1.logits[pair], c, self.p1.temperatures[pair[0]])
+            c, logits = dcs.extras[pair]["coefficients"], np.stack([lg[pair] for lg in per_model], axis=1)
+            dcs.predictions[pair] = dawin.dynamic_classifier_selection(logits, c)
+            doe.predictions[pair] = dawin.dynamic_output_ensemble(logits, c, self.p1.temperatures[pair[0]])
         return dcs, doe

@@ -266,12 +266,24 @@ def sample_columns(
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 3 or z.shape[1] < 2:
         raise ValueError(f"need the logits of M ≥ 2 candidates, (N, M, C), got shape {z.shape}")
-    ce = dawin.oracle_losses(z, labels, temperatures)
-    predictions = z.argmax(-1)
+    t = np.broadcast_to(np.asarray(temperatures, dtype=np.float64), (z.shape[1],))
+    scores = np.stack([dawin.sample_scores(z[:, m], labels, t[m]) for m in range(z.shape[1])], axis=1)
+    return columns_from_scores(scores, labels, coefficients)
+
+
+def columns_from_scores(scores: ArrayLike, labels: ArrayLike, coefficients: ArrayLike | None = None
+                        ) -> dict[str, np.ndarray]:
+    """:func:`sample_columns` from the candidates' per-sample scores (N, M, 4) of
+    :func:`raymerge.dawin.sample_scores` (what the actors send back instead of logits) and the labels (N,)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 3 or s.shape[1] < 2 or s.shape[2] != len(dawin.SCORE_COLUMNS):
+        raise ValueError(f"need the scores of M ≥ 2 candidates, (N, M, {len(dawin.SCORE_COLUMNS)}), got shape {s.shape}")
+    entropies, entropies_t1, ce = (s[..., dawin.SCORE_COLUMNS.index(c)] for c in ("entropy", "entropy_t1", "cross_entropy"))
+    predictions = dawin.score_predictions(s)
     columns = {
-        "entropies": dawin.entropy(z, temperatures),
+        "entropies": entropies,
         "cross_entropies": ce,
-        "entropies_t1": dawin.entropy(z),
+        "entropies_t1": entropies_t1,
         # the pilot oracle: Eq. 1 with the cross-entropy in place of the entropy
         "oracle_coefficients": dawin.expertise_coefficients(ce),
         "candidate_predictions": predictions,
@@ -279,8 +291,8 @@ def sample_columns(
     }
     if coefficients is not None:
         c = np.asarray(coefficients, dtype=np.float64)
-        if c.shape != z.shape[:2]:
-            raise ValueError(f"coefficients of shape {c.shape} do not match logits of shape {z.shape}")
+        if c.shape != s.shape[:2]:
+            raise ValueError(f"coefficients of shape {c.shape} do not match scores of shape {s.shape}")
         columns["coefficients"] = c
     return columns
 

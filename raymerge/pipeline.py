@@ -27,6 +27,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from raymerge import dawin as dawin_math
 from raymerge import methods, models
 from raymerge._io import default_cache_dir
 from raymerge.cache import LogitCache
@@ -38,7 +39,7 @@ from raymerge.statedict import StateDict, check_compatible, numpy_views, state_d
 from raymerge.cluster import connect
 from raymerge.dawin_pipeline import CENTRAL_CPUS
 from raymerge.errors import InputError
-from raymerge.workers import MERGE_CPUS, WorkerPool
+from raymerge.workers import MERGE_CPUS, Score, WorkerPool
 
 log = logging.getLogger("raymerge")
 
@@ -187,14 +188,16 @@ class Run:
             return
         key = cand.recipe.key(self.model_hashes)
         pending = self.pending(unit, params, cand, pool, label)
-        if any(self.force or not self.cache.path(*self._cache_parts(key, pair)).exists() for pair in pending):
+        if any(self.force or not self.cache.path(*self._cache_parts(key, pair, 1.0)).exists() for pair in pending):
             self.prefetch(cand.recipe)
 
-    def _cache_parts(self, key: str, pair: Pair) -> tuple[str, ...]:
-        """What a logit-cache entry is keyed by: the weights (or recipe), the head, the data, the evaluation."""
+    def _cache_parts(self, key: str, pair: Pair, temperature: float | None = None) -> tuple[str, ...]:
+        """What a cache entry is keyed by: the weights (or recipe), the head, the data, the evaluation, and for
+        scores (rather than logits) their temperature."""
         t = self.tasks[pair[0]]
-        return (self.exp.architecture, key, t.head_hashes[pair[1]], t.sets[pair[1]].hash,
-                str(self.pool.resources.batch_size), self.pool.precision)
+        parts = (self.exp.architecture, key, t.head_hashes[pair[1]], t.sets[pair[1]].hash,
+                 str(self.pool.resources.batch_size), self.pool.precision)
+        return parts if temperature is None else (*parts, "scores", float(temperature).hex())
 
     def _register(self, weights: Recipe | Mapping[str, np.ndarray]) -> str:
         return self.prefetch(weights) if isinstance(weights, Recipe) else self.pool.put_weights(weights)
@@ -209,36 +212,53 @@ class Run:
     # --- the Evaluator protocol ---------------------------------------------------------------------------------
 
     def logits(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
-        """Logits of ``weights`` (a recipe, or a weight set) on each (task, split), from the cache or the pool (all
-        shards at once). A recipe is keyed without being built, so cached logits cost no merge."""
+        """(N, C) logits of ``weights`` (a recipe, or a weight set) on each (task, split), from the cache or the
+        pool (all shards at once). A recipe is keyed without being built, so cached outputs cost no merge."""
+        return self._outputs(weights, pairs, None)
+
+    def scores(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair],
+               temperatures: Mapping[str, float] | None = None) -> dict[Pair, np.ndarray]:
+        """(N, 4) per-sample scores (:func:`raymerge.dawin.sample_scores`) like :meth:`logits`, computed on the
+        actors at each task's temperature (default 1)."""
+        return self._outputs(weights, pairs, {t: (temperatures or {}).get(t, 1.0) for t, _ in pairs})
+
+    def _outputs(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair],
+                 temperatures: Mapping[str, float] | None) -> dict[Pair, np.ndarray]:
+        """Logits (``temperatures`` None) or scores of ``weights`` on ``pairs``, cached under what determines them."""
         weights = self._numpy(weights)
         key = weights.key(self.model_hashes) if isinstance(weights, Recipe) else state_dict_hash(weights)
         out, pending = {}, {}
-        for task, split in pairs:
-            t = self.tasks[task]
-            parts = self._cache_parts(key, (task, split))
+        for pair in pairs:
+            score = None if temperatures is None else Score(self.labels(pair), temperatures[pair[0]])
+            parts = self._cache_parts(key, pair, None if score is None else score.temperature)
             cached = self.cache.get(*parts)
             if cached is not None:
-                out[(task, split)] = cached
+                out[pair] = cached
                 continue
             registered = self._register(weights)
-            pending[(task, split)] = (parts, self.pool.submit(registered, t.head_name(split), f"{task}/{split}"))
-        for (task, split), (parts, refs) in pending.items():
-            t = self.tasks[task]
-            logits = self.pool.gather(refs, len(t.sets[split]), t.heads[split].num_classes)
-            self.cache.put(logits, *parts)
-            out[(task, split)] = logits
+            pending[pair] = (parts, self.pool.submit(registered, self.tasks[pair[0]].head_name(pair[1]), "/".join(pair),
+                                                     score=score))
+        for pair, (parts, refs) in pending.items():
+            out[pair] = self._gather(refs, pair, scored=temperatures is not None)
+            self.cache.put(out[pair], *parts)
         self.pool.drop_weights(key)
         return out
 
-    def logits_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, Any], np.ndarray]], pair: Pair) -> np.ndarray:
-        """Phase 2 of DaWin: every (weights, rows) assignment at once, each actor evaluating its rows only."""
+    def _gather(self, refs: list, pair: Pair, scored: bool) -> np.ndarray:
+        t = self.tasks[pair[0]]
+        n = len(t.sets[pair[1]])
+        if scored:
+            return self.pool.gather(refs, n, len(dawin_math.SCORE_COLUMNS), np.float64)
+        return self.pool.gather(refs, n, t.heads[pair[1]].num_classes)
+
+    def scores_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, Any], np.ndarray]], pair: Pair) -> np.ndarray:
+        """Phase 2 of DaWin: every (weights, rows) assignment at once, each actor scoring its rows only."""
         task, split = pair
-        t = self.tasks[task]
+        head, score = self.tasks[task].head_name(split), Score(self.labels(pair))
         keys = [self._register(self._numpy(weights)) for weights, _ in assignments]  # all start before any waits
         pending = [call for key, (_, rows) in zip(keys, assignments)
-                   for call in self.pool.submit(key, t.head_name(split), f"{task}/{split}", rows)]
-        out = self.pool.gather(pending, len(t.sets[split]), t.heads[split].num_classes)
+                   for call in self.pool.submit(key, head, f"{task}/{split}", rows, score)]
+        out = self._gather(pending, pair, scored=True)
         for key in keys:
             self.pool.drop_weights(key)
         return out
@@ -322,7 +342,9 @@ class Run:
             outcome = cand.predict(pairs)
         else:
             weights = cand.recipe or cand.build()
-            outcome = Prediction(self.logits(weights, pairs), merges=dict.fromkeys(pairs, cand.merges))
+            scores = self.scores(weights, pairs)
+            outcome = Prediction({p: dawin_math.score_predictions(scores[p]) for p in pairs},
+                                 merges=dict.fromkeys(pairs, cand.merges))
         seconds = time.perf_counter() - start
         rows, samples = [], {}
         for pair in pairs:

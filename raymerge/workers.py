@@ -19,7 +19,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from raymerge import cluster, models
+from raymerge import cluster, dawin, models
 from raymerge._arith import check_real
 from raymerge.adamerging import AdaptResult, AdaptSettings, DifferentiableMerge
 from raymerge.cart import plan_cart
@@ -48,6 +48,15 @@ class OnActors:
 
     recipe: Recipe
     models: dict[str, ray.ObjectRef]
+
+
+@dataclass(frozen=True)
+class Score:
+    """Ask an actor for per-sample scores instead of logits: the labels of the rows it evaluates (n,) and the
+    temperature of the entropies and cross-entropy."""
+
+    labels: np.ndarray
+    temperature: float = 1.0
 
 
 def build_merge(recipe: Recipe, names: list[str], *arrays: Weights) -> dict[str, np.ndarray]:
@@ -111,9 +120,10 @@ class EvalWorker:
         return {name: self.resident[name] for name in refs}
 
     def evaluate(self, weights_key: str, weights: Weights | OnActors, head: str, head_spec: list, shard: str,
-                 shard_spec: list, rows: np.ndarray | None = None) -> np.ndarray:
+                 shard_spec: list, rows: np.ndarray | None = None, score: Score | None = None) -> np.ndarray:
         """float32 logits (n, C) of shard ``shard`` (or its local ``rows``) under ``weights`` (numpy arrays, or a
-        recipe to build here from the resident models) and head ``head``."""
+        recipe to build here from the resident models) and head ``head``; with ``score``, their (n, 4) float64
+        :func:`raymerge.dawin.sample_scores` instead, computed here so that C numbers per sample stay here."""
         if self.loaded != weights_key:
             if isinstance(weights, OnActors):
                 with torch.no_grad():
@@ -123,7 +133,8 @@ class EvalWorker:
         images = self._shard(shard, shard_spec)
         if rows is not None:
             images = images[torch.from_numpy(np.array(rows, dtype=np.int64)).to(images.device)]
-        return models.predict_logits(self.encoder, self._head(head, head_spec), images, self.batch_size, self.precision)
+        logits = models.predict_logits(self.encoder, self._head(head, head_spec), images, self.batch_size, self.precision)
+        return logits if score is None else dawin.sample_scores(logits, score.labels, score.temperature)
 
     def adapt(self, merge: list, heads: dict[str, list], datasets: dict[str, list], settings: AdaptSettings, seed: int,
               label: str) -> AdaptResult:
@@ -252,8 +263,10 @@ class WorkerPool:
     def drop_weights(self, key: str) -> None:
         self._weights.pop(key, None)
 
-    def submit(self, weights_key: str, head: str, dataset: str, rows: np.ndarray | None = None) -> list[tuple[np.ndarray, ray.ObjectRef]]:
-        """Start evaluating global ``rows`` (default: all) of ``dataset``; returns (rows, ref) per busy actor."""
+    def submit(self, weights_key: str, head: str, dataset: str, rows: np.ndarray | None = None,
+               score: Score | None = None) -> list[tuple[np.ndarray, ray.ObjectRef]]:
+        """Start evaluating global ``rows`` (default: all) of ``dataset``; returns (rows, ref) per busy actor. With
+        ``score`` (labels of the whole dataset), each actor sends back the scores of its rows, not their logits."""
         ref = self._weights[weights_key]
         pending = []
         for i, (actor, part) in enumerate(zip(self.actors, self.shards[dataset])):
@@ -263,13 +276,17 @@ class WorkerPool:
                 mine = rows[(rows >= part[0]) & (rows <= part[-1])] if len(part) else rows[:0]
                 local = mine - (part[0] if len(part) else 0)
             if len(mine):
-                call = actor.evaluate.remote(weights_key, ref, head, self.head_specs[head], dataset, self.shard_specs[dataset][i], local)
+                mine_score = None if score is None else Score(score.labels[mine], score.temperature)
+                call = actor.evaluate.remote(weights_key, ref, head, self.head_specs[head], dataset,
+                                             self.shard_specs[dataset][i], local, mine_score)
                 pending.append((mine, call))
         return pending
 
-    def gather(self, pending: list[tuple[np.ndarray, ray.ObjectRef]], n: int, num_classes: int) -> np.ndarray:
-        """Assemble the logits of :meth:`submit` into an (n, C) array indexed by global row (unasked rows are NaN)."""
-        out = np.full((n, num_classes), np.nan, dtype=np.float32)
+    def gather(self, pending: list[tuple[np.ndarray, ray.ObjectRef]], n: int, width: int,
+               dtype: type = np.float32) -> np.ndarray:
+        """Assemble the logits (or scores) of :meth:`submit` into an (n, width) array indexed by global row
+        (unasked rows are NaN)."""
+        out = np.full((n, width), np.nan, dtype=dtype)
         for mine, ref in pending:
             out[mine] = ray.get(ref)
         return out

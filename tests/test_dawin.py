@@ -75,6 +75,20 @@ def test_oracle_losses_match_torch_cross_entropy():
         dawin.oracle_losses(z, np.full(50, 10))
 
 
+def test_sample_scores_match_torch():
+    rng = np.random.default_rng(3)
+    z, y, t = rng.normal(scale=4, size=(50, 7)), rng.integers(0, 7, 50), 1.7
+    s = dawin.sample_scores(z, y, t)
+    assert s.shape == (50, 4) and s.dtype == np.float64 and dawin.SCORE_COLUMNS[3] == "prediction"
+    zt = torch.from_numpy(z)
+    for column, temperature in ((0, t), (1, 1.0)):
+        logp = torch.log_softmax(zt / temperature, -1)
+        np.testing.assert_allclose(s[:, column], -(logp.exp() * logp).sum(-1).numpy(), rtol=1e-12)
+    ce = torch.nn.functional.cross_entropy(zt / t, torch.from_numpy(y), reduction="none").numpy()
+    np.testing.assert_allclose(s[:, 2], ce, rtol=1e-12)
+    np.testing.assert_array_equal(dawin.score_predictions(s), z.argmax(1))
+
+
 def test_fit_temperature_matches_brute_force_grid():
     rng = np.random.default_rng(0)
     true = rng.normal(scale=2.0, size=(1500, 10))

@@ -13,7 +13,8 @@ import torch
 from conftest import ARCH
 from raymerge import config, dawin, diagnostics, models, pipeline
 from raymerge.data import load_dataset
-from raymerge.dawin_pipeline import DawinRunner, LocalEvaluator, Phase1, phase1
+from raymerge import dawin_pipeline
+from raymerge.dawin_pipeline import DawinRunner, LocalEvaluator, Phase1
 from raymerge.merge import interpolate
 from raymerge.statedict import to_numpy
 
@@ -34,7 +35,7 @@ def test_distributed_equals_single_process(mini_pool, dawin_store):
     sets = {("digits", s): load_dataset(mini_pool / s) for s in splits}
     local = LocalEvaluator(ARCH, {"digits": head}, sets, batch_size=64)
     pairs = [("digits", s) for s in splits[:3]]
-    p1 = phase1(local, [to_numpy(base), to_numpy(ft)], pairs, {"digits": ("digits", "validation")})
+    p1 = dawin_pipeline.phase1(local, [to_numpy(base), to_numpy(ft)], pairs, {"digits": ("digits", "validation")})
     runner = DawinRunner(local, p1, lambda c: interpolate(base, ft, float(c[1])), seed=0)
     rows = {(r["method"], r["params"], r["split"]): r for r in dawin_store.rows()}
     for offset in (True, False):
@@ -49,6 +50,43 @@ def test_distributed_equals_single_process(mini_pool, dawin_store):
                            "candidate_predictions", "merge_coefficients", "output_entropy", "reference_entropy"):
                 np.testing.assert_array_equal(np.array(samples[column]), reference.extras[pair][column], err_msg=column)
             assert row["merges"] == len(np.unique(reference.extras[pair]["component"]))
+
+
+def test_actors_send_back_scores_not_logits(mini_pool, ray_local, tmp_path, monkeypatch):
+    """Only validation splits (temperature scaling) travel as logits; every test-set evaluation, DaWin's phases and
+    the static merges alike, comes back as four numbers per sample."""
+    from raymerge.workers import WorkerPool
+
+    returned: list[tuple[str, tuple[int, ...]]] = []
+    gather = WorkerPool.gather
+
+    def recording(self, pending, n, width, dtype=np.float32):
+        for _, ref in pending:
+            returned.append((ref, ray_local.get(ref).shape))
+        return gather(self, pending, n, width, dtype)
+
+    submitted: list[tuple[str, object]] = []
+    submit = WorkerPool.submit
+
+    def submitting(self, weights_key, head, dataset, rows=None, score=None):
+        calls = submit(self, weights_key, head, dataset, rows, score)
+        submitted.extend((dataset, ref) for _, ref in calls)
+        return calls
+
+    monkeypatch.setattr(WorkerPool, "gather", recording)
+    monkeypatch.setattr(WorkerPool, "submit", submitting)
+    exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / 'out'}",
+                                                      "methods={dawin: {k: 2}, wise_ft: {lambdas: [0.5]}}"])
+    pipeline.run_experiment(exp, cache_dir=tmp_path / "cache")
+    shapes = {ref: shape for ref, shape in returned}
+    datasets = {ref: dataset for dataset, ref in submitted}
+    assert set(shapes) == set(datasets) and len(shapes) > 10
+    assert any(d.endswith("/validation") for d in datasets.values())
+    for ref, shape in shapes.items():
+        if datasets[ref].endswith("/validation"):
+            assert shape[1] == 10, datasets[ref]  # logits over the 10 digit classes
+        else:
+            assert shape[1] == len(dawin.SCORE_COLUMNS), datasets[ref]
 
 
 def test_dcs_and_doe_rows_match_formulas(mini_pool, dawin_store):
@@ -70,16 +108,20 @@ class LinearEvaluator:
 
     def __init__(self, x: np.ndarray, labels: np.ndarray) -> None:
         self.x, self._labels = x, labels
-        self.rows_calls: list[int] = []  # weight sets per logits_rows call
+        self.rows_calls: list[int] = []  # weight sets per scores_rows call
 
     def logits(self, weights, pairs):
         return {p: self.x @ np.asarray(weights["w"]) for p in pairs}
 
-    def logits_rows(self, assignments, pair):
+    def scores(self, weights, pairs, temperatures=None):
+        logits = self.logits(weights, pairs)
+        return {p: dawin.sample_scores(logits[p], self._labels, (temperatures or {}).get(p[0], 1.0)) for p in pairs}
+
+    def scores_rows(self, assignments, pair):
         self.rows_calls.append(len(assignments))
-        out = np.full((len(self.x), np.asarray(assignments[0][0]["w"]).shape[1]), np.nan)
+        out = np.full((len(self.x), len(dawin.SCORE_COLUMNS)), np.nan)
         for weights, rows in assignments:
-            out[rows] = self.x[rows] @ np.asarray(weights["w"])
+            out[rows] = dawin.sample_scores(self.x[rows] @ np.asarray(weights["w"]), self._labels[rows])
         return out
 
     def central(self, fn, *args):
@@ -114,10 +156,22 @@ def toy(n: int, m: int = 2, d: int = 6, c: int = 4, seed: int = 0):
     x = rng.normal(size=(n, d))
     labels = rng.integers(0, c, size=n)
     candidates = [rng.normal(size=(d, c)) for _ in range(m)]
-    logits = np.stack([x @ w for w in candidates], axis=1)  # (N, M, C)
     temperatures = [0.9, 1.2, 1.0, 0.8][:m]
-    p1 = Phase1({PAIR: logits}, {PAIR: dawin.entropy(logits, temperatures)}, {"toy": temperatures})
-    return LinearEvaluator(x, labels), p1, candidates
+    ev = LinearEvaluator(x, labels)
+    return ev, phase1(ev, [{"w": w} for w in candidates], [PAIR], {"toy": None}, temperatures), candidates
+
+
+def phase1(ev: LinearEvaluator, candidates: list[dict], pairs, validation, temperatures=(1.0, 1.0)) -> Phase1:
+    """Phase 1 at fixed temperatures (the toy has no validation split to fit them on)."""
+    scores = [ev.scores(w, pairs, {"toy": t}) for w, t in zip(candidates, temperatures)]
+    return Phase1({PAIR: np.stack([s[PAIR] for s in scores], axis=1)}, {"toy": list(temperatures)}, candidates)
+
+
+def entropy(z: np.ndarray) -> np.ndarray:
+    """Softmax entropy (N,) of logits (N, C), by the formula −Σ p log p in float64."""
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return -(p * np.log(p)).sum(1)
 
 
 @pytest.mark.parametrize("n", [10, 100, 1000])
@@ -132,7 +186,7 @@ def test_samplewise_keeps_at_most_max_in_flight_merges_alive(n):
     # each sample evaluated by its own merge: logits x_i @ (Σm c_im W_m)
     c = dawin.expertise_coefficients(p1.entropies[PAIR], offset=True)
     expected = np.stack([ev.x[i] @ (c[i, 0] * candidates[0] + c[i, 1] * candidates[1]) for i in range(n)])
-    np.testing.assert_allclose(outcome.logits[PAIR], expected, rtol=1e-12)
+    np.testing.assert_allclose(outcome.extras[PAIR]["output_entropy"], entropy(expected), rtol=1e-12)
     np.testing.assert_array_equal(outcome.predictions[PAIR], expected.argmax(1))
     assert outcome.merges[PAIR] == n
 
@@ -141,8 +195,7 @@ def test_samples_sharing_a_coefficient_row_share_one_merge():
     ev, p1, candidates = toy(12)
     # samples 0..5 repeat samples 6..11 exactly: identical logits, identical coefficient rows
     ev.x[6:] = ev.x[:6]
-    logits = np.stack([ev.x @ w for w in candidates], axis=1)
-    p1 = Phase1({PAIR: logits}, {PAIR: dawin.entropy(logits, p1.temperatures["toy"])}, p1.temperatures)
+    p1 = phase1(ev, p1.candidates, [PAIR], {"toy": None}, p1.temperatures["toy"])
     merge = CountingMerge(candidates)
     outcome = DawinRunner(ev, p1, merge, max_in_flight=4, reference=False).samplewise([PAIR], offset=False)
     assert merge.made == 6 and outcome.merges[PAIR] == 6 and merge.peak == 4
@@ -154,7 +207,9 @@ def test_mean_mixture_evaluates_every_sample_with_the_mean_row():
     merge = CountingMerge(candidates)
     outcome = DawinRunner(ev, p1, merge, names=["a", "b", "c"]).mixture([PAIR], k=1, offset=False, mixture="mean")
     mean = np.mean(dawin.expertise_coefficients(p1.entropies[PAIR]), axis=0)
-    np.testing.assert_allclose(outcome.logits[PAIR], ev.x @ sum(cm * w for cm, w in zip(mean, candidates)), rtol=1e-12)
+    expected = ev.x @ sum(cm * w for cm, w in zip(mean, candidates))
+    np.testing.assert_allclose(outcome.extras[PAIR]["output_entropy"], entropy(expected), rtol=1e-12)
+    np.testing.assert_array_equal(outcome.predictions[PAIR], expected.argmax(1))
     assert outcome.merges[PAIR] == 1 and merge.made == 2  # the mean merge and the static reference
     np.testing.assert_array_equal(outcome.extras[PAIR]["merge_coefficients"], np.tile(mean, (50, 1)))
 
@@ -170,18 +225,31 @@ def test_outcome_extras_follow_the_samples_contract():
     shapes.update(component=(40,), output_entropy=(40,), reference_entropy=(40,))
     assert {k: v.shape for k, v in extras.items()} == shapes
     assert extras["candidate_correct"].dtype == bool
-    logits = p1.logits[PAIR]
+    logits = np.stack([ev.x @ w for w in candidates], axis=1)  # (N, M, C)
+    y = ev.labels(PAIR)
     np.testing.assert_array_equal(extras["candidate_predictions"], logits.argmax(-1))
-    np.testing.assert_allclose(extras["cross_entropies"], dawin.oracle_losses(logits, ev.labels(PAIR), [0.9, 1.2]))
+    t = np.array([0.9, 1.2])
+    scaled = logits / t[None, :, None]
+    # cross-entropy by hand: log Σc exp(z_c / T) − z_y / T
+    by_hand = np.log(np.exp(scaled).sum(-1)) - scaled[np.arange(40), :, y]
+    np.testing.assert_allclose(extras["cross_entropies"], by_hand, rtol=1e-12)
+    np.testing.assert_allclose(extras["entropies"], np.stack([entropy(scaled[:, m]) for m in range(2)], 1), rtol=1e-12)
+    np.testing.assert_allclose(extras["entropies_t1"], np.stack([entropy(logits[:, m]) for m in range(2)], 1), rtol=1e-12)
     np.testing.assert_allclose(extras["coefficients"], dawin.expertise_coefficients(p1.entropies[PAIR], offset=True))
-    np.testing.assert_allclose(extras["output_entropy"], dawin.entropy(outcome.logits[PAIR]))
+    merged = np.stack([ev.x[i] @ sum(cm * w for cm, w in zip(extras["merge_coefficients"][i], candidates)) for i in range(40)])
+    np.testing.assert_allclose(extras["output_entropy"], entropy(merged), rtol=1e-12)
+    np.testing.assert_array_equal(outcome.predictions[PAIR], merged.argmax(1))
     static = ev.x @ (0.5 * candidates[0] + 0.5 * candidates[1])
-    np.testing.assert_allclose(extras["reference_entropy"], dawin.entropy(static), rtol=1e-12)
+    np.testing.assert_allclose(extras["reference_entropy"], entropy(static), rtol=1e-12)
     # the diagnostics handed to the job are the ones the report recomputes from the stored columns
     again = diagnostics.diagnose(extras, ["zeroshot", "ft"])
     assert outcome.diagnostics[PAIR].splits == again.splits
     dcs, doe = runner.selection([PAIR], offset=True)
     assert "output_entropy" not in dcs.extras[PAIR] and dcs.merges == {} and set(doe.extras[PAIR]) == set(dcs.extras[PAIR])
+    c = dcs.extras[PAIR]["coefficients"]
+    np.testing.assert_array_equal(dcs.predictions[PAIR], logits[np.arange(40), c.argmax(1)].argmax(1))
+    probs = np.exp(scaled) / np.exp(scaled).sum(-1, keepdims=True)
+    np.testing.assert_array_equal(doe.predictions[PAIR], (c[:, :, None] * probs).sum(1).argmax(1))
 
 
 def test_max_in_flight_must_be_positive():

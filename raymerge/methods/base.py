@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from raymerge.dawin import score_predictions
 from raymerge.statedict import StateDict
 
 ROBUST, MULTITASK, SWEEP = "robust", "multitask", "sweep"
@@ -75,9 +76,15 @@ class Evaluator(Protocol):
     def logits(self, weights: Recipe | Mapping[str, np.ndarray], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
         """(N, C) float32 logits of ``weights`` (a recipe, or numpy arrays) on each whole (task, split)."""
 
-    def logits_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, np.ndarray], np.ndarray]],
+    def scores(self, weights: Recipe | Mapping[str, np.ndarray], pairs: list[Pair],
+               temperatures: Mapping[str, float] | None = None) -> dict[Pair, np.ndarray]:
+        """(N, 4) :func:`raymerge.dawin.sample_scores` of ``weights`` on each whole (task, split), at each task's
+        temperature (default 1), computed where the logits are: what travels instead of (N, C) logits."""
+
+    def scores_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, np.ndarray], np.ndarray]],
                     pair: Pair) -> np.ndarray:
-        """(N, C) logits of ``pair`` where the rows of each assignment use that assignment's weights."""
+        """(N, 4) scores at temperature 1 of ``pair`` where the rows of each assignment use that assignment's
+        weights."""
 
     def central(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` where central statistics are computed (a Ray task beside the actors, or inline)."""
@@ -129,8 +136,8 @@ class Pool:
 
     def accuracy(self, weights: Recipe | Mapping[str, np.ndarray], pairs: list[Pair]) -> float:
         """Mean accuracy of ``weights`` over ``pairs`` (selection on validation splits)."""
-        logits = self.evaluator.logits(weights, pairs)
-        return float(np.mean([np.mean(logits[p].argmax(1) == self.evaluator.labels(p)) for p in pairs]))
+        scores = self.evaluator.scores(weights, pairs)
+        return float(np.mean([np.mean(score_predictions(scores[p]) == self.evaluator.labels(p)) for p in pairs]))
 
 
 @dataclass(frozen=True)
