@@ -165,7 +165,7 @@ def run(ctx: Context) -> list[dict]:
         "Sharded evaluation: driver cost per weight set", label,
         put, pass2, "one 2-actor pass over the images above", put / pass2,
         "≪ 1 pass (hashed and put once per merged model)",
-        f"WorkerPool.put_weights (Run.logits pays it for every new merged model): best of {len(m_put['put_s'])} "
+        f"WorkerPool.put_weights (Run pays it for every new weight set it is handed): best of {len(m_put['put_s'])} "
         f"({spread(m_put['put_s'])} s); on GPUs a pass over a test set takes seconds, so this driver-side cost per "
         "merged model becomes a visible share",
         ratio_means="put seconds / pass seconds", gap=f"{put / pass2:.2f} passes", ideal_value=0.0))

@@ -1,4 +1,5 @@
-"""The logit cache: per-sample logits on disk, so a baseline computed once is reused across methods and runs."""
+"""The logit cache: per-sample outputs on disk (logits, or what the actors reduced them to: predictions, DaWin's
+scores), so a baseline computed once is reused across methods and runs."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ log = logging.getLogger("raymerge")
 
 
 class LogitCache:
-    """Logits arrays under ``root``, one ``.npy`` file per key.
+    """Output arrays under ``root``, one ``.npy`` file per key.
 
-    The key is the caller's tuple of strings and must name everything the logits depend on (the pipeline's:
-    architecture, weights hash, head hash, dataset hash, evaluation settings). ``bypass_reads`` (``--force``)
+    The key is the caller's tuple of strings and must name everything the array depends on (the pipeline's:
+    architecture, weights hash, head hash, dataset hash, evaluation settings, what the logits were reduced to). ``bypass_reads`` (``--force``)
     makes every :meth:`get` a miss while :meth:`put` still refreshes the entries.
     """
 
@@ -29,7 +30,7 @@ class LogitCache:
         return self.root / (hashlib.sha256("|".join(parts).encode()).hexdigest()[:32] + ".npy")
 
     def get(self, *parts: str) -> np.ndarray | None:
-        """The cached logits of key ``parts``, or None (a miss, a bypass, or an unreadable entry)."""
+        """The cached array of key ``parts``, or None (a miss, a bypass, or an unreadable entry)."""
         if self.bypass_reads:
             return None
         p = self.path(*parts)

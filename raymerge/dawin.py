@@ -5,8 +5,8 @@ Everything here is pure math on arrays of logits, entropies and coefficients, co
 - :func:`entropy`, :func:`oracle_losses` and :func:`fit_temperature` turn logits into expertise scores;
   :func:`sample_scores` is all of them for one model, the reduction the actors run on their shard's logits;
 - :func:`expertise_coefficients` turns scores into coefficients (Eq. 1, its many-model softmax, Eq. 2);
-- :func:`dynamic_classifier_selection`, :func:`dynamic_output_ensemble` and :func:`output_ensemble` are the
-  logit-only variants (DaWin Table 6), which need no merged model;
+- :func:`dynamic_classifier_selection` (on the candidates' predictions), :func:`dynamic_output_ensemble` and
+  :func:`output_ensemble` are the logit-only variants (DaWin Table 6), which need no merged model;
 - :func:`merge_groups` reduces N per-sample coefficients to the few merges actually built (``mixture``: the
   per-test-set ``mean`` of the released multi-task code, a fitted ``beta`` or ``dirichlet`` mixture, or ``none``:
   one merge per distinct coefficient row); :func:`fit_coefficient_mixture` and
@@ -79,10 +79,17 @@ def _as_labels(labels: ArrayLike, z: np.ndarray) -> np.ndarray:
 
 
 def _cross_entropy(z: np.ndarray, y: np.ndarray, temperature: float | ArrayLike) -> np.ndarray:
-    logp = _log_probs(z, temperature)
-    index = y.reshape((-1,) + (1,) * (z.ndim - 1))
+    return _label_loss(_log_probs(z, temperature), y)
+
+
+def _label_loss(logp: np.ndarray, y: np.ndarray) -> np.ndarray:
+    index = y.reshape((-1,) + (1,) * (logp.ndim - 1))
     # cross-entropy with the true label, l(f(x), y) = −log p_y
     return -np.take_along_axis(logp, index, axis=-1)[..., 0]
+
+
+def _entropy(logp: np.ndarray) -> np.ndarray:
+    return -(np.exp(logp) * logp).sum(-1)  # Shannon entropy H(p) = −Σc pc log pc
 
 
 def entropy(logits: ArrayLike | Sequence[ArrayLike], temperature: float | ArrayLike = 1.0) -> np.ndarray:
@@ -91,8 +98,7 @@ def entropy(logits: ArrayLike | Sequence[ArrayLike], temperature: float | ArrayL
     ``temperature`` divides the logits before the softmax: a scalar, or one per model (M,). Computed from the
     log-softmax, so large logits do not overflow.
     """
-    logp = _log_probs(_as_logits(logits), temperature)
-    return -(np.exp(logp) * logp).sum(-1)  # Shannon entropy H(p) = −Σc pc log pc
+    return _entropy(_log_probs(_as_logits(logits), temperature))
 
 
 def oracle_losses(
@@ -116,12 +122,23 @@ def sample_scores(logits: ArrayLike, labels: ArrayLike, temperature: float = 1.0
     :data:`SCORE_COLUMNS`: entropy at ``temperature``, entropy at temperature 1, cross-entropy with ``labels`` (N,)
     at ``temperature`` (nats), and the argmax class (exact in float64).
 
-    Computed where the logits are (on the actors), so that these four numbers per sample travel instead of C."""
-    z = _as_logits(logits)
+    Computed where the logits are (on the actors), so that these four numbers per sample travel instead of C. A
+    sample with a non-finite logit (an overflow under fp16, say) keeps its argmax and gets NaN scores: whoever
+    uses the scores decides what that means, rather than the whole evaluation failing here."""
+    z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2:
         raise ValueError(f"sample_scores takes one model's logits (N, C), got shape {z.shape}")
-    return np.column_stack([entropy(z, temperature), entropy(z), oracle_losses(z, labels, temperature),
-                            z.argmax(-1).astype(np.float64)])
+    y = _as_labels(labels, z)
+    out = np.full((len(z), len(SCORE_COLUMNS)), np.nan)
+    out[:, 3] = z.argmax(-1)
+    finite = np.isfinite(z).all(-1)
+    zf = z[finite]
+    if len(zf):
+        logp = _log_probs(zf, temperature)  # one log-softmax for the entropy and the cross-entropy
+        out[finite, 0] = _entropy(logp)
+        out[finite, 1] = out[finite, 0] if float(temperature) == 1.0 else _entropy(_log_probs(zf, 1.0))
+        out[finite, 2] = _label_loss(logp, y[finite])
+    return out
 
 
 def score_predictions(scores: ArrayLike) -> np.ndarray:
@@ -216,15 +233,16 @@ def _logits_and_coefficients(
     return z, c
 
 
-def dynamic_classifier_selection(logits: ArrayLike | Sequence[ArrayLike], coefficients: ArrayLike) -> np.ndarray:
+def dynamic_classifier_selection(predictions: ArrayLike, coefficients: ArrayLike) -> np.ndarray:
     """DCS (DaWin Table 6): each sample takes the prediction of its highest-coefficient model.
 
-    ``logits`` (N, M, C), ``coefficients`` (N, M) → predicted classes (N,). With Eq. 1 coefficients the selected
-    model is the lowest-entropy one; ties go to the lower model index.
+    ``predictions`` (N, M) the candidates' predicted classes, ``coefficients`` (N, M) → predicted classes (N,).
+    With Eq. 1 coefficients the selected model is the lowest-entropy one; ties go to the lower model index.
     """
-    z, c = _logits_and_coefficients(logits, coefficients)
-    chosen = c.argmax(1)
-    return z[np.arange(len(z)), chosen].argmax(-1)
+    p, c = np.asarray(predictions), _as_matrix(coefficients, "coefficients")
+    if p.shape != c.shape:
+        raise ValueError(f"predictions of shape {p.shape} do not match coefficients of shape {c.shape}")
+    return p[np.arange(len(p)), c.argmax(1)]
 
 
 def dynamic_output_ensemble(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,6 +51,9 @@ class LocalEvaluator:
     def logits(self, weights: Recipe | Weights, pairs: list[Pair]) -> dict[Pair, np.ndarray]:
         self._load(weights)
         return {p: models.predict_logits(self.encoder, self.heads[p[0]], self.images[p], self.batch_size) for p in pairs}
+
+    def predictions(self, weights: Recipe | Weights, pairs: list[Pair]) -> dict[Pair, np.ndarray]:
+        return {p: lg.argmax(1) for p, lg in self.logits(weights, pairs).items()}
 
     def scores(self, weights: Recipe | Weights, pairs: list[Pair], temperatures: Mapping[str, float] | None = None
                ) -> dict[Pair, np.ndarray]:
@@ -118,7 +121,15 @@ def phase1(ev: Evaluator, candidates: Sequence[Recipe | Weights], pairs: list[Pa
         # temperature scaling on validation (METHODS §4); without a validation split the logits are used as they are
         temperatures[t] = [dawin.fit_temperature(lg[vp], ev.labels(vp)) if vp else 1.0 for lg in val_logits]
     per_model = [ev.scores(w, pairs, {t: temperatures[t][m] for t in tasks}) for m, w in enumerate(candidates)]
-    return Phase1({p: np.stack([s[p] for s in per_model], axis=1) for p in pairs}, temperatures, candidates)
+    scores = {p: np.stack([s[p] for s in per_model], axis=1) for p in pairs}
+    for (task, split), s in scores.items():
+        bad = np.isnan(s).any(-1)  # sample_scores leaves NaN where a logit was not finite
+        if bad.any():
+            n, m = np.argwhere(bad)[0]
+            raise ValueError(f"{task}/{split}: candidate {m} has non-finite logits on {int(bad[:, m].sum())} sample(s) "
+                             f"(the first: row {n}), so DaWin's entropies are undefined there; evaluate in fp32 "
+                             f"(resources.precision) or check that candidate's weights")
+    return Phase1(scores, temperatures, candidates)
 
 
 @dataclass
@@ -192,6 +203,10 @@ class DawinRunner:
             for _, rows in batch:
                 out[rows] = scores[rows]
         assert out is not None  # N ≥ 1, so some group has members
+        missing = np.isnan(out[:, dawin.SCORE_COLUMNS.index("prediction")])
+        if missing.any():
+            raise RuntimeError(f"phase 2 of {pair[0]}/{pair[1]} left {int(missing.sum())} sample(s) unevaluated "
+                               f"(the first: row {int(np.argmax(missing))})")
         return out
 
     def _outcome(self, pairs: Sequence[Pair], coefficients: Callable[[Pair], np.ndarray], mixture: str | None,
@@ -242,14 +257,16 @@ class DawinRunner:
         columns = self.sample_columns(pairs)
         return self.samplewise(pairs, offset=offset, scores={p: columns[p]["cross_entropies"] for p in pairs})
 
-    def selection(self, pairs: list[Pair], offset: bool) -> tuple[Outcome, Outcome]:
-        """Dynamic classifier selection and dynamic output ensemble: the candidates' logits (cached), no merged
-        model."""
-        dcs = self._outcome(pairs, lambda pair: self.coefficients(pair, offset), None)
-        doe = Outcome({}, {p: dict(e) for p, e in dcs.extras.items()}, diagnostics=dict(dcs.diagnostics))
-        per_model = [self.ev.logits(w, pairs) for w in self.p1.candidates]
+    def selection(self, pairs: list[Pair], offset: bool, variant: Literal["dcs", "doe"]) -> Outcome:
+        """Dynamic classifier selection (``dcs``: from the candidates' predictions in the scores) or dynamic
+        output ensemble (``doe``: from the candidates' logits, which it gathers); no merged model."""
+        out = self._outcome(pairs, lambda pair: self.coefficients(pair, offset), None)
+        per_model = [self.ev.logits(w, pairs) for w in self.p1.candidates] if variant == "doe" else []
         for pair in pairs:
-            c, logits = dcs.extras[pair]["coefficients"], np.stack([lg[pair] for lg in per_model], axis=1)
-            dcs.predictions[pair] = dawin.dynamic_classifier_selection(logits, c)
-            doe.predictions[pair] = dawin.dynamic_output_ensemble(logits, c, self.p1.temperatures[pair[0]])
-        return dcs, doe
+            c = out.extras[pair]["coefficients"]
+            if variant == "dcs":
+                out.predictions[pair] = dawin.dynamic_classifier_selection(out.extras[pair]["candidate_predictions"], c)
+            else:
+                logits = np.stack([lg[pair] for lg in per_model], axis=1)
+                out.predictions[pair] = dawin.dynamic_output_ensemble(logits, c, self.p1.temperatures[pair[0]])
+        return out

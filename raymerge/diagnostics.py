@@ -4,7 +4,7 @@ DaWin (METHODS §4) weights each candidate by ``exp(−H)``, its prediction entr
 ``exp(−CE)``, its cross-entropy with the true label (the pilot oracle). Where entropy does not track the loss,
 the coefficients carry no information about which candidate is right and DaWin lands on the static
 interpolation. The paper checks its premise (DaWin Fig. 2, Figs. 9–12); this module makes the same checks from a
-test set's candidate logits, pure numpy/scipy:
+test set's candidate scores (entropies, cross-entropies, predictions; or their logits), pure numpy/scipy:
 
 - the samples split by which candidates are right (Figs. 9–11): for two candidates ``TT``, ``TF``, ``FT``,
   ``FF`` (T = right, F = wrong; first letter = candidate 0, θ0 in the robust setting); for M > 2 candidates one

@@ -39,7 +39,7 @@ from raymerge.statedict import StateDict, check_compatible, numpy_views, state_d
 from raymerge.cluster import connect
 from raymerge.dawin_pipeline import CENTRAL_CPUS
 from raymerge.errors import InputError
-from raymerge.workers import MERGE_CPUS, Score, WorkerPool
+from raymerge.workers import MERGE_CPUS, Reduce, WorkerPool
 
 log = logging.getLogger("raymerge")
 
@@ -182,22 +182,26 @@ class Run:
 
     def prefetch_candidate(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> None:
         """Start making ``cand``'s merge ahead of its evaluation, unless none is needed: every row stored, or every
-        pending row's logits cached. Only elementwise merges: an SVD-based one runs its own tasks when evaluated, so
+        pending row's predictions cached. Only elementwise merges: an SVD-based one runs its own tasks when evaluated, so
         that at most one holds copies of the pool in the object store."""
         if cand.recipe is None or cand.recipe.where != "any":
             return
         key = cand.recipe.key(self.model_hashes)
         pending = self.pending(unit, params, cand, pool, label)
-        if any(self.force or not self.cache.path(*self._cache_parts(key, pair, 1.0)).exists() for pair in pending):
+        if any(self.force or not self.cache.path(*self._cache_parts(key, pair, Reduce())).exists() for pair in pending):
             self.prefetch(cand.recipe)
 
-    def _cache_parts(self, key: str, pair: Pair, temperature: float | None = None) -> tuple[str, ...]:
-        """What a cache entry is keyed by: the weights (or recipe), the head, the data, the evaluation, and for
-        scores (rather than logits) their temperature."""
+    def _cache_parts(self, key: str, pair: Pair, reduce: Reduce | None = None) -> tuple[str, ...]:
+        """What a cache entry is keyed by: the weights (or recipe), the head, the data, the evaluation, and what
+        the logits were reduced to (the score columns and their temperature)."""
         t = self.tasks[pair[0]]
         parts = (self.exp.architecture, key, t.head_hashes[pair[1]], t.sets[pair[1]].hash,
                  str(self.pool.resources.batch_size), self.pool.precision)
-        return parts if temperature is None else (*parts, "scores", float(temperature).hex())
+        if reduce is None:
+            return parts
+        if reduce.labels is None:
+            return (*parts, "predictions")
+        return (*parts, "scores:" + ",".join(dawin_math.SCORE_COLUMNS), float(reduce.temperature).hex())
 
     def _register(self, weights: Recipe | Mapping[str, np.ndarray]) -> str:
         return self.prefetch(weights) if isinstance(weights, Recipe) else self.pool.put_weights(weights)
@@ -214,51 +218,57 @@ class Run:
     def logits(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
         """(N, C) logits of ``weights`` (a recipe, or a weight set) on each (task, split), from the cache or the
         pool (all shards at once). A recipe is keyed without being built, so cached outputs cost no merge."""
-        return self._outputs(weights, pairs, None)
+        return self._outputs(weights, pairs, lambda pair: None)
+
+    def predictions(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
+        """(N,) int64 predicted classes like :meth:`logits`, the argmax taken on the actors."""
+        out = self._outputs(weights, pairs, lambda pair: Reduce())
+        return {p: v[:, 0].astype(np.int64) for p, v in out.items()}
 
     def scores(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair],
                temperatures: Mapping[str, float] | None = None) -> dict[Pair, np.ndarray]:
         """(N, 4) per-sample scores (:func:`raymerge.dawin.sample_scores`) like :meth:`logits`, computed on the
         actors at each task's temperature (default 1)."""
-        return self._outputs(weights, pairs, {t: (temperatures or {}).get(t, 1.0) for t, _ in pairs})
+        return self._outputs(weights, pairs, lambda pair: Reduce(self.labels(pair), (temperatures or {}).get(pair[0], 1.0)))
 
     def _outputs(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair],
-                 temperatures: Mapping[str, float] | None) -> dict[Pair, np.ndarray]:
-        """Logits (``temperatures`` None) or scores of ``weights`` on ``pairs``, cached under what determines them."""
+                 reduce_for: Callable[[Pair], Reduce | None]) -> dict[Pair, np.ndarray]:
+        """Logits, or their reduction ``reduce_for(pair)``, of ``weights`` on ``pairs``, cached under what
+        determines them."""
         weights = self._numpy(weights)
         key = weights.key(self.model_hashes) if isinstance(weights, Recipe) else state_dict_hash(weights)
         out, pending = {}, {}
         for pair in pairs:
-            score = None if temperatures is None else Score(self.labels(pair), temperatures[pair[0]])
-            parts = self._cache_parts(key, pair, None if score is None else score.temperature)
+            reduce = reduce_for(pair)
+            parts = self._cache_parts(key, pair, reduce)
             cached = self.cache.get(*parts)
             if cached is not None:
                 out[pair] = cached
                 continue
             registered = self._register(weights)
-            pending[pair] = (parts, self.pool.submit(registered, self.tasks[pair[0]].head_name(pair[1]), "/".join(pair),
-                                                     score=score))
-        for pair, (parts, refs) in pending.items():
-            out[pair] = self._gather(refs, pair, scored=temperatures is not None)
+            pending[pair] = (parts, reduce, self.pool.submit(registered, self.tasks[pair[0]].head_name(pair[1]),
+                                                             "/".join(pair), reduce=reduce))
+        for pair, (parts, reduce, refs) in pending.items():
+            out[pair] = self._gather(refs, pair, reduce)
             self.cache.put(out[pair], *parts)
         self.pool.drop_weights(key)
         return out
 
-    def _gather(self, refs: list, pair: Pair, scored: bool) -> np.ndarray:
+    def _gather(self, refs: list, pair: Pair, reduce: Reduce | None) -> np.ndarray:
         t = self.tasks[pair[0]]
         n = len(t.sets[pair[1]])
-        if scored:
-            return self.pool.gather(refs, n, len(dawin_math.SCORE_COLUMNS), np.float64)
+        if reduce is not None:
+            return self.pool.gather(refs, n, reduce.width, np.float64)
         return self.pool.gather(refs, n, t.heads[pair[1]].num_classes)
 
     def scores_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, Any], np.ndarray]], pair: Pair) -> np.ndarray:
         """Phase 2 of DaWin: every (weights, rows) assignment at once, each actor scoring its rows only."""
         task, split = pair
-        head, score = self.tasks[task].head_name(split), Score(self.labels(pair))
+        head, reduce = self.tasks[task].head_name(split), Reduce(self.labels(pair))
         keys = [self._register(self._numpy(weights)) for weights, _ in assignments]  # all start before any waits
         pending = [call for key, (_, rows) in zip(keys, assignments)
-                   for call in self.pool.submit(key, head, f"{task}/{split}", rows, score)]
-        out = self._gather(pending, pair, scored=True)
+                   for call in self.pool.submit(key, head, f"{task}/{split}", rows, reduce)]
+        out = self._gather(pending, pair, reduce)
         for key in keys:
             self.pool.drop_weights(key)
         return out
@@ -342,15 +352,12 @@ class Run:
             outcome = cand.predict(pairs)
         else:
             weights = cand.recipe or cand.build()
-            scores = self.scores(weights, pairs)
-            outcome = Prediction({p: dawin_math.score_predictions(scores[p]) for p in pairs},
-                                 merges=dict.fromkeys(pairs, cand.merges))
+            outcome = Prediction(self.predictions(weights, pairs), merges=dict.fromkeys(pairs, cand.merges))
         seconds = time.perf_counter() - start
         rows, samples = [], {}
         for pair in pairs:
             labels = self.labels(pair)
-            out = outcome.outputs[pair]
-            pred = out.argmax(1) if out.ndim == 2 else out  # output-space methods hand over predictions
+            pred = outcome.outputs[pair]
             samples[keys[pair]] = {"prediction": pred, "label": labels, **outcome.extras.get(pair, {})}
             rows.append({
                 "key": keys[pair], "experiment": self.exp.name, "method": label, "params": cand.params,

@@ -3,7 +3,8 @@
 An :class:`EvalWorker` keeps one resident encoder, every head, and its shard of every dataset (preprocessed once).
 It is told *which weights* (an ObjectRef to a dict of numpy arrays, loaded in place into the resident model)
 go with *which samples*; it never knows which merge method it serves. :class:`WorkerPool` is the driver-side
-handle that shards datasets across the actors and gathers logits back in dataset order.
+handle that shards datasets across the actors and gathers their outputs back in dataset order: logits, or what
+the actors reduce them to (:class:`Reduce`: predictions, or DaWin's per-sample scores).
 """
 
 from __future__ import annotations
@@ -51,12 +52,26 @@ class OnActors:
 
 
 @dataclass(frozen=True)
-class Score:
-    """Ask an actor for per-sample scores instead of logits: the labels of the rows it evaluates (n,) and the
-    temperature of the entropies and cross-entropy."""
+class Reduce:
+    """What an actor sends back instead of its (n, C) logits, computed where they are: the argmax class as (n, 1)
+    float64 (``labels`` None), or the (n, 4) :func:`raymerge.dawin.sample_scores` with ``labels`` (n,) of the
+    rows it evaluates, at ``temperature``."""
 
-    labels: np.ndarray
+    labels: np.ndarray | None = None
     temperature: float = 1.0
+
+    @property
+    def width(self) -> int:
+        return 1 if self.labels is None else len(dawin.SCORE_COLUMNS)
+
+    def rows(self, rows: np.ndarray) -> Reduce:
+        """The same reduction for ``rows`` (global indices) of the dataset whose labels this one holds."""
+        return self if self.labels is None else Reduce(self.labels[rows], self.temperature)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        if self.labels is None:
+            return logits.argmax(1)[:, None].astype(np.float64)
+        return dawin.sample_scores(logits, self.labels, self.temperature)
 
 
 def build_merge(recipe: Recipe, names: list[str], *arrays: Weights) -> dict[str, np.ndarray]:
@@ -66,7 +81,8 @@ def build_merge(recipe: Recipe, names: list[str], *arrays: Weights) -> dict[str,
 
 
 class EvalWorker:
-    """Holds a resident model and dataset shards; returns logits for the weights it is handed.
+    """Holds a resident model and dataset shards; returns logits (or a :class:`Reduce` of them) for the weights it
+    is handed.
 
     Every call carries references to the head and shard it needs (wrapped in a list, so Ray passes the reference
     rather than the value); the actor builds what it lacks and keeps it. A restarted actor (``max_restarts``) thus
@@ -120,10 +136,10 @@ class EvalWorker:
         return {name: self.resident[name] for name in refs}
 
     def evaluate(self, weights_key: str, weights: Weights | OnActors, head: str, head_spec: list, shard: str,
-                 shard_spec: list, rows: np.ndarray | None = None, score: Score | None = None) -> np.ndarray:
+                 shard_spec: list, rows: np.ndarray | None = None, reduce: Reduce | None = None) -> np.ndarray:
         """float32 logits (n, C) of shard ``shard`` (or its local ``rows``) under ``weights`` (numpy arrays, or a
-        recipe to build here from the resident models) and head ``head``; with ``score``, their (n, 4) float64
-        :func:`raymerge.dawin.sample_scores` instead, computed here so that C numbers per sample stay here."""
+        recipe to build here from the resident models) and head ``head``; with ``reduce``, what it makes of them
+        instead (predictions, or DaWin's scores), so that the C numbers per sample stay here."""
         if self.loaded != weights_key:
             if isinstance(weights, OnActors):
                 with torch.no_grad():
@@ -134,7 +150,7 @@ class EvalWorker:
         if rows is not None:
             images = images[torch.from_numpy(np.array(rows, dtype=np.int64)).to(images.device)]
         logits = models.predict_logits(self.encoder, self._head(head, head_spec), images, self.batch_size, self.precision)
-        return logits if score is None else dawin.sample_scores(logits, score.labels, score.temperature)
+        return logits if reduce is None else reduce(logits)
 
     def adapt(self, merge: list, heads: dict[str, list], datasets: dict[str, list], settings: AdaptSettings, seed: int,
               label: str) -> AdaptResult:
@@ -264,9 +280,9 @@ class WorkerPool:
         self._weights.pop(key, None)
 
     def submit(self, weights_key: str, head: str, dataset: str, rows: np.ndarray | None = None,
-               score: Score | None = None) -> list[tuple[np.ndarray, ray.ObjectRef]]:
+               reduce: Reduce | None = None) -> list[tuple[np.ndarray, ray.ObjectRef]]:
         """Start evaluating global ``rows`` (default: all) of ``dataset``; returns (rows, ref) per busy actor. With
-        ``score`` (labels of the whole dataset), each actor sends back the scores of its rows, not their logits."""
+        ``reduce`` (over the whole dataset), each actor sends back that reduction of its rows, not their logits."""
         ref = self._weights[weights_key]
         pending = []
         for i, (actor, part) in enumerate(zip(self.actors, self.shards[dataset])):
@@ -276,15 +292,15 @@ class WorkerPool:
                 mine = rows[(rows >= part[0]) & (rows <= part[-1])] if len(part) else rows[:0]
                 local = mine - (part[0] if len(part) else 0)
             if len(mine):
-                mine_score = None if score is None else Score(score.labels[mine], score.temperature)
                 call = actor.evaluate.remote(weights_key, ref, head, self.head_specs[head], dataset,
-                                             self.shard_specs[dataset][i], local, mine_score)
+                                             self.shard_specs[dataset][i], local,
+                                             None if reduce is None else reduce.rows(mine))
                 pending.append((mine, call))
         return pending
 
     def gather(self, pending: list[tuple[np.ndarray, ray.ObjectRef]], n: int, width: int,
                dtype: type = np.float32) -> np.ndarray:
-        """Assemble the logits (or scores) of :meth:`submit` into an (n, width) array indexed by global row
+        """Assemble the logits (or reductions) of :meth:`submit` into an (n, width) array indexed by global row
         (unasked rows are NaN)."""
         out = np.full((n, width), np.nan, dtype=dtype)
         for mine, ref in pending:

@@ -87,6 +87,15 @@ def test_sample_scores_match_torch():
     ce = torch.nn.functional.cross_entropy(zt / t, torch.from_numpy(y), reduction="none").numpy()
     np.testing.assert_allclose(s[:, 2], ce, rtol=1e-12)
     np.testing.assert_array_equal(dawin.score_predictions(s), z.argmax(1))
+    np.testing.assert_array_equal(dawin.sample_scores(z, y, 1.0)[:, 0], dawin.sample_scores(z, y, 1.0)[:, 1])
+
+
+def test_sample_scores_of_a_non_finite_row_are_nan_and_keep_its_argmax():
+    z = np.array([[0.0, 1.0, 2.0], [np.inf, 0.0, 1.0], [1.0, 3.0, 0.0]])
+    s = dawin.sample_scores(z, np.array([2, 0, 1]), 0.5)
+    assert np.isnan(s[1, :3]).all() and not np.isnan(s[[0, 2]]).any()
+    np.testing.assert_array_equal(dawin.score_predictions(s), [2, 0, 1])
+    np.testing.assert_allclose(s[[0, 2]], dawin.sample_scores(z[[0, 2]], np.array([2, 1]), 0.5), rtol=0)
 
 
 def test_fit_temperature_matches_brute_force_grid():
@@ -205,7 +214,7 @@ def test_dynamic_classifier_selection_takes_the_chosen_models_prediction():
     coef = dawin.expertise_coefficients(dawin.entropy(z))
     h = dawin.entropy(z)
     expected = [int(np.argmax(z[i, int(np.argmin(h[i]))])) for i in range(30)]
-    np.testing.assert_array_equal(dawin.dynamic_classifier_selection(z, coef), expected)
+    np.testing.assert_array_equal(dawin.dynamic_classifier_selection(z.argmax(-1), coef), expected)
 
 
 def test_dynamic_output_ensemble_and_output_ensemble():

@@ -50,11 +50,17 @@ def test_distributed_equals_single_process(mini_pool, dawin_store):
                            "candidate_predictions", "merge_coefficients", "output_entropy", "reference_entropy"):
                 np.testing.assert_array_equal(np.array(samples[column]), reference.extras[pair][column], err_msg=column)
             assert row["merges"] == len(np.unique(reference.extras[pair]["component"]))
+    for variant in ("dcs", "doe"):
+        reference = runner.selection(pairs, True, variant)
+        for pair in pairs:
+            (row,) = [r for (m, p, s), r in rows.items() if m == f"dawin_{variant}" and s == pair[1]]
+            predicted = dawin_store.samples(row["key"]).to_pydict()["prediction"]
+            assert np.array_equal(predicted, reference.predictions[pair]), (variant, pair)
 
 
 def test_actors_send_back_scores_not_logits(mini_pool, ray_local, tmp_path, monkeypatch):
-    """Only validation splits (temperature scaling) travel as logits; every test-set evaluation, DaWin's phases and
-    the static merges alike, comes back as four numbers per sample."""
+    """Only validation splits (temperature scaling) travel as logits; every test-set evaluation comes back as one
+    number per sample (a static merge's predictions) or four (DaWin's scores)."""
     from raymerge.workers import WorkerPool
 
     returned: list[tuple[str, tuple[int, ...]]] = []
@@ -68,8 +74,8 @@ def test_actors_send_back_scores_not_logits(mini_pool, ray_local, tmp_path, monk
     submitted: list[tuple[str, object]] = []
     submit = WorkerPool.submit
 
-    def submitting(self, weights_key, head, dataset, rows=None, score=None):
-        calls = submit(self, weights_key, head, dataset, rows, score)
+    def submitting(self, weights_key, head, dataset, rows=None, reduce=None):
+        calls = submit(self, weights_key, head, dataset, rows, reduce)
         submitted.extend((dataset, ref) for _, ref in calls)
         return calls
 
@@ -82,11 +88,36 @@ def test_actors_send_back_scores_not_logits(mini_pool, ray_local, tmp_path, monk
     datasets = {ref: dataset for dataset, ref in submitted}
     assert set(shapes) == set(datasets) and len(shapes) > 10
     assert any(d.endswith("/validation") for d in datasets.values())
-    for ref, shape in shapes.items():
-        if datasets[ref].endswith("/validation"):
-            assert shape[1] == 10, datasets[ref]  # logits over the 10 digit classes
-        else:
-            assert shape[1] == len(dawin.SCORE_COLUMNS), datasets[ref]
+    widths = {shape[1] for ref, shape in shapes.items() if not datasets[ref].endswith("/validation")}
+    assert widths == {1, len(dawin.SCORE_COLUMNS)}
+    # logits over the 10 digit classes
+    assert {shape[1] for ref, shape in shapes.items() if datasets[ref].endswith("/validation")} == {10}
+
+
+def test_outputs_are_cached_by_what_they_are(mini_pool, ray_local, tmp_path):
+    """Logits, predictions and scores at each temperature are separate cache entries, each equal to its formula."""
+    from raymerge.methods import Recipe
+
+    exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / 'out'}"])
+    run = pipeline.start_run(exp, cache_dir=tmp_path / "cache")
+    try:
+        pair, base = ("digits", "rotate"), Recipe.model("base")
+        labels = run.labels(pair)
+        at_1 = run.scores(base, [pair])[pair]
+        at_half = run.scores(base, [pair], {"digits": 0.5})[pair]
+        predicted = run.predictions(base, [pair])[pair]
+        logits = run.logits(base, [pair])[pair]
+        again = run.scores(base, [pair], {"digits": 0.5})[pair]  # from the cache
+    finally:
+        run.pool.shutdown()
+    np.testing.assert_array_equal(predicted, logits.argmax(1))
+    z = logits.astype(np.float64)
+    for scores, t in ((at_1, 1.0), (at_half, 0.5), (again, 0.5)):
+        logp = torch.log_softmax(torch.from_numpy(z / t), -1).numpy()
+        np.testing.assert_allclose(scores[:, 0], -(np.exp(logp) * logp).sum(1), rtol=1e-10)
+        np.testing.assert_allclose(scores[:, 2], -logp[np.arange(len(z)), labels], rtol=1e-10)
+        np.testing.assert_array_equal(scores[:, 3], predicted)
+    assert not np.allclose(at_1[:, 0], at_half[:, 0])
 
 
 def test_dcs_and_doe_rows_match_formulas(mini_pool, dawin_store):
@@ -158,12 +189,12 @@ def toy(n: int, m: int = 2, d: int = 6, c: int = 4, seed: int = 0):
     candidates = [rng.normal(size=(d, c)) for _ in range(m)]
     temperatures = [0.9, 1.2, 1.0, 0.8][:m]
     ev = LinearEvaluator(x, labels)
-    return ev, phase1(ev, [{"w": w} for w in candidates], [PAIR], {"toy": None}, temperatures), candidates
+    return ev, fixed_phase1(ev, [{"w": w} for w in candidates], temperatures), candidates
 
 
-def phase1(ev: LinearEvaluator, candidates: list[dict], pairs, validation, temperatures=(1.0, 1.0)) -> Phase1:
-    """Phase 1 at fixed temperatures (the toy has no validation split to fit them on)."""
-    scores = [ev.scores(w, pairs, {"toy": t}) for w, t in zip(candidates, temperatures)]
+def fixed_phase1(ev: LinearEvaluator, candidates: list[dict], temperatures: Sequence[float]) -> Phase1:
+    """Phase 1 of ``PAIR`` at fixed temperatures (the toy has no validation split to fit them on)."""
+    scores = [ev.scores(w, [PAIR], {"toy": t}) for w, t in zip(candidates, temperatures)]
     return Phase1({PAIR: np.stack([s[PAIR] for s in scores], axis=1)}, {"toy": list(temperatures)}, candidates)
 
 
@@ -195,7 +226,7 @@ def test_samples_sharing_a_coefficient_row_share_one_merge():
     ev, p1, candidates = toy(12)
     # samples 0..5 repeat samples 6..11 exactly: identical logits, identical coefficient rows
     ev.x[6:] = ev.x[:6]
-    p1 = phase1(ev, p1.candidates, [PAIR], {"toy": None}, p1.temperatures["toy"])
+    p1 = fixed_phase1(ev, p1.candidates, p1.temperatures["toy"])
     merge = CountingMerge(candidates)
     outcome = DawinRunner(ev, p1, merge, max_in_flight=4, reference=False).samplewise([PAIR], offset=False)
     assert merge.made == 6 and outcome.merges[PAIR] == 6 and merge.peak == 4
@@ -244,12 +275,65 @@ def test_outcome_extras_follow_the_samples_contract():
     # the diagnostics handed to the job are the ones the report recomputes from the stored columns
     again = diagnostics.diagnose(extras, ["zeroshot", "ft"])
     assert outcome.diagnostics[PAIR].splits == again.splits
-    dcs, doe = runner.selection([PAIR], offset=True)
+    dcs, doe = runner.selection([PAIR], True, "dcs"), runner.selection([PAIR], True, "doe")
     assert "output_entropy" not in dcs.extras[PAIR] and dcs.merges == {} and set(doe.extras[PAIR]) == set(dcs.extras[PAIR])
     c = dcs.extras[PAIR]["coefficients"]
     np.testing.assert_array_equal(dcs.predictions[PAIR], logits[np.arange(40), c.argmax(1)].argmax(1))
     probs = np.exp(scaled) / np.exp(scaled).sum(-1, keepdims=True)
     np.testing.assert_array_equal(doe.predictions[PAIR], (c[:, :, None] * probs).sum(1).argmax(1))
+
+
+class SplitEvaluator(LinearEvaluator):
+    """A linear evaluator with a labelled validation split beside the test set."""
+
+    def __init__(self, sets: dict) -> None:
+        super().__init__(*sets[PAIR])
+        self.sets = sets
+
+    def logits(self, weights, pairs):
+        return {p: self.sets[p][0] @ np.asarray(weights["w"]) for p in pairs}
+
+    def scores(self, weights, pairs, temperatures=None):
+        logits = self.logits(weights, pairs)
+        return {p: dawin.sample_scores(logits[p], self.sets[p][1], (temperatures or {}).get(p[0], 1.0)) for p in pairs}
+
+    def labels(self, pair):
+        return self.sets[pair][1]
+
+
+def test_phase1_fits_each_candidates_temperature_and_scores_at_it():
+    rng = np.random.default_rng(5)
+    x_val, x_test = rng.normal(size=(80, 6)), rng.normal(size=(30, 6))
+    # three informative candidates of very different confidence, so their temperatures differ
+    truth = rng.normal(size=(6, 4))
+    candidates = [(truth + rng.normal(scale=0.3, size=(6, 4))) * s for s in (0.3, 1.0, 4.0)]
+    y_val = np.argmax(x_val @ truth + rng.normal(scale=1.0, size=(80, 4)), 1)
+    ev = SplitEvaluator({PAIR: (x_test, rng.integers(0, 4, 30)), ("toy", "validation"): (x_val, y_val)})
+    p1 = dawin_pipeline.phase1(ev, [{"w": w} for w in candidates], [PAIR], {"toy": ("toy", "validation")})
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 4001))
+    for m, w in enumerate(candidates):
+        z = x_val @ w
+        nll = [np.mean(np.log(np.exp(z / t).sum(1)) - (z / t)[np.arange(80), y_val]) for t in grid]
+        assert p1.temperatures["toy"][m] == pytest.approx(grid[int(np.argmin(nll))], rel=5e-3), m
+        scaled = x_test @ w / p1.temperatures["toy"][m]
+        np.testing.assert_allclose(p1.entropies[PAIR][:, m], entropy(scaled), rtol=1e-12)
+    assert len(set(np.round(p1.temperatures["toy"], 3))) == 3
+
+
+def test_phase1_names_a_candidate_with_non_finite_logits():
+    class Overflowing(LinearEvaluator):
+        def logits(self, weights, pairs):
+            out = super().logits(weights, pairs)
+            if "overflow_row" in weights:
+                for z in out.values():
+                    z[weights["overflow_row"], 2] = np.inf
+            return out
+
+    ev, _, candidates = toy(20)
+    ev.__class__ = Overflowing
+    weights = [{"w": candidates[0]}, {"w": candidates[1], "overflow_row": 7}]
+    with pytest.raises(ValueError, match=r"toy/test: candidate 1 has non-finite logits on 1 sample\(s\) \(the first: row 7\)"):
+        dawin_pipeline.phase1(ev, weights, [PAIR], {"toy": None})
 
 
 def test_max_in_flight_must_be_positive():

@@ -1,4 +1,4 @@
-"""Merges are made off the driver, as Ray tasks or on the actors from their resident models; either way the logits
+"""Merges are made off the driver, as Ray tasks or on the actors from their resident models; either way the outputs
 are the same, bit for bit."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from raymerge import config, pipeline
 from raymerge.results import ResultStore
 
 
-def test_task_and_actor_merges_give_identical_logits(mini_pool, ray_local, tmp_path):
+def test_task_and_actor_merges_give_identical_outputs(mini_pool, ray_local, tmp_path):
     methods = ("methods={zeroshot: {}, wise_ft: {lambdas: [0.3, 0.7]}, weight_average: {}, model_stock: {}, "
                "ties: {density: 0.5}, dawin: {k: 2}}")
     logits = {}
@@ -20,8 +20,10 @@ def test_task_and_actor_merges_give_identical_logits(mini_pool, ray_local, tmp_p
                                                            f"output_dir={tmp_path / where}"])
         pipeline.run_experiment(exp, cache_dir=tmp_path / f"cache-{where}")
         logits[where] = {f.name: np.load(f) for f in (tmp_path / f"cache-{where}" / "logits").glob("*.npy")}
-    # same recipes, same keys: the caches name the same logits, and they are equal bit for bit
+    # same recipes, same keys: the caches name the same outputs, and they are equal bit for bit: predictions of
+    # the static merges, and DaWin's scores (float64 entropies of its merged models' logits) and validation logits
     assert logits["task"].keys() == logits["actor"].keys() and len(logits["task"]) >= 6 * 3
+    assert {v.shape[1] for v in logits["task"].values()} == {1, 4, 10}
     for name, values in logits["task"].items():
         assert np.array_equal(values, logits["actor"][name]), name
     rows = {where: {r["key"]: r["accuracy"] for r in ResultStore(tmp_path / where).rows()} for where in logits}

@@ -27,7 +27,6 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from raymerge.dawin import score_predictions
 from raymerge.statedict import StateDict
 
 ROBUST, MULTITASK, SWEEP = "robust", "multitask", "sweep"
@@ -75,6 +74,10 @@ class Evaluator(Protocol):
 
     def logits(self, weights: Recipe | Mapping[str, np.ndarray], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
         """(N, C) float32 logits of ``weights`` (a recipe, or numpy arrays) on each whole (task, split)."""
+
+    def predictions(self, weights: Recipe | Mapping[str, np.ndarray], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
+        """(N,) int64 predicted classes of ``weights`` on each whole (task, split), the argmax taken where the
+        logits are."""
 
     def scores(self, weights: Recipe | Mapping[str, np.ndarray], pairs: list[Pair],
                temperatures: Mapping[str, float] | None = None) -> dict[Pair, np.ndarray]:
@@ -136,8 +139,8 @@ class Pool:
 
     def accuracy(self, weights: Recipe | Mapping[str, np.ndarray], pairs: list[Pair]) -> float:
         """Mean accuracy of ``weights`` over ``pairs`` (selection on validation splits)."""
-        scores = self.evaluator.scores(weights, pairs)
-        return float(np.mean([np.mean(score_predictions(scores[p]) == self.evaluator.labels(p)) for p in pairs]))
+        predictions = self.evaluator.predictions(weights, pairs)
+        return float(np.mean([np.mean(predictions[p] == self.evaluator.labels(p)) for p in pairs]))
 
 
 @dataclass(frozen=True)
@@ -244,8 +247,8 @@ class Candidate:
 
 @dataclass
 class Prediction:
-    """What an output-space candidate returns: predictions (N,) or logits (N, C) per pair, per-sample extras per
-    pair (equal-length columns for the samples file), and the merged weight sets evaluated per pair."""
+    """What an output-space candidate returns: predictions (N,) per pair, per-sample extras per pair
+    (equal-length columns for the samples file), and the merged weight sets evaluated per pair."""
 
     outputs: dict[Pair, np.ndarray]
     extras: dict[Pair, dict[str, np.ndarray]] = field(default_factory=dict)

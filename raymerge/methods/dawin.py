@@ -81,7 +81,8 @@ def candidate_names(pool: Pool, model: str | None) -> list[str]:
 
 
 def runner(pool: Pool, names: list[str], lam0: float, pairs: list[tuple[str, str]]) -> DawinRunner:
-    """Phase 1 (candidate logits, cached; temperatures on each task's validation split; entropies) ready to run."""
+    """Phase 1 done (temperatures fitted on each task's validation logits; the candidates' scores at those
+    temperatures from the actors, cached), ready to run a variant."""
     validation = {t: (t, "validation") if pool.validation[t] else None for t, _ in pairs}
     p1 = phase1(pool.evaluator, [Recipe.model(n) for n in names], pairs, validation)
     robust = pool.setting == ROBUST
@@ -121,11 +122,11 @@ class SelectionParams(Params):
     model: str | None = Field(None, description=MODEL_DOC)
 
 
-def _selection(pool: Pool, p: SelectionParams, which: int) -> Candidate:
+def _selection(pool: Pool, p: SelectionParams, variant: str) -> Candidate:
     names = candidate_names(pool, p.model)
 
     def predict(pairs: list[tuple[str, str]]) -> Prediction:
-        return _prediction(runner(pool, names, 0.0, pairs).selection(pairs, p.offset)[which])
+        return _prediction(runner(pool, names, 0.0, pairs).selection(pairs, p.offset, variant))
 
     return Candidate(p.record(models=names), predict=predict, models=names, merges=0)
 
@@ -133,13 +134,13 @@ def _selection(pool: Pool, p: SelectionParams, which: int) -> Candidate:
 @register("dawin_dcs", params=SelectionParams, settings={ROBUST}, paper=DAWIN, reads=Reads(own=("validation",)))
 def dawin_dcs(pool: Pool, p: SelectionParams) -> Iterator[Candidate]:
     """Dynamic classifier selection (DaWin Table 6): each sample takes its lower-entropy model's prediction."""
-    yield _selection(pool, p, 0)
+    yield _selection(pool, p, "dcs")
 
 
 @register("dawin_doe", params=SelectionParams, settings={ROBUST}, paper=DAWIN, reads=Reads(own=("validation",)))
 def dawin_doe(pool: Pool, p: SelectionParams) -> Iterator[Candidate]:
     """Dynamic output ensemble (DaWin Table 6): softmax outputs averaged with the per-sample coefficients."""
-    yield _selection(pool, p, 1)
+    yield _selection(pool, p, "doe")
 
 
 class EnsembleParams(Params):
