@@ -1,8 +1,8 @@
 """``python -m bench [--quick] [--out DIR] [--zoo Z] [--only SECTION ...] [--update J] [--render J] [--revision REV]``
 
-Runs the benchmark sections in order (mixture, dawin, cart, adamerging, ties, evaluation, sweep), those that need
-one on a private local Ray (``address="local"``, 2 CPUs, no dashboard), and writes ``BENCHMARKS.md`` (repository
-root) and ``bench/results.json``, or both into ``--out DIR``. Progress lines go to stderr.
+Runs the benchmark sections in order (mixture, dawin, cart, adamerging, ties, evaluation, precision, sweep), those
+that need one on a private local Ray (``address="local"``, 2 CPUs, no dashboard), and writes ``BENCHMARKS.md``
+(repository root) and ``bench/results.json``, or both into ``--out DIR``. Progress lines go to stderr.
 
 ``--quick`` is a smoke run (well under a minute once its zoo exists) with tiny sizes, on the tiny zoo unless
 ``--zoo`` says otherwise; its ratios mean nothing. The full run takes about 10–15 minutes on 2 cores, plus the
@@ -37,7 +37,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # raymerge's driver-side progress ba
 from bench import common, report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("mixture", "dawin", "cart", "adamerging", "ties", "evaluation", "sweep")
+SECTIONS = ("mixture", "dawin", "cart", "adamerging", "ties", "evaluation", "precision", "sweep")
 OPTIONAL = ("rehearsal",)  # only with --only: minutes of real-sized jobs
 
 

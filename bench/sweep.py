@@ -1,24 +1,34 @@
-"""Benchmark: task-subset sweep throughput on the zoo, and an estimate of the full 8-task ViT-B/32 sweep.
+"""Benchmark: task-subset sweep throughput on the zoo, and an estimate of the full 8-task ViT-B/32 sweep on 16 GPUs.
 
 Measured: :func:`raymerge.sweep.sweep_run` (the code ``jobs/sweep.py`` runs) with the packaged ``sweep.yaml``
-(weight_average, task_arithmetic, ties, cart, dawin; 2 actors × 0.5 CPU, batch 32) over a bounded, stratified
-sample of the 247 subsets of the 8 tasks: evenly spaced through the plan (ordered by size), so the sample has the
-full sweep's mix of subset sizes. The other subsets are marked done through the resume mechanism (their row keys
-are put in ``Run.done``), exactly as a resumed sweep skips them. Fresh logit cache and results store.
+(2 actors × 0.5 CPU, batch 32) over a bounded, stratified sample of the 247 subsets of the 8 tasks: evenly spaced
+through the plan (ordered by size), so the sample has the full sweep's mix of subset sizes. The other subsets are
+marked done through the resume mechanism (their row keys are put in ``Run.done``), exactly as a resumed sweep skips
+them. Fresh logit cache and results store.
 
 Ideal: the evaluation passes the sweep needs, at the single-pass times measured on the same pool just before:
-one pass per (candidate, task in its subset), DaWin's phase 2 likewise, and DaWin's phase 1 once per distinct
-(candidate model, task) pair over test and validation (the logit cache computes each once); merges hidden behind
-evaluation by the prefetch thread.
+one pass per (candidate, task in its subset); DaWin's phase 2 and its reference merge (the uniform-coefficient merge
+whose entropies the diagnostics compare with) likewise, and its phase 1 once per distinct (candidate model, task)
+pair over test and validation (the logit cache computes each once); merges hidden behind evaluation.
 
-Estimate for the full ViT-B/32 sweep on 16 GPUs: from merge costs measured here on ViT-B/32-sized tensors (the
-first residual blocks of ``build_encoder("ViT-B-32")``, scaled by parameter count), CART's SVD cost per block from
-the CART benchmark, the driver's hash + ``ray.put`` per weight set from the evaluation benchmark, and ASSUMED GPU
-throughput and test-set sizes (stated in the rows).
+Estimate for the full ViT-B/32 sweep on 16 GPUs, a model of what the current code runs where (raymerge/sweep.py,
+pipeline.py, workers.py, methods/): the driver plans every row key, then walks the candidates in order (per subset
+weight_average, task_arithmetic, ties, cart, dawin: ``config.DEFAULT_SWEEP_METHODS``), evaluating one at a time on
+all actors. The elementwise merges (weight_average, task_arithmetic, ties) are recipes that Ray tasks build up to
+``MERGES_AHEAD`` candidates ahead (``resources.merge_on: task``, the default) or that every actor builds on its GPU
+from its resident models when it evaluates them (``merge_on: actor``). CART's recipe runs its SVDs as Ray tasks of
+its own and is built when its candidate is evaluated, not ahead; DaWin's reference merge and its one merge per test
+set are made when its phase 2 needs them. Those builds therefore add to the sweep's wall time, as does the driver's
+own work per candidate (keys, Ray calls, gathering logits, the logit cache, the results store, and DaWin's
+entropies, coefficients and diagnostics), which runs between one candidate's evaluation and the next one's.
+Inputs: merge costs measured here on ViT-B/32-sized tensors (the first residual block of ``build_encoder("ViT-B-32")``,
+scaled by parameter count; one core), the driver's CPU per candidate measured here at the benchmark's real test-set
+sizes with the actors stood in for (:mod:`bench.sweep_driver`), and ASSUMED cluster figures (stated in the rows).
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from pathlib import Path
 
@@ -29,16 +39,31 @@ from bench.common import Context, best, progress, row
 
 TITLE = "Sweep throughput (zoo) and the full 8-task ViT-B/32 sweep estimate"
 SAMPLE_SUBSETS = 12
+DRIVER_SUBSETS = 8  # subsets of the driver-CPU measurement at ViT-B/32 test-set sizes
 VITB32_PARAMS = 87_849_216  # sum of numel over build_encoder("ViT-B-32").state_dict()
-# Assumptions for the estimate, NOT measurements:
-GPU_IMAGES_PER_S = 3000.0  # ViT-B/32 inference, fp16, one A100/H100-class GPU
-GPUS = 16
-SVD_CORES = 176  # CPU cores free for CART's SVD tasks: e.g. 4 nodes × 48 vCPUs, minus one per GPU actor
+VITB32_BYTES = 4 * VITB32_PARAMS
 TEST_SIZES = {  # the task_vectors benchmark's 8 test sets
     "SUN397": 19_850, "Cars": 8_041, "RESISC45": 6_300, "EuroSAT": 2_700,
     "SVHN": 26_032, "GTSRB": 12_630, "MNIST": 10_000, "DTD": 1_880,
 }
+CLASSES = {"SUN397": 397, "Cars": 196, "RESISC45": 45, "EuroSAT": 10, "SVHN": 10, "GTSRB": 43, "MNIST": 10, "DTD": 47}
+# Assumptions for the estimate, NOT measurements:
+# validation splits as task_vectors makes them (val_fraction 0.1 of the train split, at most 5,000 images), from
+# the train sizes commonly reported; DaWin's phase 1 evaluates them (temperatures)
+VAL_SIZES = {"SUN397": 1_985, "Cars": 814, "RESISC45": 1_890, "EuroSAT": 2_160,
+             "SVHN": 5_000, "GTSRB": 2_664, "MNIST": 5_000, "DTD": 376}
+NODES, GPUS_PER_NODE = 2, 8  # cluster.yaml's 8-GPU node type (p4d.24xlarge: 8 × A100, 96 vCPUs = 48 cores)
+GPUS = NODES * GPUS_PER_NODE
+NODE_CORES = 48  # physical cores per GPU node: the SVDs are compute-bound, so hyperthreads are not counted
+ACTOR_CPUS = 1  # CPUs each GPU actor holds (its feeding thread); the driver runs on the CPU-only head
+GPU_IMAGES_PER_S = 3000.0  # ViT-B/32 inference under bf16 autocast (resources.precision auto on a GPU), A100/H100
+BATCH = 256  # Resources' default batch size: shards are batch-aligned and every batch is padded to it
+NETWORK_BYTES_PER_S = 1.5e9  # Ray's object transfer between the two nodes
+H2D_BYTES_PER_S = 10e9  # host → GPU copy from pageable memory (an actor loading a merged weight set)
+GPU_BYTES_PER_S = 2.0e12  # a GPU merge's elementwise passes (A100 80 GB / H100 memory bandwidth, achieved)
+GPU_LAUNCH_S = 0.02  # one merge's kernel launches on the GPU (~150 keys × a few ops × tens of µs)
 VITB32_BLOCKS = 12
+STATIC = ("weight_average", "task_arithmetic", "ties")  # recipes made ahead (merge_on: task) or on the actors
 
 
 def _sample(plan: list[tuple[str, ...]], n: int) -> list[tuple[str, ...]]:
@@ -114,18 +139,21 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
 
         run.store.append = timed(append)
         progress("sweep: sweep_run")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         sweep_run(run)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         stored = run.store.rows()
-        progress("sweep: merge build times of the static methods (what the prefetch thread does)")
+        progress("sweep: merge build times (what a Ray merge task runs: the recipe built from the pool models)")
+        models = {"base": run.base, **run.finetuned}
         builds: dict[str, list[float]] = {}
+        ahead: dict[str, bool] = {}
         for s in sample[:1 if ctx.quick else 3]:
             for unit, _, c, _ in sweep_candidates(run, s, cfg.methods):
-                if c.build is not None:
+                if c.recipe is not None:
                     t = time.perf_counter()
-                    to_numpy(c.build())
+                    to_numpy(c.recipe.build(models))
                     builds.setdefault(unit.name, []).append(time.perf_counter() - t)
+                    ahead[unit.name] = c.recipe.where == "any"
     finally:
         run.pool.shutdown()
 
@@ -141,7 +169,8 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
     test = {t: passes[(t, "test")] for t in tasks}
     ideal = {m: sum(test[t] for s in sample for t in s) for m in methods}
     phase1_pairs = {(n, t) for s in sample for n in s for t in s}
-    if "dawin" in ideal:
+    if "dawin" in ideal:  # + its reference merge's pass, + phase 1
+        ideal["dawin"] *= 2
         ideal["dawin"] += sum(passes[(t, "test")] + passes[(t, "validation")] for _, t in phase1_pairs)
     ideal_total = sum(ideal.values())
     per_min = len(sample) / (wall / 60)
@@ -155,7 +184,8 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
         f"{per_min:.1f} subsets/min, {evaluations / (wall / 60):.0f} test-set evaluations/min, {candidates} candidates; "
         f"at this rate the whole {len(plan)}-subset sweep takes ~{len(plan) / per_min:.0f} min here (the sample "
         f"mirrors its size mix); results-store writes (rows and samples files) {store_s[0]:.1f} s "
-        "in all (each part is read once, so this grows linearly with the rows); single-pass times per test set "
+        "in all (each part is read once, so this grows linearly with the rows); the driver process's CPU time "
+        f"{cpu:.1f} s ({cpu / wall:.0%} of the wall time); single-pass times per test set "
         f"{min(test.values()):.2f}–{max(test.values()):.2f} s",
         value=per_min, unit="subsets/min", ratio_means="measured seconds / ideal seconds",
         gap=f"{wall / ideal_total:.1f}× the evaluation-only ideal", ideal_value=1.0)]
@@ -164,13 +194,13 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
             "Sweep throughput (zoo): per method", m, seconds[m], ideal[m], "its evaluation passes (see above)",
             seconds[m] / ideal[m], "1.0×",
             "Σ over its candidates of the seconds the results store records (evaluation, plus for dawin its phase 1, "
-            "mixture and merges; prefetched merges are not in it)",
+            "mixture and merges, and for the SVD-based merges their build; merges made ahead are not in it)",
             ratio_means="measured seconds / ideal seconds", gap=f"{seconds[m] / ideal[m]:.1f}× ideal", ideal_value=1.0))
     other = wall - sum(seconds.values())
     rows.append(row(
         "Sweep throughput (zoo): per method", "outside candidates (merge waits, results store)", max(other, 1e-9),
         wall, "the whole sweep", max(other, 1e-9) / wall, "≈ 0 of the sweep",
-        f"waiting for prefetched merges and writing rows; results-store writes alone {store_s[0]:.2f} s",
+        f"planning the row keys, submitting merges ahead, writing rows; results-store writes alone {store_s[0]:.2f} s",
         ratio_means="seconds / sweep seconds", gap=f"{other / wall:.0%} of the sweep", ideal_value=0.0))
     counts = {m: sum(1 for (meth, _) in seen if meth.endswith("/" + m)) for m in methods}
     for m, times in builds.items():
@@ -179,42 +209,62 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
         rows.append(row(
             "Sweep throughput (zoo): merge build vs evaluation per candidate", m, build_s, eval_s,
             "the mean evaluation seconds of its candidates in the sweep", build_s / eval_s,
-            "≤ 1× (the prefetch thread keeps ahead of evaluation)",
-            f"mean of {len(times)} builds (to_numpy(candidate.build()), what the prefetch thread runs), timed after the "
-            "sweep on the first sampled subsets" + ("; cart's SVDs are Ray tasks beside the actors" if m == "cart" else ""),
+            "≤ 1× (a Ray task makes it ahead, beside the evaluation)" if ahead[m] else
+            "≈ 0× (built when its candidate is evaluated: all of it adds to the sweep)",
+            f"mean of {len(times)} builds (to_numpy(recipe.build(pool models)), what a Ray merge task runs), timed "
+            "after the sweep on the first sampled subsets, in the driver process"
+            + ("" if ahead[m] else "; its SVDs are Ray tasks beside the actors"),
             ratio_means="build seconds / evaluation seconds", gap=f"{build_s / eval_s:.1f}× evaluation",
-            ideal_value=1.0))
+            ideal_value=1.0 if ahead[m] else 0.0))
     info = {"wall": wall, "per_min": per_min, "store_s": store_s[0], "rows": json.dumps(seconds)}
     return rows, info
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# merge costs at ViT-B/32 size, and the estimate
+# merge costs at ViT-B/32 size
 
 
-def _slice(ctx: Context) -> tuple[dict[str, torch.Tensor], str, float]:
-    """A base state dict to time merges on, its description, and the factor that scales it to ViT-B/32."""
+def _slice(ctx: Context) -> tuple[dict[str, torch.Tensor], str, float, list[tuple[int, int]]]:
+    """A base state dict to time merges on, its description, the factor that scales it to ViT-B/32, and the shapes
+    of CART's SVD jobs per task on the whole encoder (its default rule, fused q, k, v)."""
     from raymerge import models
+    from raymerge.lowrank import LowRankRule, matrix_blocks, select_matrices
 
+    full = models.build_encoder("raymerge-tiny-vit" if ctx.quick else "ViT-B-32").state_dict()
+    shapes = [b.shape for parts in matrix_blocks(full, select_matrices(full, LowRankRule()), "fused").values()
+              for b in parts]
     if ctx.quick:
-        sd = models.build_encoder("raymerge-tiny-vit").state_dict()
+        sd = full
         label = "quick: the tiny ViT, scaled by parameter count (meaningless as an estimate)"
     else:
-        full = models.build_encoder("ViT-B-32").state_dict()
         sd = {k: v for k, v in full.items() if k.startswith("transformer.resblocks.0.")}
-        del full
         label = "ViT-B/32's first residual block (7.1 M parameters, real key names and shapes)"
+    del full
     sd = {k: v.detach().clone() for k, v in sd.items()}
     params = sum(v.numel() for v in sd.values())
-    return sd, f"{label}; ×{VITB32_PARAMS / params:.1f} to the 87.8 M-parameter encoder", VITB32_PARAMS / params
+    return sd, f"{label}; ×{VITB32_PARAMS / params:.1f} to the 87.8 M-parameter encoder", VITB32_PARAMS / params, shapes
+
+
+def _linear(c2: float, c3: float) -> tuple[float, float]:
+    """a, b of a + b·T through the T = 2 and T = 3 costs; proportional to T where load noise makes them decrease."""
+    b = c3 - c2
+    a = c2 - 2 * b
+    return (a, b) if b > 0 and a >= 0 else (0.0, (c2 / 2 + c3 / 3) / 2)
 
 
 def _merge_costs(ctx: Context) -> tuple[list[dict], dict]:
-    """Merge seconds at T = 2 and 3 on a ViT-B/32 slice, torch on 1 thread (per-core cost: 2 threads on this loaded
-    2-core machine are erratic), best of 3 rounds, each round timing every (method, T) and one plain copy."""
-    from raymerge.merge import task_arithmetic, ties, weight_average
+    """Seconds of each merge step at ViT-B/32 size on one core (a Ray merge task's torch runs 1 thread), best of 3
+    rounds, each round timing every (method, T) and one plain copy: the elementwise merges and CART's build (its θavg
+    plan, each SVD job by matrix shape, assembly) at T = 2 and 3; and the cost of a merged weight set in the object
+    store (``ray.put``) and of the host copy an actor makes before it copies weights to its GPU."""
+    import ray
 
-    base, label, scale = _slice(ctx)
+    from raymerge.cart import plan_cart
+    from raymerge.lowrank import assemble, run_jobs
+    from raymerge.merge import task_arithmetic, ties, weight_average
+    from raymerge.statedict import to_numpy
+
+    base, label, scale, shapes = _slice(ctx)
     torch.manual_seed(0)
     fts = [{k: v + 0.01 * torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
     fns = {
@@ -225,40 +275,78 @@ def _merge_costs(ctx: Context) -> tuple[list[dict], dict]:
     rounds = 1 if ctx.quick else 3
     times: dict[tuple[str, int], list[float]] = {}
     copies: list[float] = []
+    svd: dict[tuple[int, int], list[float]] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(rounds):
+        for r in range(rounds):
             copies.append(_time(lambda: {k: v.clone() for k, v in base.items()}))
             for name, (fn, _) in fns.items():
                 for T in (2, 3):
                     times.setdefault((name, T), []).append(_time(lambda: fn(T)))
+            if r == 0:  # CART once: each SVD takes tenths of a second, long enough to time on its own
+                for T in (2, 3):
+                    start = time.perf_counter()
+                    plan = plan_cart(base, fts[:T], rank_ratio=0.08, svd="exact")
+                    times.setdefault(("cart plan", T), []).append(time.perf_counter() - start)
+                    results = run_jobs(plan, lambda job, s: svd.setdefault(job.args[0].block.shape, []).append(s))
+                    times.setdefault(("cart assemble", T), []).append(_time(lambda: assemble(plan, results, 1.0)))
+        arrays = to_numpy(base)
+        put_s = best([_time(lambda: ray.put(arrays)) for _ in range(rounds)])
+        host_s = best([_time(lambda: {k: np.array(v) for k, v in arrays.items()}) for _ in range(rounds)])
     finally:
         torch.set_num_threads(threads)
     copy_s = best(copies)
-    costs = {name: {T: best(times[(name, T)]) for T in (2, 3)} for name in fns}
+    cost = {key: best(v) for key, v in times.items()}
+    svd_s = {shape: best(v) for shape, v in svd.items()}
     rows = []
     for name, (_, floor) in fns.items():
-        progress(f"sweep estimate: {name} on {label.split(';')[0]}: T=2 {costs[name][2]:.2f} s, T=3 {costs[name][3]:.2f} s")
-        measured = costs[name][3] * scale
-        base_s = copy_s * scale
+        progress(f"sweep estimate: {name} on {label.split(';')[0]}: T=2 {cost[(name, 2)]:.2f} s, "
+                 f"T=3 {cost[(name, 3)]:.2f} s")
+        measured = cost[(name, 3)] * scale
         rows.append(row(
-            "ViT-B/32 merge cost (for the estimate)", f"{name}, T=3", measured, base_s,
+            "ViT-B/32 merge cost (for the estimate)", f"{name}, T=3", measured, copy_s * scale,
             "one copy of the model's memory (clone: read + write), same machine, same rounds",
-            measured / base_s, f"{floor(3):.1f} copies (reads T models{' and θ0' if name != 'weight_average' else ''}, "
+            measured / (copy_s * scale),
+            f"{floor(3):.1f} copies (reads T models{' and θ0' if name != 'weight_average' else ''}, "
             "writes one)" + ("; the trim's selection adds passes" if name == "ties" else ""),
-            f"{label}; T=2: {costs[name][2] * scale:.2f} s; torch 1 thread; best of {rounds} rounds (T=3 rounds, "
+            f"{label}; T=2: {cost[(name, 2)] * scale:.2f} s; torch 1 thread; best of {rounds} rounds (T=3 rounds, "
             f"scaled: {', '.join(f'{t * scale:.2f}' for t in times[(name, 3)])} s: the first pays fresh-memory page "
-            "faults)",
+            "faults)" + ("; DaWin's merges (raymerge.dawin.merge_for) are task arithmetic with one λ per task: this "
+                         "cost" if name == "task_arithmetic" else ""),
             ratio_means="merge seconds / copy seconds (= model copies)",
-            gap=f"{measured / base_s / floor(3):.1f}× the floor", ideal_value=floor(3)))
-    model = {}
-    for name, c in costs.items():
-        b = c[3] - c[2]
-        a = c[2] - 2 * b
-        if b <= 0 or a < 0:  # noise on a loaded machine: fall back to proportional to T
-            a, b = 0.0, (c[2] / 2 + c[3] / 3) / 2
-        model[name] = (a * scale, b * scale)
+            gap=f"{measured / (copy_s * scale) / floor(3):.1f}× the floor", ideal_value=floor(3)))
+    jobs = {shape: svd_s[shape] for shape in shapes}  # every job shape of the encoder is a shape of the slice
+    cart3 = (cost[("cart plan", 3)] + cost[("cart assemble", 3)]) * scale + 3 * sum(jobs.values())
+    rows.append(row(
+        "ViT-B/32 merge cost (for the estimate)", "cart build on one core, T=3", cart3, copy_s * scale,
+        "one copy of the model's memory (see above)", cart3 / (copy_s * scale),
+        "≈ the SVDs' flops: the estimate spreads them over the cluster's cores",
+        f"θavg plan {cost[('cart plan', 3)] * scale:.2f} s + {3 * len(shapes)} exact SVD jobs (ρ = 0.08) "
+        f"{3 * sum(jobs.values()):.1f} s + assembly {cost[('cart assemble', 3)] * scale:.2f} s; SVD job seconds by "
+        f"matrix shape: {', '.join(f'{m}×{n} {s:.2f}' for (m, n), s in svd_s.items())} ({len(shapes)} per task); "
+        f"{label}; torch 1 thread, one round",
+        ratio_means="seconds / copy seconds (= model copies)", gap="—"))
+    rows.append(row(
+        "ViT-B/32 merge cost (for the estimate)", "one merged weight set into the object store (ray.put)",
+        put_s * scale, copy_s * scale, "one copy of the model's memory (see above)", put_s / copy_s,
+        "≈ 1 copy (a write into shared memory)",
+        f"what a Ray merge task pays to return its weights, and CART's build task per source model; {label}; best of "
+        f"{rounds}", ratio_means="seconds / copy seconds (= model copies)", gap=f"{put_s / copy_s:.1f} copies",
+        ideal_value=1.0))
+    rows.append(row(
+        "ViT-B/32 merge cost (for the estimate)", "an actor's host copy of a weight set (before its GPU copy)",
+        host_s * scale, copy_s * scale, "one copy of the model's memory (see above)", host_s / copy_s, "1 copy",
+        "models.load_weights_in_place on a GPU copies each read-only object-store array (np.array) before "
+        f"copying it to the device; {label}; best of {rounds}",
+        ratio_means="seconds / copy seconds (= model copies)", gap=f"{host_s / copy_s:.1f} copies", ideal_value=1.0))
+    model = {
+        "merge": {name: tuple(x * scale for x in _linear(cost[(name, 2)], cost[(name, 3)])) for name in fns},
+        "cart_plan": tuple(x * scale for x in _linear(cost[("cart plan", 2)], cost[("cart plan", 3)])),
+        "cart_assemble": tuple(x * scale for x in _linear(cost[("cart assemble", 2)], cost[("cart assemble", 3)])),
+        "cart_jobs": [jobs[shape] for shape in shapes], "copy": copy_s * scale, "put": put_s * scale,
+        "host_copy": host_s * scale,
+    }
     return rows, model
 
 
@@ -268,100 +356,279 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def _estimate(ctx: Context, model: dict) -> list[dict]:
-    from raymerge.sweep import subsets
+# ---------------------------------------------------------------------------------------------------------------
+# the driver's CPU per candidate at ViT-B/32 test-set sizes
 
-    cart = ctx.shared.get("cart_vitb32", {})
-    svd_bt = cart.get("exact_svd_s_per_block_task", float("nan"))
-    if cart.get("width", 768) != 768:  # quick mode: scale the reduced width's cost to 768 as n³
-        svd_bt *= (768 / cart["width"]) ** 3
-    put_s = ctx.shared.get("vitb32_put_s", float("nan"))
-    names = list(TEST_SIZES)
-    plan = subsets(names)
-    cost = {m: (lambda T, ab=ab: ab[0] + ab[1] * T) for m, ab in model.items()}
-    n_total = sum(TEST_SIZES.values())
-    images_static = sum(TEST_SIZES[t] for s in plan for t in s)  # per static method
-    images_dawin = images_static + len(names) * n_total  # phase 2, + phase 1 once per (model, task): cached
-    images = 4 * images_static + images_dawin
-    gpu = images / (GPUS * GPU_IMAGES_PER_S)
-    sum_sizes = sum(len(s) for s in plan)
-    per_method = {
-        "weight_average": sum(cost["weight_average"](len(s)) for s in plan),
-        "task_arithmetic": sum(cost["task_arithmetic"](len(s)) for s in plan),
-        "ties": sum(cost["ties"](len(s)) for s in plan),
-        # CART on the driver: θavg (≈ a weight average) and T fine-tuned models put; its SVD jobs over the cluster
-        "cart": sum(cost["weight_average"](len(s)) + len(s) * put_s
-                    + len(s) * VITB32_BLOCKS * svd_bt / min(SVD_CORES, len(s) * 48) for s in plan),
-    }
-    prefetch = sum(per_method.values())
-    dominant = max(per_method, key=per_method.get)
-    dawin_merges = sum(len(s) * cost["task_arithmetic"](len(s)) for s in plan)  # K=1 per test set, main thread
-    puts = (4 * len(plan) + sum_sizes) * put_s
-    main = gpu + dawin_merges + puts
-    estimate = max(prefetch, main)
-    assumptions = (f"ASSUMED: {GPU_IMAGES_PER_S:.0f} images/s per GPU (ViT-B/32 fp16, A100/H100 class; raymerge's "
-                   f"EvalWorker runs fp32 today) × {GPUS} GPUs; test sets {', '.join(f'{k} {v:,}' for k, v in TEST_SIZES.items())} "
-                   f"(task_vectors benchmark); {SVD_CORES} CPU cores for SVD tasks")
-    measured = (f"MEASURED here: merge cost a + b·T per method at ViT-B/32 size, exact SVD {svd_bt:.1f} s per block "
-                f"and task (1 core), hash + put {put_s:.2f} s per weight set; driver CPU costs are one core of this loaded "
-                "shared machine: a dedicated head node's cores, and several of them per merge, may be several times faster")
+
+def _scaled_sizes(ctx: Context) -> tuple[dict[str, int], dict[str, int]]:
+    """Test and validation sizes: the benchmark's, or a fiftieth of them with --quick."""
+    if not ctx.quick:
+        return TEST_SIZES, VAL_SIZES
+    return ({t: max(BATCH, n // 50) for t, n in TEST_SIZES.items()},
+            {t: max(BATCH, n // 50) for t, n in VAL_SIZES.items()})
+
+
+def _ideal_s(images: float) -> float:
+    return images / (GPUS * GPU_IMAGES_PER_S)
+
+
+def _candidate_images(method: str, subset: tuple[str, ...], sizes: dict[str, int]) -> int:
+    """Images a candidate evaluates once DaWin's phase 1 is cached: one pass per task, DaWin two (its merge per test
+    set and its reference merge)."""
+    return (2 if method == "dawin" else 1) * sum(sizes[t] for t in subset)
+
+
+def _driver(ctx: Context) -> tuple[list[dict], dict]:
+    from bench import sweep_driver
+
+    test, val = _scaled_sizes(ctx)
+    m = sweep_driver.measure(ctx, test, CLASSES, val, GPUS, BATCH,
+                             lambda plan: _sample(plan, 2 if ctx.quick else DRIVER_SUBSETS))
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for method, subset, cpu in m["candidates"]:
+        by_method.setdefault(method, []).append((cpu, _ideal_s(_candidate_images(method, subset, test))))
+    common = (f"{m['sample']} of the {m['plan']} subsets (evenly spaced by size); the real Run, WorkerPool methods, "
+              f"logit cache and results store over the task_vectors test sets at their sizes and class counts "
+              f"{'(quick: a fiftieth) ' if ctx.quick else ''}and validation splits (ASSUMED sizes, see the estimate), "
+              f"{GPUS} actors, batch {BATCH}; actors answer with canned logits and merges are of 4 × 4 stand-ins "
+              "(bench/sweep_driver.py); driver process CPU time (all its threads), on this shared machine; GPU time: "
+              f"its images at {GPU_IMAGES_PER_S:.0f} images/s × {GPUS} GPUs (ASSUMED), DaWin's phase 1 cached as for "
+              "almost every candidate of the full sweep")
+    rows, frac = [], {}
+    for method, pairs in by_method.items():
+        cpu, gpu = sum(c for c, _ in pairs), sum(g for _, g in pairs)
+        frac[method] = cpu / gpu
+        worst = max(c / g for c, g in pairs)
+        rows.append(row(
+            "Full ViT-B/32 sweep estimate: driver CPU per candidate", method, cpu / len(pairs), gpu / len(pairs),
+            "its GPU evaluation time (mean per candidate)", cpu / gpu, "≤ 5% of its GPU evaluation time (issue 16)",
+            common, ratio_means="driver CPU seconds / GPU seconds",
+            gap=f"{cpu / gpu:.1%} (target ≤ 5%: {'met' if cpu / gpu <= 0.05 else 'not met'}); worst candidate "
+                f"{worst:.1%}", ideal_value=0.05))
+    cpu = sum(c for pairs in by_method.values() for c, _ in pairs)
+    gpu = sum(g for pairs in by_method.values() for _, g in pairs)
+    rows.append(row(
+        "Full ViT-B/32 sweep estimate: driver CPU per candidate", "all methods", cpu / len(m["candidates"]),
+        gpu / len(m["candidates"]), "their GPU evaluation time (mean per candidate)", cpu / gpu,
+        "≤ 5% of its GPU evaluation time (issue 16)",
+        f"{common}; once per sweep besides: planning every row key of the {m['plan_candidates']} candidates "
+        f"{m['planning']:.2f} s, DaWin's phase 1 (every (model, task) pair's test and validation logits gathered and "
+        f"cached) {m['phase1']:.1f} s", ratio_means="driver CPU seconds / GPU seconds",
+        gap=f"{cpu / gpu:.1%} (target ≤ 5%: {'met' if cpu / gpu <= 0.05 else 'not met'})", ideal_value=0.05))
+    return rows, {"fraction": frac, "planning": m["planning"], "phase1": m["phase1"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the estimate: a walk through the sweep as the current code runs it
+
+
+def _sharded_s(n: int) -> float:
+    """GPU seconds of one pass over n images as the pool shards it: batch-aligned contiguous shards over the
+    actors, every batch padded to BATCH; the actor with the most batches sets the time."""
+    batches = -(-n // BATCH)
+    return -(-batches // GPUS) * BATCH / GPU_IMAGES_PER_S
+
+
+def _makespan(jobs: list[float], sources_s: float) -> float:
+    """Seconds to run ``jobs`` (seconds each on one core) greedily, longest first, on the free cores of both GPU
+    nodes: those of the node running CART's build task at once, the other node's once the sources reached it."""
+    free = NODE_CORES - GPUS_PER_NODE * ACTOR_CPUS
+    cores = [0.0] * (free - 1) + [sources_s] * free  # the build task holds one core of its node
+    heapq.heapify(cores)
+    for job in sorted(jobs, reverse=True):
+        heapq.heappush(cores, heapq.heappop(cores) + job)
+    return max(cores)
+
+
+def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: bool) -> dict[str, float]:
+    """Seconds of the full sweep by component, walking the candidates in the order sweep_run evaluates them.
+
+    merge_on task: each elementwise merge is submitted as a Ray task when it enters the window of MERGES_AHEAD + 1
+    candidates and is ready after its build, its ``ray.put`` and its transfer to the other node; a candidate waits
+    for it if it is not. merge_on actor: every actor builds it on its GPU when it evaluates it (the same on all 16,
+    at once). Either way CART is built when its candidate is evaluated (θavg plan, its sources put, SVD jobs on both
+    nodes' free cores, assembly, put, transfer), and DaWin's merges when its phase 2 needs them: one reference
+    merge per subset, then one per test set, each built, moved and loaded before its pass. Every weight set an actor
+    loads from the object store costs a host copy and a host → GPU copy. The driver's CPU per candidate (measured,
+    as a fraction of the candidate's GPU time) runs between candidates."""
+    from raymerge.config import DEFAULT_SWEEP_METHODS
+    from raymerge.sweep import MERGES_AHEAD
+
+    methods = list(DEFAULT_SWEEP_METHODS)
+    order = [(s, m) for s in plan for m in methods]
+    merge, copy = model["merge"], model["copy"]
+    move = model["put"] + VITB32_BYTES / NETWORK_BYTES_PER_S  # a merged set into the store and to the other node
+    load = model["host_copy"] + VITB32_BYTES / H2D_BYTES_PER_S  # an actor loading a weight set onto its GPU
+    wait, loads = "waits for merges made ahead", "weight loads onto the GPUs"
+
+    def cpu(name: str, T: int) -> float:
+        a, b = merge[name] if name in merge else model[name]
+        return a + b * T
+
+    def on_gpu(name: str, T: int) -> float:  # the same passes over memory as on a CPU core, at GPU bandwidth
+        return cpu(name, T) / copy * 2 * VITB32_BYTES / GPU_BYTES_PER_S + GPU_LAUNCH_S
+
+    parts = dict.fromkeys(("GPU passes", "weight loads onto the GPUs", "waits for merges made ahead", "CART builds",
+                           "DaWin's merges", "elementwise merges on the GPUs", "driver CPU for DaWin",
+                           "driver CPU for the other methods"), 0.0)
+    parts["driver CPU for the other methods"], parts["driver CPU for DaWin"] = driver["planning"], driver["phase1"]
+    t = driver["planning"] + driver["phase1"]
+    ready: dict[int, float] = {}
+    cached: set[tuple[str, str]] = set()
+    for i, (s, m) in enumerate(order):
+        T, spent = len(s), {}
+        if not on_actor:
+            for j in range(i, min(i + MERGES_AHEAD + 1, len(order))):
+                if order[j][1] in STATIC and j not in ready:
+                    ready[j] = t + cpu(order[j][1], len(order[j][0])) + move
+        gpu = sum(_sharded_s(TEST_SIZES[task]) for task in s)
+        if m in STATIC:
+            spent["GPU passes"] = gpu
+            if on_actor:
+                spent["elementwise merges on the GPUs"] = on_gpu(m, T)
+            else:
+                spent[wait], spent[loads] = max(0.0, ready[i] - t), load
+        elif m == "cart":
+            # θavg and the T fine-tuned models: put by the build task, pulled by the other node for its SVD jobs
+            sources = (T + 1) * model["put"]
+            svds = _makespan(model["cart_jobs"] * T, (T + 1) * VITB32_BYTES / NETWORK_BYTES_PER_S)
+            spent["CART builds"] = cpu("cart_plan", T) + sources + svds + cpu("cart_assemble", T) + move
+            spent["GPU passes"], spent[loads] = gpu, load
+        else:  # dawin: phase 1 where a (model, task) pair is new, then the reference merge and one merge per test set
+            new = [(model_task, task) for model_task in s for task in s if (model_task, task) not in cached]
+            cached.update(new)
+            spent["GPU passes"] = 2 * gpu + sum(_sharded_s(TEST_SIZES[task]) + _sharded_s(VAL_SIZES[task])
+                                                for _, task in new)
+            spent[loads] = load * len({model_task for model_task, _ in new})
+            each = on_gpu("task_arithmetic", T) if on_actor else cpu("task_arithmetic", T) + move + load
+            spent["DaWin's merges"] = (T + 1) * each
+        spent["driver CPU for DaWin" if m == "dawin" else "driver CPU for the other methods"] = (
+            driver["fraction"][m] * _ideal_s(_candidate_images(m, s, TEST_SIZES)))
+        for key, value in spent.items():
+            parts[key] += value
+        t += sum(spent.values())
+    parts["total"] = t
+    return parts
+
+
+def _ideal(plan: list[tuple[str, ...]]) -> tuple[float, dict[str, float]]:
+    per_subset = sum(TEST_SIZES[t] for s in plan for t in s)
+    images = {"4 elementwise and low-rank merges": 4 * per_subset, "DaWin's phase 2": per_subset,
+              "DaWin's reference merge": per_subset,
+              "DaWin's phase 1 (8 models × 8 tasks, test + validation)": len(TEST_SIZES) * sum(
+                  TEST_SIZES[t] + VAL_SIZES[t] for t in TEST_SIZES)}
+    return _ideal_s(sum(images.values())), images
+
+
+def _estimate(model: dict, driver: dict) -> list[dict]:
+    from raymerge.sweep import MERGES_AHEAD, subsets
+
+    plan = subsets(list(TEST_SIZES))
+    ideal, images = _ideal(plan)
+    issue16 = _ideal_s(sum(images.values()) - images["DaWin's reference merge"]
+                       - len(TEST_SIZES) * sum(VAL_SIZES.values()))
+    sharded = 6 * sum(_sharded_s(TEST_SIZES[t]) for s in plan for t in s) + len(TEST_SIZES) * sum(
+        _sharded_s(TEST_SIZES[t]) + _sharded_s(VAL_SIZES[t]) for t in TEST_SIZES)
+    task, actor = _simulate(model, driver, plan, on_actor=False), _simulate(model, driver, plan, on_actor=True)
     h = 3600.0
-    return [
-        row("Full ViT-B/32 sweep estimate", "GPU evaluation (ideal)", gpu, gpu,
-            "itself", 1.0, "the ideal",
-            f"{len(plan)} subsets × 5 methods; {images / 1e6:.1f} M images: 4 static methods × {images_static / 1e6:.2f} M "
-            f"(each task's test set once per subset holding it) + DaWin {images_dawin / 1e6:.2f} M (phase 2 once, phase 1 "
-            f"once per (model, task) thanks to the logit cache; validation splits not counted); {assumptions}",
-            value=gpu / h, unit="hours", estimate=True, ratio_means="—", gap="—", ideal_value=1.0),
-        row("Full ViT-B/32 sweep estimate", "driver prefetch thread (WA, TA, TIES, CART merges)", prefetch, gpu,
-            "GPU evaluation time", prefetch / gpu, "≤ 1× GPU time (hidden behind evaluation)",
-            f"one background thread builds each static merge in turn: "
-            f"{', '.join(f'{m} {v / h:.2f} h' for m, v in per_method.items())}; CART: θavg + "
-            f"{sum_sizes * VITB32_BLOCKS * 4:,} SVD jobs over the cluster's cores; {measured}",
-            dominant=dominant,
-            value=prefetch / h, unit="hours", estimate=True, ratio_means="seconds / GPU seconds",
-            gap=f"{prefetch / gpu:.1f}× GPU time", ideal_value=1.0),
-        row("Full ViT-B/32 sweep estimate", "driver main thread (GPU eval + DaWin merges + weight puts)", main, gpu,
-            "GPU evaluation time", main / gpu, "1× GPU time",
-            f"DaWin (K=1) builds one task-arithmetic merge per (subset, task) = {sum_sizes} merges on the main thread, "
-            f"not prefetched ({dawin_merges / h:.1f} h); {4 * len(plan) + sum_sizes} weight sets hashed and put "
-            f"({puts / h:.1f} h); {measured}",
-            value=main / h, unit="hours", estimate=True, ratio_means="seconds / GPU seconds",
-            gap=f"{main / gpu:.1f}× GPU time", ideal_value=1.0),
-        row("Full ViT-B/32 sweep estimate", "estimated wall time (max of the two driver threads)", estimate, gpu,
-            "GPU evaluation time (the ideal)", estimate / gpu, "1× (GPU-bound)",
-            f"{'driver-bound: the prefetch thread' if prefetch > main else 'the main thread'} sets the pace; "
-            f"{assumptions}; {measured}",
-            value=estimate / h, unit="hours", estimate=True, ratio_means="estimate / GPU-bound ideal",
-            gap=f"{estimate / gpu:.1f}× the GPU-bound ideal", ideal_value=1.0),
+    assumed = (f"ASSUMED: {NODES} nodes × {GPUS_PER_NODE} GPUs (cluster.yaml's 8-GPU type, p4d.24xlarge: "
+               f"{NODE_CORES} cores each, {ACTOR_CPUS} per GPU actor), driver on the CPU-only head; "
+               f"{GPU_IMAGES_PER_S:.0f} images/s per GPU (ViT-B/32, bf16 autocast); batch {BATCH}; network "
+               f"{NETWORK_BYTES_PER_S / 1e9:.1f} GB/s between nodes, host → GPU {H2D_BYTES_PER_S / 1e9:.0f} GB/s, "
+               f"GPU merges at {GPU_BYTES_PER_S / 1e12:.0f} TB/s + {GPU_LAUNCH_S * 1e3:.0f} ms of launches; a "
+               "cluster core as fast as one core of this loaded shared machine; validation splits "
+               f"{', '.join(f'{k} {v:,}' for k, v in VAL_SIZES.items())}")
+    measured = ("MEASURED here: merge costs a + b·T at ViT-B/32 size (one core), CART's θavg plan, SVD jobs by shape "
+                "and assembly, ray.put and the actor's host copy (see the merge-cost table), the driver's CPU per "
+                "candidate (see its table)")
+
+    def parts(p: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v / h:.2f} h" for k, v in p.items() if k != "total" and v > 0)
+
+    def verdict(ratio: float) -> str:
+        return f"{ratio:.2f}× the GPU-bound ideal (target ≤ 1.2×: {'met' if ratio <= 1.2 else 'not met'})"
+
+    rows = [
+        row("Full ViT-B/32 sweep estimate", "GPU evaluation (ideal)", ideal, ideal, "itself", 1.0, "the ideal",
+            f"{len(plan)} subsets × 5 methods (config.DEFAULT_SWEEP_METHODS: weight_average, task_arithmetic λ=0.3, "
+            f"ties, cart, dawin k=1); {sum(images.values()) / 1e6:.1f} M images: "
+            + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in images.items())
+            + f"; every image once on one of {GPUS} GPUs; without DaWin's reference pass and validation splits (as "
+            f"issue 16 counted it) {issue16 / h:.2f} h; {assumed}",
+            value=ideal / h, unit="hours", estimate=True, ratio_means="—", gap="—", ideal_value=1.0),
+        row("Full ViT-B/32 sweep estimate", "GPU evaluation as the pool shards it", sharded, ideal,
+            "GPU evaluation (ideal)", sharded / ideal, "1× (every GPU busy with real images)",
+            f"batch-aligned shards over {GPUS} actors, every batch padded to {BATCH}: a test set of n images takes "
+            f"⌈⌈n/{BATCH}⌉/{GPUS}⌉ batches on its busiest actor (DTD's 1,880 images: 8 batches, so 8 actors idle "
+            "and one batch per busy actor); ASSUMED figures as in the ideal's row",
+            value=sharded / h, unit="hours", estimate=True, ratio_means="seconds / ideal seconds",
+            gap=f"{sharded / ideal:.2f}× the ideal", ideal_value=1.0),
     ]
+    def hidden(p: dict[str, float]) -> str:
+        ahead = p["total"] - p["CART builds"] - p["DaWin's merges"]
+        actors = ahead - p["driver CPU for DaWin"]
+        return (f"not the current code: with CART's builds and DaWin's merges made ahead (hidden behind evaluation) it "
+                f"would take {ahead / h:.2f} h ({ahead / ideal:.2f}×), and with DaWin's statistics on the actors as "
+                f"well {actors / h:.2f} h ({actors / ideal:.2f}×)")
+
+    for name, p, how in (
+            ("merge_on: task (the default)", task,
+             f"elementwise merges as Ray tasks up to {MERGES_AHEAD} candidates ahead, each put in the store and "
+             "moved to the other node, each actor copying it to its GPU"),
+            ("merge_on: actor", actor,
+             "elementwise and DaWin merges built by every actor on its GPU from its resident models when it "
+             "evaluates them")):
+        rows.append(row(
+            "Full ViT-B/32 sweep estimate", f"{name}: estimated wall time", p["total"], ideal,
+            "GPU evaluation (ideal)", p["total"] / ideal, "≤ 1.2× the GPU-bound ideal (issue 16)",
+            f"{how}; CART built when evaluated (not ahead); DaWin's reference merge and its merge per test set made "
+            f"when needed; by component: {parts(p)}; {hidden(p)}; ASSUMED figures as in the ideal's row; {measured}",
+            value=p["total"] / h, unit="hours", estimate=True, ratio_means="estimate / GPU-bound ideal",
+            gap=verdict(p["total"] / ideal), ideal_value=1.2,
+            components={k: v / h for k, v in p.items()}))
+    return rows
 
 
 def run(ctx: Context) -> list[dict]:
     rows, _ = _measure_sweep(ctx)
     merge_rows, model = _merge_costs(ctx)
-    rows += merge_rows
-    if "cart_vitb32" in ctx.shared and "vitb32_put_s" in ctx.shared:
-        rows += _estimate(ctx, model)
-    else:
-        progress("sweep: no estimate (it needs the cart and evaluation sections of the same run)")
-    return rows
+    driver_rows, driver = _driver(ctx)
+    return rows + merge_rows + driver_rows + _estimate(model, driver)
 
 
 def meaning(rows: list[dict]) -> str:
     head = rows[0]
-    est = [r for r in rows if r["benchmark"] == "Full ViT-B/32 sweep estimate"]
     text = (f"The zoo sweep runs {head['value']:.1f} subsets/min, {head['ratio']:.1f}× its evaluation-only ideal: with "
             "tiny models, evaluation is cheap and per-candidate fixed costs (DaWin's phase 1 and mixture, Ray round "
             "trips, the results store) dominate.")
-    if est:
-        gpu, prefetch, main, final = est[0], est[1], est[2], est[-1]
-        text += (f" For ViT-B/32 on 16 GPUs the estimate is {final['value']:.1f} h against {gpu['value']:.2f} h of GPU "
-                 f"work ({final['ratio']:.1f}×)")
-        if final["ratio"] > 1.5:
-            bound = (f"the prefetch thread's merges ({prefetch.get('dominant', '?')} above all)"
-                     if prefetch["ratio"] >= main["ratio"] else "the main thread's DaWin merges")
-            text += (f": bound by {bound} on the driver, not by the GPUs; spreading merges over Ray tasks (as CART's "
-                     "SVDs already are) is what would make the cluster pay off")
-        text += ". The CPU costs behind it were measured on one loaded core here: treat it as an order of magnitude."
+    est = {r["case"]: r for r in rows if r["benchmark"] == "Full ViT-B/32 sweep estimate"}
+    drivers = {r["case"]: r for r in rows if r["benchmark"] == "Full ViT-B/32 sweep estimate: driver CPU per candidate"}
+    if not est:
+        return text
+    ideal, sharded = est["GPU evaluation (ideal)"], est["GPU evaluation as the pool shards it"]
+    walls = {case.split(":")[1].strip().split(" ")[0]: r for case, r in est.items() if case.endswith("wall time")}
+    text += (" For the 8-task ViT-B/32 sweep on 16 GPUs (ASSUMED: 2 nodes × 8 at 3,000 images/s each) the estimate "
+             "for the current code is " + " and ".join(f"{r['value']:.2f} h with merge_on: {on} ({r['ratio']:.1f}×)"
+                                                      for on, r in walls.items())
+             + f" against {ideal['value']:.2f} h of GPU work: issue 16's ≤ 1.2× is "
+             + ("met" if all(r["ratio"] <= 1.2 for r in walls.values()) else "not met")
+             + f". The GPU passes themselves take {sharded['value']:.2f} h as the pool shards them "
+             f"({sharded['ratio']:.2f}×: 256-image batches over 16 actors leave GPUs idle on the small test sets).")
+    for on, r in walls.items():
+        beyond = sorted(((k, v) for k, v in r["components"].items() if k not in ("total", "GPU passes") and v >= 0.005),
+                        key=lambda kv: -kv[1])
+        text += (f" Beyond them, with merge_on: {on}: " + ", ".join(f"{k} {v:.2f} h" for k, v in beyond) + ".")
+    if drivers:
+        over = [case for case, r in drivers.items() if case != "all methods" and r["ratio"] > 0.05]
+        text += (" The driver's own CPU per candidate is "
+                 + ", ".join(f"{r['ratio']:.1%} ({case})" for case, r in drivers.items())
+                 + " of its GPU evaluation time: issue 16's ≤ 5% is "
+                 + (f"not met for {', '.join(over)}" if over else "met") + ".")
+        if "dawin" in over:
+            text += (" DaWin's share is its phase-1 statistics (entropies in float64 over N × M × C logits), "
+                     "coefficients, diagnostics and samples columns, all computed on the driver; issue 16 wants "
+                     "them on the actors.")
+    text += (" Merges have left the driver and the elementwise ones are made ahead, but CART's build and DaWin's merges "
+             "are made only when their candidate is evaluated, so the GPUs wait for them. CPU costs were measured on "
+             "one core of this loaded shared machine: treat the hours as an order of magnitude.")
     return text

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("mixture", "dawin", "cart", "adamerging", "ties", "evaluation", "sweep")
+SECTIONS = ("mixture", "dawin", "cart", "adamerging", "ties", "evaluation", "precision", "sweep")
 ROW_KEYS = ("benchmark", "case", "measured_s", "baseline_s", "baseline", "ratio", "ideal", "note")
 
 
