@@ -566,10 +566,10 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
     ]
     def hidden(p: dict[str, float]) -> str:
         ahead = p["total"] - p["CART builds"] - p["DaWin's merges"]
-        actors = ahead - p["driver CPU for DaWin"]
+        off = ahead - p["driver CPU for DaWin"]
         return (f"not the current code: with CART's builds and DaWin's merges made ahead (hidden behind evaluation) it "
-                f"would take {ahead / h:.2f} h ({ahead / ideal:.2f}×), and with DaWin's statistics on the actors as "
-                f"well {actors / h:.2f} h ({actors / ideal:.2f}×)")
+                f"would take {ahead / h:.2f} h ({ahead / ideal:.2f}×), and with DaWin's remaining driver work "
+                f"(diagnostics, samples columns) overlapped as well {off / h:.2f} h ({off / ideal:.2f}×)")
 
     for name, p, how in (
             ("merge_on: task (the default)", task,
@@ -625,9 +625,10 @@ def meaning(rows: list[dict]) -> str:
                  + " of its GPU evaluation time: issue 16's ≤ 5% is "
                  + (f"not met for {', '.join(over)}" if over else "met") + ".")
         if "dawin" in over:
-            text += (" DaWin's share is its phase-1 statistics (entropies in float64 over N × M × C logits), "
-                     "coefficients, diagnostics and samples columns, all computed on the driver; issue 16 wants "
-                     "them on the actors.")
+            text += (" DaWin's entropies, cross-entropies and predictions are computed on the actors (four numbers per "
+                     "sample travel back) and its fitted temperatures are cached; what is left on the driver is its "
+                     "per-test-set diagnostics (Spearman ranks over N × M values, the largest share), coefficients, "
+                     "and the samples columns it writes.")
     text += (" Merges have left the driver and the elementwise ones are made ahead, but CART's build and DaWin's merges "
              "are made only when their candidate is evaluated, so the GPUs wait for them. CPU costs were measured on "
              "one core of this loaded shared machine: treat the hours as an order of magnitude.")

@@ -40,7 +40,7 @@ class CannedActor:
         self.logits: dict[tuple[str, str], np.ndarray] = {}
 
     def evaluate(self, weights_key: str, weights: Any, head: str, head_spec: list, shard: str, shard_spec: list,
-                 rows: np.ndarray | None = None) -> np.ndarray:
+                 rows: np.ndarray | None = None, reduce: Any = None) -> np.ndarray:
         import ray
 
         key = (head, shard_spec[0].hex())
@@ -52,7 +52,8 @@ class CannedActor:
             out[np.arange(len(dataset)), dataset.labels] += 3.0
             self.logits[key] = out
         out = self.logits[key] * np.float32(0.5 + zlib.crc32(weights_key.encode()) / 2**32)
-        return out if rows is None else out[np.asarray(rows)]
+        out = out if rows is None else out[np.asarray(rows)]
+        return out if reduce is None else reduce(out)  # as EvalWorker does: on the actor, not the driver
 
 
 def canned_pool(resources, handles: list):
@@ -93,13 +94,14 @@ def _tasks(test_sizes: dict[str, int], classes: dict[str, int], val_sizes: dict[
 def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], val_sizes: dict[str, int],
             actors: int, batch: int, pick: Callable[[list], list]) -> dict[str, Any]:
     """Driver CPU seconds: per evaluated candidate (method, subset, seconds), the one-time planning of the whole
-    sweep (with the loop's own overhead), and the one-time phase 1 of DaWin (every (model, task) pair's test and validation logits). ``pick``
+    sweep (with the loop's own overhead), and the one-time phase 1 of DaWin (every (model, task) pair's validation logits and test scores). ``pick``
     chooses the subsets evaluated from the plan; the others count as stored."""
     import ray
     import torch
 
     from raymerge import config
     from raymerge.cache import LogitCache
+    from raymerge.dawin_pipeline import phase1
     from raymerge.methods import Recipe
     from raymerge.pipeline import Run
     from raymerge.results import ResultStore
@@ -145,7 +147,7 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
         start = time.process_time()
         for t in tasks:
             for model in (task.finetuned for task in tasks.values()):
-                run.logits(Recipe.model(model), [(t, "test"), (t, "validation")])
+                phase1(run, [Recipe.model(model)], [(t, "test")], {t: (t, "validation")})
         phase1 = time.process_time() - start
         # one subset's candidates first, untimed: the first calls pay one-off costs (imports, the first Parquet write)
         for unit, params, c, p in sweep_candidates(run, warm, cfg.methods):

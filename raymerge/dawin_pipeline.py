@@ -55,6 +55,9 @@ class LocalEvaluator:
     def predictions(self, weights: Recipe | Weights, pairs: list[Pair]) -> dict[Pair, np.ndarray]:
         return {p: lg.argmax(1) for p, lg in self.logits(weights, pairs).items()}
 
+    def temperature(self, weights: Recipe | Weights, pair: Pair) -> float:
+        return dawin.fit_temperature(self.logits(weights, [pair])[pair], self._labels[pair])
+
     def scores(self, weights: Recipe | Weights, pairs: list[Pair], temperatures: Mapping[str, float] | None = None
                ) -> dict[Pair, np.ndarray]:
         logits = self.logits(weights, pairs)
@@ -113,13 +116,11 @@ def phase1(ev: Evaluator, candidates: Sequence[Recipe | Weights], pairs: list[Pa
     """Temperatures fitted on each task's validation split (its logits travel: temperature scaling needs them,
     and validation splits are small), then each candidate's scores on ``pairs`` at those temperatures."""
     tasks = list(dict.fromkeys(t for t, _ in pairs))
-    val_pairs = [validation[t] for t in tasks if validation.get(t)]
-    val_logits = [ev.logits(w, val_pairs) if val_pairs else {} for w in candidates]
     temperatures = {}
     for t in tasks:
         vp = validation.get(t)
         # temperature scaling on validation (METHODS §4); without a validation split the logits are used as they are
-        temperatures[t] = [dawin.fit_temperature(lg[vp], ev.labels(vp)) if vp else 1.0 for lg in val_logits]
+        temperatures[t] = [ev.temperature(w, vp) if vp else 1.0 for w in candidates]
     per_model = [ev.scores(w, pairs, {t: temperatures[t][m] for t in tasks}) for m, w in enumerate(candidates)]
     scores = {p: np.stack([s[p] for s in per_model], axis=1) for p in pairs}
     for (task, split), s in scores.items():

@@ -206,6 +206,11 @@ class Run:
     def _register(self, weights: Recipe | Mapping[str, np.ndarray]) -> str:
         return self.prefetch(weights) if isinstance(weights, Recipe) else self.pool.put_weights(weights)
 
+    def _keyed(self, weights: Recipe | Mapping[str, Any]) -> tuple[Recipe | Mapping[str, np.ndarray], str]:
+        """``weights`` as the store holds them, and the key that names them (a recipe's without building it)."""
+        weights = self._numpy(weights)
+        return weights, weights.key(self.model_hashes) if isinstance(weights, Recipe) else state_dict_hash(weights)
+
     @staticmethod
     def _numpy(weights: Recipe | Mapping[str, Any]) -> Recipe | Mapping[str, np.ndarray]:
         """Weight sets as numpy (what the object store holds and keys hash), recipes as they are."""
@@ -225,6 +230,17 @@ class Run:
         out = self._outputs(weights, pairs, lambda pair: Reduce())
         return {p: v[:, 0].astype(np.int64) for p, v in out.items()}
 
+    def temperature(self, weights: Recipe | Mapping[str, Any], pair: Pair) -> float:
+        """:func:`raymerge.dawin.fit_temperature` on the logits of ``weights`` on ``pair``, kept in the cache beside
+        them: a sweep asks for the same (model, validation split) once per candidate."""
+        weights, key = self._keyed(weights)
+        parts = (*self._cache_parts(key, pair), "temperature", *(float(b).hex() for b in dawin_math.TEMPERATURE_BOUNDS))
+        cached = self.cache.get(*parts)
+        if cached is None:
+            cached = np.array([dawin_math.fit_temperature(self.logits(weights, [pair])[pair], self.labels(pair))])
+            self.cache.put(cached, *parts)
+        return float(cached[0])
+
     def scores(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair],
                temperatures: Mapping[str, float] | None = None) -> dict[Pair, np.ndarray]:
         """(N, 4) per-sample scores (:func:`raymerge.dawin.sample_scores`) like :meth:`logits`, computed on the
@@ -235,8 +251,7 @@ class Run:
                  reduce_for: Callable[[Pair], Reduce | None]) -> dict[Pair, np.ndarray]:
         """Logits, or their reduction ``reduce_for(pair)``, of ``weights`` on ``pairs``, cached under what
         determines them."""
-        weights = self._numpy(weights)
-        key = weights.key(self.model_hashes) if isinstance(weights, Recipe) else state_dict_hash(weights)
+        weights, key = self._keyed(weights)
         out, pending = {}, {}
         for pair in pairs:
             reduce = reduce_for(pair)

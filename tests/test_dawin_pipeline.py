@@ -155,6 +155,9 @@ class LinearEvaluator:
             out[rows] = dawin.sample_scores(self.x[rows] @ np.asarray(weights["w"]), self._labels[rows])
         return out
 
+    def temperature(self, weights, pair):
+        return dawin.fit_temperature(self.logits(weights, [pair])[pair], self.labels(pair))
+
     def central(self, fn, *args):
         return fn(*args)
 

@@ -79,6 +79,10 @@ class Evaluator(Protocol):
         """(N,) int64 predicted classes of ``weights`` on each whole (task, split), the argmax taken where the
         logits are."""
 
+    def temperature(self, weights: Recipe | Mapping[str, np.ndarray], pair: Pair) -> float:
+        """The temperature of ``weights`` fitted on the labelled split ``pair``
+        (:func:`raymerge.dawin.fit_temperature` on its logits)."""
+
     def scores(self, weights: Recipe | Mapping[str, np.ndarray], pairs: list[Pair],
                temperatures: Mapping[str, float] | None = None) -> dict[Pair, np.ndarray]:
         """(N, 4) :func:`raymerge.dawin.sample_scores` of ``weights`` on each whole (task, split), at each task's
