@@ -36,10 +36,10 @@ def _timed_run_class():
 
         clock: defaultdict
 
-        def _outputs(self, weights, pairs, temperatures):
+        def _outputs(self, weights, pairs, reduce_for):
             start = time.perf_counter()
             try:
-                return super()._outputs(weights, pairs, temperatures)
+                return super()._outputs(weights, pairs, reduce_for)
             finally:
                 self.clock["outputs"] += time.perf_counter() - start
 

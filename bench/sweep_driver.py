@@ -148,7 +148,7 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
         for t in tasks:
             for model in (task.finetuned for task in tasks.values()):
                 phase1(run, [Recipe.model(model)], [(t, "test")], {t: (t, "validation")})
-        phase1 = time.process_time() - start
+        phase1_s = time.process_time() - start
         # one subset's candidates first, untimed: the first calls pay one-off costs (imports, the first Parquet write)
         for unit, params, c, p in sweep_candidates(run, warm, cfg.methods):
             run.evaluate(unit, params, c, p, label(unit.name))
@@ -176,5 +176,5 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
         for h in handles:
             ray.kill(h)
     evaluated = [(m, s, c) for (m, s), c in cpu.items() if s in chosen]
-    return {"candidates": evaluated, "planning": total - sum(cpu.values()), "phase1": phase1,
+    return {"candidates": evaluated, "planning": total - sum(cpu.values()), "phase1": phase1_s,
             "plan_candidates": len(plan) * len(cfg.methods), "sample": len(chosen), "plan": len(plan)}

@@ -37,7 +37,7 @@ from raymerge.statedict import StateDict
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 """Search range of :func:`fit_temperature`; the released code hard-codes T ≈ 0.96–0.97 for CLIP ViT-B/32."""
 
-_TEMPERATURE_XATOL = 1e-6
+TEMPERATURE_XATOL = 1e-6
 
 
 def _as_logits(logits: ArrayLike | Sequence[ArrayLike]) -> np.ndarray:
@@ -168,7 +168,7 @@ def fit_temperature(
         lambda log_t: _cross_entropy(z, y, np.exp(log_t)).mean(),
         bounds=(np.log(low), np.log(high)),
         method="bounded",
-        options={"xatol": _TEMPERATURE_XATOL},
+        options={"xatol": TEMPERATURE_XATOL},
     )
     return float(np.exp(result.x))
 

@@ -87,7 +87,7 @@ class LocalEvaluator:
 @dataclass
 class Phase1:
     """Candidate scores (N, M, 4) per test set (:func:`raymerge.dawin.sample_scores` of each candidate, stacked
-    on axis 1), the temperatures used, and the candidates themselves (the logit-only variants ask for logits)."""
+    on axis 1), the temperatures used, and the candidates themselves (DOE asks for their logits)."""
 
     scores: dict[Pair, np.ndarray]
     temperatures: dict[str, list[float]]  # task -> one temperature per candidate
@@ -111,6 +111,14 @@ class Outcome:
     diagnostics: dict[Pair, Diagnostics] = field(default_factory=dict)
 
 
+def _temperature(ev: Evaluator, weights: Recipe | Weights, pair: Pair, m: int) -> float:
+    try:
+        return ev.temperature(weights, pair)
+    except ValueError as err:  # non-finite validation logits
+        raise ValueError(f"{pair[0]}/{pair[1]}: candidate {m}: {err}; DaWin cannot fit its temperature there: evaluate "
+                         f"in fp32 (resources.precision) or check that candidate's weights") from err
+
+
 def phase1(ev: Evaluator, candidates: Sequence[Recipe | Weights], pairs: list[Pair],
            validation: Mapping[str, Pair | None]) -> Phase1:
     """Temperatures fitted on each task's validation split (its logits travel: temperature scaling needs them,
@@ -120,7 +128,7 @@ def phase1(ev: Evaluator, candidates: Sequence[Recipe | Weights], pairs: list[Pa
     for t in tasks:
         vp = validation.get(t)
         # temperature scaling on validation (METHODS §4); without a validation split the logits are used as they are
-        temperatures[t] = [ev.temperature(w, vp) if vp else 1.0 for w in candidates]
+        temperatures[t] = [_temperature(ev, w, vp, m) if vp else 1.0 for m, w in enumerate(candidates)]
     per_model = [ev.scores(w, pairs, {t: temperatures[t][m] for t in tasks}) for m, w in enumerate(candidates)]
     scores = {p: np.stack([s[p] for s in per_model], axis=1) for p in pairs}
     for (task, split), s in scores.items():

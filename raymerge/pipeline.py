@@ -41,6 +41,7 @@ from raymerge.dawin_pipeline import CENTRAL_CPUS
 from raymerge.errors import InputError
 from raymerge.workers import MERGE_CPUS, Reduce, WorkerPool
 
+PREDICTIONS = Reduce()  # what a static candidate's rows need of the logits: one key for evaluation and prefetch
 log = logging.getLogger("raymerge")
 
 Pair = tuple[str, str]  # (task, split)
@@ -188,7 +189,7 @@ class Run:
             return
         key = cand.recipe.key(self.model_hashes)
         pending = self.pending(unit, params, cand, pool, label)
-        if any(self.force or not self.cache.path(*self._cache_parts(key, pair, Reduce())).exists() for pair in pending):
+        if any(self.force or not self.cache.path(*self._cache_parts(key, pair, PREDICTIONS)).exists() for pair in pending):
             self.prefetch(cand.recipe)
 
     def _cache_parts(self, key: str, pair: Pair, reduce: Reduce | None = None) -> tuple[str, ...]:
@@ -227,14 +228,15 @@ class Run:
 
     def predictions(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
         """(N,) int64 predicted classes like :meth:`logits`, the argmax taken on the actors."""
-        out = self._outputs(weights, pairs, lambda pair: Reduce())
+        out = self._outputs(weights, pairs, lambda pair: PREDICTIONS)
         return {p: v[:, 0].astype(np.int64) for p, v in out.items()}
 
     def temperature(self, weights: Recipe | Mapping[str, Any], pair: Pair) -> float:
         """:func:`raymerge.dawin.fit_temperature` on the logits of ``weights`` on ``pair``, kept in the cache beside
         them: a sweep asks for the same (model, validation split) once per candidate."""
         weights, key = self._keyed(weights)
-        parts = (*self._cache_parts(key, pair), "temperature", *(float(b).hex() for b in dawin_math.TEMPERATURE_BOUNDS))
+        fit = (*dawin_math.TEMPERATURE_BOUNDS, dawin_math.TEMPERATURE_XATOL)
+        parts = (*self._cache_parts(key, pair), "temperature", *(float(b).hex() for b in fit))
         cached = self.cache.get(*parts)
         if cached is None:
             cached = np.array([dawin_math.fit_temperature(self.logits(weights, [pair])[pair], self.labels(pair))])
@@ -373,6 +375,9 @@ class Run:
         for pair in pairs:
             labels = self.labels(pair)
             pred = outcome.outputs[pair]
+            if pred.shape != labels.shape:
+                raise ValueError(f"method {unit.name} handed over outputs of shape {pred.shape} for {pair[0]}/{pair[1]}, "
+                                 f"which has {len(labels)} samples: a Prediction holds predicted classes (N,)")
             samples[keys[pair]] = {"prediction": pred, "label": labels, **outcome.extras.get(pair, {})}
             rows.append({
                 "key": keys[pair], "experiment": self.exp.name, "method": label, "params": cand.params,

@@ -51,7 +51,7 @@ class OnActors:
     models: dict[str, ray.ObjectRef]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # an ndarray field: identity, not value, comparison
 class Reduce:
     """What an actor sends back instead of its (n, C) logits, computed where they are: the argmax class as (n, 1)
     float64 (``labels`` None), or the (n, 4) :func:`raymerge.dawin.sample_scores` with ``labels`` (n,) of the

@@ -94,10 +94,16 @@ def test_actors_send_back_scores_not_logits(mini_pool, ray_local, tmp_path, monk
     assert {shape[1] for ref, shape in shapes.items() if datasets[ref].endswith("/validation")} == {10}
 
 
-def test_outputs_are_cached_by_what_they_are(mini_pool, ray_local, tmp_path):
-    """Logits, predictions and scores at each temperature are separate cache entries, each equal to its formula."""
+def test_outputs_are_cached_by_what_they_are(mini_pool, ray_local, tmp_path, monkeypatch):
+    """Logits, predictions, scores at each temperature and fitted temperatures are separate cache entries, each
+    equal to its formula, and each read back instead of being computed again."""
     from raymerge.methods import Recipe
+    from raymerge.workers import WorkerPool
 
+    submitted, fits = [], []
+    submit, fit = WorkerPool.submit, pipeline.dawin_math.fit_temperature
+    monkeypatch.setattr(WorkerPool, "submit", lambda self, *a, **k: submitted.append(a[2]) or submit(self, *a, **k))
+    monkeypatch.setattr(pipeline.dawin_math, "fit_temperature", lambda *a, **k: fits.append(1) or fit(*a, **k))
     exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / 'out'}"])
     run = pipeline.start_run(exp, cache_dir=tmp_path / "cache")
     try:
@@ -107,9 +113,21 @@ def test_outputs_are_cached_by_what_they_are(mini_pool, ray_local, tmp_path):
         at_half = run.scores(base, [pair], {"digits": 0.5})[pair]
         predicted = run.predictions(base, [pair])[pair]
         logits = run.logits(base, [pair])[pair]
-        again = run.scores(base, [pair], {"digits": 0.5})[pair]  # from the cache
+        temperature = run.temperature(base, ("digits", "validation"))
+        assert len(submitted) == 5 and len(fits) == 1 and len(list((tmp_path / "cache" / "logits").glob("*.npy"))) == 6
+        again = run.scores(base, [pair], {"digits": 0.5})[pair]
+        assert run.predictions(base, [pair])[pair].tolist() == predicted.tolist()
+        assert run.temperature(base, ("digits", "validation")) == temperature
+        assert len(submitted) == 5 and len(fits) == 1, "a cached output was computed again"
     finally:
         run.pool.shutdown()
+    # the cached temperature is the fit on a single-process evaluation of the same split
+    from raymerge.workers import evaluate_local
+
+    ds = load_dataset(mini_pool / "validation")
+    local = evaluate_local(ARCH, to_numpy(models.load_encoder_weights(ARCH, mini_pool / "base.safetensors")),
+                           models.load_head(mini_pool / "head.safetensors"), ds, exp.resources.batch_size)
+    assert temperature == dawin.fit_temperature(local, ds.labels)
     np.testing.assert_array_equal(predicted, logits.argmax(1))
     z = logits.astype(np.float64)
     for scores, t in ((at_1, 1.0), (at_half, 0.5), (again, 0.5)):
@@ -118,6 +136,24 @@ def test_outputs_are_cached_by_what_they_are(mini_pool, ray_local, tmp_path):
         np.testing.assert_allclose(scores[:, 2], -logp[np.arange(len(z)), labels], rtol=1e-10)
         np.testing.assert_array_equal(scores[:, 3], predicted)
     assert not np.allclose(at_1[:, 0], at_half[:, 0])
+
+
+def test_a_merge_is_made_ahead_only_when_its_predictions_are_not_cached(mini_pool, ray_local, tmp_path):
+    from raymerge import methods
+
+    unit = methods.get("wise_ft")
+    params = unit.params(lambdas=[0.5])
+    for out, fresh in (("first", True), ("second", False)):  # the second run shares the first one's cache
+        exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / out}"])
+        run = pipeline.start_run(exp, cache_dir=tmp_path / "cache")
+        try:
+            pool = run.view()
+            (cand,) = unit.candidates(pool, params)
+            run.prefetch_candidate(unit, params, cand, pool, "wise_ft")
+            assert (cand.recipe.key(run.model_hashes) in run.pool.registered) is fresh
+            run.evaluate(unit, params, cand, pool)
+        finally:
+            run.pool.shutdown()
 
 
 def test_dcs_and_doe_rows_match_formulas(mini_pool, dawin_store):
@@ -337,6 +373,22 @@ def test_phase1_names_a_candidate_with_non_finite_logits():
     weights = [{"w": candidates[0]}, {"w": candidates[1], "overflow_row": 7}]
     with pytest.raises(ValueError, match=r"toy/test: candidate 1 has non-finite logits on 1 sample\(s\) \(the first: row 7\)"):
         dawin_pipeline.phase1(ev, weights, [PAIR], {"toy": None})
+
+
+def test_phase1_names_a_candidate_whose_validation_logits_are_not_finite():
+    class Overflowing(SplitEvaluator):
+        def logits(self, weights, pairs):
+            out = super().logits(weights, pairs)
+            if "overflow" in weights and ("toy", "validation") in out:
+                out[("toy", "validation")][3, 1] = np.inf
+            return out
+
+    rng = np.random.default_rng(0)
+    ev = Overflowing({PAIR: (rng.normal(size=(10, 6)), rng.integers(0, 4, 10)),
+                      ("toy", "validation"): (rng.normal(size=(20, 6)), rng.integers(0, 4, 20))})
+    weights = [{"w": rng.normal(size=(6, 4))}, {"w": rng.normal(size=(6, 4)), "overflow": True}]
+    with pytest.raises(ValueError, match=r"toy/validation: candidate 1: .*non-finite.*resources.precision"):
+        dawin_pipeline.phase1(ev, weights, [PAIR], {"toy": ("toy", "validation")})
 
 
 def test_max_in_flight_must_be_positive():
