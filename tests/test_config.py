@@ -12,6 +12,13 @@ def _raw(mini_pool):
     return yaml.safe_load((mini_pool / "experiment.yaml").read_text())
 
 
+def _problems(raw: dict, mini_pool) -> str:
+    """The one message validating ``raw`` must fail with."""
+    with pytest.raises(config.ConfigError) as info:
+        config.validate(raw, "exp.yaml", mini_pool)
+    return str(info.value)
+
+
 def test_valid_file_loads_with_defaults(mini_pool):
     exp = config.load(mini_pool / "experiment.yaml")
     assert exp.setting == "robust"
@@ -29,9 +36,7 @@ def test_every_problem_is_listed(mini_pool):
     raw["model_pool"]["finetuned"]["ft3"] = "missing.safetensors"  # missing file
     raw["methods"]["ties"] = {"density": 0}                # out of range
     raw["bogus"] = 1                                       # unknown top-level key
-    with pytest.raises(config.ConfigError) as info:
-        config.validate(raw, "exp.yaml", mini_pool)
-    text = str(info.value)
+    text = _problems(raw, mini_pool)
     assert "6 problem(s)" in text
     assert "resources.batch_size: input should be a valid integer, got str 'big'" in text
     assert "bogus: unknown key (known: name, seed, zoo" in text
@@ -48,9 +53,7 @@ def test_value_checks(mini_pool):
         "ties": {"lam": float("nan")},
     }}
     raw["model_pool"]["architecture"] = "ViT-Q-99"
-    with pytest.raises(config.ConfigError) as info:
-        config.validate(raw, "exp.yaml", mini_pool)
-    text = str(info.value)
+    text = _problems(raw, mini_pool)
     assert "methods.wise_ft.lambdas.1: input should be a valid number, got str 'x'" in text
     assert "methods.dawin.0.k: input should be greater than or equal to 1, got int 0" in text
     assert "methods.dawin.1.mixture: input should be 'auto', 'beta', 'dirichlet', 'mean' or 'none', got str 'gauss'" in text
@@ -64,13 +67,10 @@ def test_value_checks(mini_pool):
 
 def test_settings_are_checked(mini_pool):
     raw = _raw(mini_pool) | {"methods": {"rank_sweep": {}, "dawin": {"mixture": "dirichlet"}}}
-    with pytest.raises(config.ConfigError) as info:
-        config.validate(raw, "exp.yaml", mini_pool)
-    assert "methods.rank_sweep: applies to the multitask setting(s), not to robust" in str(info.value)
+    text = _problems(raw, mini_pool)
+    assert "methods.rank_sweep: applies to the multitask setting(s), not to robust" in text
     raw["sweep"] = {"methods": {"wise_ft": {}}}
-    with pytest.raises(config.ConfigError) as info:
-        config.validate(raw, "exp.yaml", mini_pool)
-    text = str(info.value)
+    text = _problems(raw, mini_pool)
     assert "sweep: needs a multi-task pool" in text
     assert "sweep.methods.wise_ft: applies to the robust setting(s), not to a sweep" in text
 
@@ -140,9 +140,7 @@ def test_adaptation_and_low_rank_parameters_are_checked(mini_pool):
     raw["model_pool"]["finetuned"] = {"ft1": "ft1.safetensors"}
     raw["task_pool"]["digits"]["finetuned"] = "ft1"  # a (one-task) multi-task pool
     raw["methods"] = {"adamerging": {"lr": 0, "steps": 0}, "cart_pp": {"batch_size": -1}, "iso_cts": {"common_space_fraction": 0}}
-    with pytest.raises(config.ConfigError) as info:
-        config.validate(raw, "exp.yaml", mini_pool)
-    text = str(info.value)
+    text = _problems(raw, mini_pool)
     assert "methods.adamerging.lr: input should be greater than 0, got int 0" in text
     assert "methods.adamerging.steps: input should be greater than or equal to 1, got int 0" in text
     assert "methods.cart_pp.batch_size: input should be greater than or equal to 1, got int -1" in text
@@ -150,10 +148,9 @@ def test_adaptation_and_low_rank_parameters_are_checked(mini_pool):
     # a ResNet's attention pool keeps q, k and v apart: there is nothing to split
     raw["model_pool"]["architecture"] = "RN50"
     raw["methods"] = {"cart": {"qkv": "split"}, "tsv_merge": {"qkv": "fused"}}
-    with pytest.raises(config.ConfigError) as info:
-        config.validate(raw, "exp.yaml", mini_pool)
-    assert "methods.cart.qkv: split needs fused attention weights (attn.in_proj_weight), which RN50 does not have" in str(info.value)
-    assert "tsv_merge" not in str(info.value).split("RN50 does not have")[1]
+    text = _problems(raw, mini_pool)
+    assert "methods.cart.qkv: split needs fused attention weights (attn.in_proj_weight), which RN50 does not have" in text
+    assert "tsv_merge" not in text.split("RN50 does not have")[1]
 
 
 def test_names_counts_and_seeds_that_would_fail_later_are_refused_now(mini_pool):
@@ -161,9 +158,7 @@ def test_names_counts_and_seeds_that_would_fail_later_are_refused_now(mini_pool)
     raw["task_pool"]["Cars"] = {"head": "head.safetensors", "tset": "test"}  # a benchmark-style capitalized name
     raw["task_pool"]["digits"]["shifts"]["test"] = "rotate"
     raw["seed"] = -1
-    with pytest.raises(config.ConfigError) as info:
-        config.validate(raw, "exp.yaml", mini_pool)
-    text = str(info.value)
+    text = _problems(raw, mini_pool)
     assert "task_pool.Cars.test: required key is missing" in text
     assert "task_pool.Cars.tset: unknown key (known: head, finetuned, validation, test, classes, shifts)" in text
     assert "seed: input should be greater than or equal to 0, got int -1" in text
@@ -171,9 +166,7 @@ def test_names_counts_and_seeds_that_would_fail_later_are_refused_now(mini_pool)
     raw["task_pool"]["digits"]["shifts"]["validation"] = "rotate"
     raw["methods"] = {"model_stock": {}}
     raw["model_pool"]["finetuned"] = {"ft1": "ft1.safetensors"}
-    with pytest.raises(config.ConfigError) as info:
-        config.validate(raw, "exp.yaml", mini_pool)
-    text = str(info.value)
+    text = _problems(raw, mini_pool)
     assert "task_pool.digits.shifts.validation: a shift may not be called test, validation" in text
     assert "methods.model_stock: merges at least 2 fine-tuned models, the pool has 1" in text
 
@@ -184,9 +177,7 @@ def test_sweep_tasks_need_their_models_and_enough_of_them(mini_pool):
     raw["task_pool"]["other"] = {"head": "head.safetensors", "test": "test"}  # no fine-tuned model of its own
     raw["methods"] = {}
     raw["sweep"] = {"tasks": ["digits", "other", "digits"], "min_size": 1, "methods": {"cart": {}, "ties": {}}}
-    with pytest.raises(config.ConfigError) as info:
-        config.validate(raw, "exp.yaml", mini_pool)
-    text = str(info.value)
+    text = _problems(raw, mini_pool)
     assert "sweep.tasks: lists a task twice" in text
     assert "sweep.tasks: ['other'] have no fine-tuned model" in text
     assert "sweep.methods.cart: merges at least 2 fine-tuned models, sweep.min_size is 1" in text
