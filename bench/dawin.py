@@ -43,10 +43,10 @@ def _timed_run_class():
             finally:
                 self.clock["outputs"] += time.perf_counter() - start
 
-        def scores_rows(self, assignments, pair):
+        def scores_rows(self, assignments):
             start = time.perf_counter()
             try:
-                return super().scores_rows(assignments, pair)
+                return super().scores_rows(assignments)
             finally:
                 self.clock["scores_rows"] += time.perf_counter() - start
 

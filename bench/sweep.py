@@ -17,10 +17,13 @@ weight_average, task_arithmetic, ties, cart, dawin: ``config.DEFAULT_SWEEP_METHO
 all actors. The elementwise merges (weight_average, task_arithmetic, ties) are recipes that Ray tasks build up to
 ``MERGES_AHEAD`` candidates ahead (``resources.merge_on: task``, the default) or that every actor builds on its GPU
 from its resident models when it evaluates them (``merge_on: actor``). CART's recipe runs its SVDs as Ray tasks of
-its own and is built when its candidate is evaluated, not ahead; DaWin's reference merge and its one merge per test
-set are made when its phase 2 needs them. Those builds therefore add to the sweep's wall time, as does the driver's
-own work per candidate (keys, Ray calls, gathering logits, the logit cache, the results store, and DaWin's
-entropies, coefficients and diagnostics), which runs between one candidate's evaluation and the next one's.
+its own; its build starts when it enters the same window (``sweep.make_ahead``: one SVD-based build ahead at a
+time) and the GPUs wait only for what is left of it. DaWin's reference merge and its one merge per test set are made
+when its phase 2 needs them, ``max_merges_in_flight`` side by side, so they add to the sweep's wall time, as does
+the driver's own work per candidate (keys, Ray calls, gathering outputs, the logit cache, the results store, and
+DaWin's coefficients and diagnostics), which runs between one candidate's evaluation and the next one's. Each test
+set's shards start on the actor after the previous set's (``raymerge.data.Sharder``), so the sets a candidate
+submits at once share the actors.
 Inputs: merge costs measured here on ViT-B/32-sized tensors (the first residual block of ``build_encoder("ViT-B-32")``,
 scaled by parameter count; one core), the driver's CPU per candidate measured here at the benchmark's real test-set
 sizes with the actors stood in for (:mod:`bench.sweep_driver`), and ASSUMED cluster figures (stated in the rows).
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 
 from bench.common import Context, best, progress, row
+from raymerge.config import Resources
 
 TITLE = "Sweep throughput (zoo) and the full 8-task ViT-B/32 sweep estimate"
 SAMPLE_SUBSETS = 12
@@ -64,6 +68,8 @@ GPU_BYTES_PER_S = 2.0e12  # a GPU merge's elementwise passes (A100 80 GB / H100 
 GPU_LAUNCH_S = 0.02  # one merge's kernel launches on the GPU (~150 keys × a few ops × tens of µs)
 VITB32_BLOCKS = 12
 STATIC = ("weight_average", "task_arithmetic", "ties")  # recipes made ahead (merge_on: task) or on the actors
+# DaWin's phase-2 merges alive at once (resources.max_merges_in_flight's default)
+MAX_IN_FLIGHT = Resources.model_fields["max_merges_in_flight"].default
 
 
 def _sample(plan: list[tuple[str, ...]], n: int) -> list[tuple[str, ...]]:
@@ -146,14 +152,14 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
         progress("sweep: merge build times (what a Ray merge task runs: the recipe built from the pool models)")
         models = {"base": run.base, **run.finetuned}
         builds: dict[str, list[float]] = {}
-        ahead: dict[str, bool] = {}
+        svd: dict[str, bool] = {}
         for s in sample[:1 if ctx.quick else 3]:
             for unit, _, c, _ in sweep_candidates(run, s, cfg.methods):
                 if c.recipe is not None:
                     t = time.perf_counter()
                     to_numpy(c.recipe.build(models))
                     builds.setdefault(unit.name, []).append(time.perf_counter() - t)
-                    ahead[unit.name] = c.recipe.where == "any"
+                    svd[unit.name] = c.recipe.where == "task"
     finally:
         run.pool.shutdown()
 
@@ -194,7 +200,7 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
             "Sweep throughput (zoo): per method", m, seconds[m], ideal[m], "its evaluation passes (see above)",
             seconds[m] / ideal[m], "1.0×",
             "Σ over its candidates of the seconds the results store records (evaluation, plus for dawin its phase 1, "
-            "mixture and merges, and for the SVD-based merges their build; merges made ahead are not in it)",
+            "mixture and merges; of a merge made ahead, the SVD-based ones included, only what is left of it)",
             ratio_means="measured seconds / ideal seconds", gap=f"{seconds[m] / ideal[m]:.1f}× ideal", ideal_value=1.0))
     other = wall - sum(seconds.values())
     rows.append(row(
@@ -209,13 +215,12 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
         rows.append(row(
             "Sweep throughput (zoo): merge build vs evaluation per candidate", m, build_s, eval_s,
             "the mean evaluation seconds of its candidates in the sweep", build_s / eval_s,
-            "≤ 1× (a Ray task makes it ahead, beside the evaluation)" if ahead[m] else
-            "≈ 0× (built when its candidate is evaluated: all of it adds to the sweep)",
+            "≤ 1× (a Ray task makes it ahead, beside the evaluation)",
             f"mean of {len(times)} builds (to_numpy(recipe.build(pool models)), what a Ray merge task runs), timed "
             "after the sweep on the first sampled subsets, in the driver process"
-            + ("" if ahead[m] else "; its SVDs are Ray tasks beside the actors"),
+            + ("; its SVDs are Ray tasks beside the actors, one SVD-based build ahead at a time" if svd[m] else ""),
             ratio_means="build seconds / evaluation seconds", gap=f"{build_s / eval_s:.1f}× evaluation",
-            ideal_value=1.0 if ahead[m] else 0.0))
+            ideal_value=1.0))
     info = {"wall": wall, "per_min": per_min, "store_s": store_s[0], "rows": json.dumps(seconds)}
     return rows, info
 
@@ -422,11 +427,23 @@ def _driver(ctx: Context) -> tuple[list[dict], dict]:
 # the estimate: a walk through the sweep as the current code runs it
 
 
-def _sharded_s(n: int) -> float:
-    """GPU seconds of one pass over n images as the pool shards it: batch-aligned contiguous shards over the
-    actors, every batch padded to BATCH; the actor with the most batches sets the time."""
-    batches = -(-n // BATCH)
-    return -(-batches // GPUS) * BATCH / GPU_IMAGES_PER_S
+def _shard_batches() -> dict[tuple[str, str], np.ndarray]:
+    """Batches (GPUS,) each actor holds of each (task, split), as :class:`raymerge.data.Sharder` assigns them in
+    the order the pipeline registers the sets (each task's test split, then its validation split)."""
+    from raymerge.data import Sharder
+
+    sharder = Sharder(GPUS, BATCH)
+    sizes = {(t, split): n for t in TEST_SIZES for split, n in (("test", TEST_SIZES[t]), ("validation", VAL_SIZES[t]))}
+    return {pair: np.array([-(-len(p) // BATCH) for p in sharder(n)]) for pair, n in sizes.items()}
+
+
+SHARD_BATCHES = _shard_batches()
+
+
+def _sharded_s(sets: list[tuple[str, str]]) -> float:
+    """GPU seconds of one pass over ``sets`` (task, split), submitted at once, as the pool shards them: every batch
+    padded to BATCH, each actor running its batches of every set in turn; the busiest actor sets the time."""
+    return float(sum(SHARD_BATCHES[pair] for pair in sets).max()) * BATCH / GPU_IMAGES_PER_S
 
 
 def _makespan(jobs: list[float], sources_s: float) -> float:
@@ -473,35 +490,44 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
                            "driver CPU for the other methods"), 0.0)
     parts["driver CPU for the other methods"], parts["driver CPU for DaWin"] = driver["planning"], driver["phase1"]
     t = driver["planning"] + driver["phase1"]
+    def cart_build(T: int) -> float:
+        # θavg and the T fine-tuned models: put by the build task, pulled by the other node for its SVD jobs
+        svds = _makespan(model["cart_jobs"] * T, (T + 1) * VITB32_BYTES / NETWORK_BYTES_PER_S)
+        return cpu("cart_plan", T) + (T + 1) * model["put"] + svds + cpu("cart_assemble", T) + move
+
     ready: dict[int, float] = {}
     cached: set[tuple[str, str]] = set()
     for i, (s, m) in enumerate(order):
         T, spent = len(s), {}
-        if not on_actor:
-            for j in range(i, min(i + MERGES_AHEAD + 1, len(order))):
-                if order[j][1] in STATIC and j not in ready:
-                    ready[j] = t + cpu(order[j][1], len(order[j][0])) + move
-        gpu = sum(_sharded_s(TEST_SIZES[task]) for task in s)
-        if m in STATIC:
-            spent["GPU passes"] = gpu
-            if on_actor:
-                spent["elementwise merges on the GPUs"] = on_gpu(m, T)
-            else:
-                spent[wait], spent[loads] = max(0.0, ready[i] - t), load
-        elif m == "cart":
-            # θavg and the T fine-tuned models: put by the build task, pulled by the other node for its SVD jobs
-            sources = (T + 1) * model["put"]
-            svds = _makespan(model["cart_jobs"] * T, (T + 1) * VITB32_BYTES / NETWORK_BYTES_PER_S)
-            spent["CART builds"] = cpu("cart_plan", T) + sources + svds + cpu("cart_assemble", T) + move
-            spent["GPU passes"], spent[loads] = gpu, load
-        else:  # dawin: phase 1 where a (model, task) pair is new, then the reference merge and one merge per test set
+        # merges entering the window (make_ahead): elementwise ones as Ray tasks (merge_on task), CART's build always
+        # (one CART per subset, so never two SVD-based builds ahead)
+        for j in range(i, min(i + MERGES_AHEAD + 1, len(order))):
+            name, size = order[j][1], len(order[j][0])
+            if j not in ready and (name == "cart" or (name in STATIC and not on_actor)):
+                ready[j] = t + (cart_build(size) if name == "cart" else cpu(name, size) + move)
+        gpu = _sharded_s([(task, "test") for task in s])
+        if m in STATIC and on_actor:
+            spent["GPU passes"], spent["elementwise merges on the GPUs"] = gpu, on_gpu(m, T)
+        elif m in STATIC or m == "cart":
+            waited = "CART builds" if m == "cart" else wait
+            spent["GPU passes"], spent[waited], spent[loads] = gpu, max(0.0, ready[i] - t), load
+        else:  # dawin: phase 1 where a (model, task) pair is new, then phase 2 with the reference merge
             new = [(model_task, task) for model_task in s for task in s if (model_task, task) not in cached]
             cached.update(new)
-            spent["GPU passes"] = 2 * gpu + sum(_sharded_s(TEST_SIZES[task]) + _sharded_s(VAL_SIZES[task])
-                                                for _, task in new)
+            # phase 1: one temperature fit (a validation pass) at a time, then each model's new test sets at once
+            phase1 = sum(_sharded_s([(task, "validation")]) for _, task in new) + sum(
+                _sharded_s([(task, "test") for mt, task in new if mt == model_task])
+                for model_task in dict.fromkeys(mt for mt, _ in new))
+            # phase 2: the reference merge (on every set) and one merge per set, in batches of MAX_IN_FLIGHT merges,
+            # each batch's merges made side by side, then its sets evaluated at once
+            jobs = [[(task, "test") for task in s], *([(task, "test")] for task in s)]
+            batches = [jobs[k:k + MAX_IN_FLIGHT] for k in range(0, len(jobs), MAX_IN_FLIGHT)]
+            spent["GPU passes"] = phase1 + sum(_sharded_s([p for job in b for p in job]) for b in batches)
             spent[loads] = load * len({model_task for model_task, _ in new})
-            each = on_gpu("task_arithmetic", T) if on_actor else cpu("task_arithmetic", T) + move + load
-            spent["DaWin's merges"] = (T + 1) * each
+            if on_actor:  # every actor builds each merge of a batch on its GPU, one after the other
+                spent["DaWin's merges"] = len(jobs) * on_gpu("task_arithmetic", T)
+            else:
+                spent["DaWin's merges"] = len(batches) * (cpu("task_arithmetic", T) + move + load)
         spent["driver CPU for DaWin" if m == "dawin" else "driver CPU for the other methods"] = (
             driver["fraction"][m] * _ideal_s(_candidate_images(m, s, TEST_SIZES)))
         for key, value in spent.items():
@@ -527,9 +553,8 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
     ideal, images = _ideal(plan)
     issue16 = _ideal_s(sum(images.values()) - images["DaWin's reference merge"]
                        - len(TEST_SIZES) * sum(VAL_SIZES.values()))
-    sharded = 6 * sum(_sharded_s(TEST_SIZES[t]) for s in plan for t in s) + len(TEST_SIZES) * sum(
-        _sharded_s(TEST_SIZES[t]) + _sharded_s(VAL_SIZES[t]) for t in TEST_SIZES)
     task, actor = _simulate(model, driver, plan, on_actor=False), _simulate(model, driver, plan, on_actor=True)
+    sharded = task["GPU passes"]
     h = 3600.0
     assumed = (f"ASSUMED: {NODES} nodes × {GPUS_PER_NODE} GPUs (cluster.yaml's 8-GPU type, p4d.24xlarge: "
                f"{NODE_CORES} cores each, {ACTOR_CPUS} per GPU actor), driver on the CPU-only head; "
@@ -558,18 +583,19 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
             value=ideal / h, unit="hours", estimate=True, ratio_means="—", gap="—", ideal_value=1.0),
         row("Full ViT-B/32 sweep estimate", "GPU evaluation as the pool shards it", sharded, ideal,
             "GPU evaluation (ideal)", sharded / ideal, "1× (every GPU busy with real images)",
-            f"batch-aligned shards over {GPUS} actors, every batch padded to {BATCH}: a test set of n images takes "
-            f"⌈⌈n/{BATCH}⌉/{GPUS}⌉ batches on its busiest actor (DTD's 1,880 images: 8 batches, so 8 actors idle "
-            "and one batch per busy actor); ASSUMED figures as in the ideal's row",
+            f"batch-aligned shards over {GPUS} actors (raymerge.data.Sharder: each set starts on the actor after the "
+            f"last one the previous set used), every batch padded to {BATCH}; the sets a call submits at once (a "
+            "candidate's test sets, a batch of DaWin's phase 2) take as long as their busiest actor's batches; DaWin's "
+            "temperature fits one validation set at a time; ASSUMED figures as in the ideal's row",
             value=sharded / h, unit="hours", estimate=True, ratio_means="seconds / ideal seconds",
             gap=f"{sharded / ideal:.2f}× the ideal", ideal_value=1.0),
     ]
     def hidden(p: dict[str, float]) -> str:
-        ahead = p["total"] - p["CART builds"] - p["DaWin's merges"]
+        ahead = p["total"] - p["DaWin's merges"]
         off = ahead - p["driver CPU for DaWin"]
-        return (f"not the current code: with CART's builds and DaWin's merges made ahead (hidden behind evaluation) it "
-                f"would take {ahead / h:.2f} h ({ahead / ideal:.2f}×), and with DaWin's remaining driver work "
-                f"(diagnostics, samples columns) overlapped as well {off / h:.2f} h ({off / ideal:.2f}×)")
+        return (f"not the current code: with DaWin's merges made ahead too (hidden behind evaluation) it would take "
+                f"{ahead / h:.2f} h ({ahead / ideal:.2f}×), and with DaWin's remaining driver work (diagnostics, "
+                f"samples columns) overlapped as well {off / h:.2f} h ({off / ideal:.2f}×)")
 
     for name, p, how in (
             ("merge_on: task (the default)", task,
@@ -581,8 +607,9 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
         rows.append(row(
             "Full ViT-B/32 sweep estimate", f"{name}: estimated wall time", p["total"], ideal,
             "GPU evaluation (ideal)", p["total"] / ideal, "≤ 1.2× the GPU-bound ideal (issue 16)",
-            f"{how}; CART built when evaluated (not ahead); DaWin's reference merge and its merge per test set made "
-            f"when needed; by component: {parts(p)}; {hidden(p)}; ASSUMED figures as in the ideal's row; {measured}",
+            f"{how}; CART's build started as a Ray task when it enters that window (its SVDs on both nodes' free "
+            "cores), its wait counted under CART builds; DaWin's reference merge and its merge per test set made when "
+            f"its phase 2 needs them, {MAX_IN_FLIGHT} side by side; by component: {parts(p)}; {hidden(p)}; ASSUMED figures as in the ideal's row; {measured}",
             value=p["total"] / h, unit="hours", estimate=True, ratio_means="estimate / GPU-bound ideal",
             gap=verdict(p["total"] / ideal), ideal_value=1.2,
             components={k: v / h for k, v in p.items()}))
@@ -613,7 +640,8 @@ def meaning(rows: list[dict]) -> str:
              + f" against {ideal['value']:.2f} h of GPU work: issue 16's ≤ 1.2× is "
              + ("met" if all(r["ratio"] <= 1.2 for r in walls.values()) else "not met")
              + f". The GPU passes themselves take {sharded['value']:.2f} h as the pool shards them "
-             f"({sharded['ratio']:.2f}×: 256-image batches over 16 actors leave GPUs idle on the small test sets).")
+             f"({sharded['ratio']:.2f}×: 256-image batches over 16 actors; what a candidate submits at once shares the "
+             "actors, but DaWin's temperature fits pass over one small validation set at a time).")
     for on, r in walls.items():
         beyond = sorted(((k, v) for k, v in r["components"].items() if k not in ("total", "GPU passes") and v >= 0.005),
                         key=lambda kv: -kv[1])
@@ -629,7 +657,7 @@ def meaning(rows: list[dict]) -> str:
                      "sample travel back) and its fitted temperatures are cached; what is left on the driver is its "
                      "per-test-set diagnostics (Spearman ranks over N × M values, the largest share), coefficients, "
                      "and the samples columns it writes.")
-    text += (" Merges have left the driver and the elementwise ones are made ahead, but CART's build and DaWin's merges "
-             "are made only when their candidate is evaluated, so the GPUs wait for them. CPU costs were measured on "
-             "one core of this loaded shared machine: treat the hours as an order of magnitude.")
+    text += (" Merges have left the driver; the elementwise ones and CART's build are made ahead, DaWin's merges side "
+             "by side when its phase 2 needs them, so the GPUs still wait for those. CPU costs were measured on one "
+             "core of this loaded shared machine: treat the hours as an order of magnitude.")
     return text

@@ -60,12 +60,14 @@ def canned_pool(resources, handles: list):
     """A :class:`raymerge.workers.WorkerPool` whose ``resources.num_actors`` actors are ``handles`` taken in turn
     (16 logical actors on 2 processes: the driver's cost per call is the same). Only ``__init__`` is bypassed (it
     would start real actors); every method the driver calls is WorkerPool's own."""
+    from raymerge.data import Sharder
     from raymerge.workers import WorkerPool
 
     pool = WorkerPool.__new__(WorkerPool)
     pool.architecture, pool.resources, pool.precision = "stand-in", resources, resources.precision
     pool.actors = [handles[i % len(handles)] for i in range(resources.num_actors)]
     pool.shards, pool.shard_specs, pool.head_specs, pool.head_classes, pool._weights = {}, {}, {}, {}, {}
+    pool._sharder = Sharder(resources.num_actors, resources.batch_size)
     return pool
 
 

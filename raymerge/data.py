@@ -249,14 +249,35 @@ def write_parquet(dataset: ImageDataset, path: str | Path, shard_rows: int = 409
             pq.write_table(table.replace_schema_metadata(meta), tmp / f"part-{i:05d}.parquet")
 
 
-def shard_indices(n: int, num_shards: int, align: int = 1) -> list[np.ndarray]:
-    """Split ``range(n)`` into ``num_shards`` contiguous index arrays whose boundaries are multiples of ``align``.
+def shard_indices(n: int, num_shards: int, align: int = 1, start: int = 0) -> list[np.ndarray]:
+    """Split ``range(n)`` into ``num_shards`` contiguous index arrays whose boundaries are multiples of ``align``;
+    the s-th block of the split is element ``(start + s) % num_shards`` of the list.
 
     Aligning shards to the evaluation batch size makes every batch of a sharded run identical to the
-    corresponding batch of a single-process run, so their logits agree bit for bit. Trailing shards may be empty.
+    corresponding batch of a single-process run, so their logits agree bit for bit. A set of fewer than
+    ``num_shards`` batches fills only some shards: ``start`` chooses which, so that consecutive sets (given
+    consecutive starts) land on different actors. The other shards are empty.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     blocks = -(-n // align)
     per = -(-blocks // num_shards)
-    return [np.arange(min(s * per * align, n), min((s + 1) * per * align, n)) for s in range(num_shards)]
+    split = [np.arange(min(s * per * align, n), min((s + 1) * per * align, n)) for s in range(num_shards)]
+    return [split[(i - start) % num_shards] for i in range(num_shards)]
+
+
+@dataclass
+class Sharder:
+    """Shards consecutive datasets (:func:`shard_indices`) over ``num_shards`` actors, each starting on the actor
+    after the last one the previous dataset used: the sets of one candidate, evaluated at once, then share the
+    actors evenly instead of queueing on the first ones."""
+
+    num_shards: int
+    align: int = 1
+    start: int = 0
+
+    def __call__(self, n: int) -> list[np.ndarray]:
+        """The shards (one index array per actor, some maybe empty) of the next dataset, of ``n`` samples."""
+        parts = shard_indices(n, self.num_shards, self.align, self.start)
+        self.start = (self.start + sum(len(p) > 0 for p in parts)) % self.num_shards
+        return parts

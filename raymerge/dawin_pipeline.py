@@ -4,9 +4,10 @@
    (:func:`raymerge.dawin.sample_scores`: entropies, cross-entropy, prediction) on every test set, computed by
    the workers from their shard's logits, so four numbers per sample travel instead of C (cached);
 2. central: coefficients with domain statistics, mixture fit (a Ray task on a cluster), component of each sample;
-3. the merged weight sets are built once each;
-4. phase 2: each sample is evaluated with its component's merged model only, at most ``max_in_flight`` merged
-   weight sets alive at once; again only scores travel back;
+3. the merged weight sets are built once each, every test set's side by side;
+4. phase 2: each sample is evaluated with its component's merged model only, every test set's merges submitted
+   together (the static reference merge with them), at most ``max_in_flight`` merged weight sets alive at once;
+   again only scores travel back;
 5. per-sample diagnostics (:mod:`raymerge.diagnostics`): does entropy track the loss on this test set?
 
 The Ray worker pool (:class:`raymerge.pipeline.Run`) and :class:`LocalEvaluator` (one process, no Ray) both
@@ -63,12 +64,12 @@ class LocalEvaluator:
         logits = self.logits(weights, pairs)
         return {p: dawin.sample_scores(logits[p], self._labels[p], (temperatures or {}).get(p[0], 1.0)) for p in pairs}
 
-    def scores_rows(self, assignments: Sequence[tuple[Recipe | Weights, np.ndarray]], pair: Pair) -> np.ndarray:
-        out = np.full((len(self.images[pair]), len(dawin.SCORE_COLUMNS)), np.nan)
-        for weights, rows in assignments:
+    def scores_rows(self, assignments: Sequence[tuple[Recipe | Weights, Pair, np.ndarray]]) -> list[np.ndarray]:
+        out = []
+        for weights, pair, rows in assignments:
             self._load(weights)
             logits = models.predict_logits(self.encoder, self.heads[pair[0]], self.images[pair][rows], self.batch_size)
-            out[rows] = dawin.sample_scores(logits, self._labels[pair][rows])
+            out.append(dawin.sample_scores(logits, self._labels[pair][rows]))
         return out
 
     def central(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -182,62 +183,71 @@ class DawinRunner:
                 self._columns[pair] = diagnostics.columns_from_scores(self.p1.scores[pair], self.ev.labels(pair))
         return {p: self._columns[p] for p in pairs}
 
-    def reference_entropy(self, pairs: Sequence[Pair]) -> dict[Pair, np.ndarray]:
-        """Entropy (N,) at temperature 1 of the static merge (uniform coefficients) on each pair, computed once:
-        one merge, evaluated on all pairs not seen yet."""
-        missing = [p for p in pairs if p not in self._reference]
-        if missing:
-            m = self.p1.scores[missing[0]].shape[1]
-            static = self.ev.scores(self.merge(np.full(m, 1.0 / m)), missing)
-            self._reference.update((p, static[p][:, dawin.SCORE_COLUMNS.index("entropy_t1")]) for p in missing)
-        return {p: self._reference[p] for p in pairs}
+    def _phase2(self, groups: Mapping[Pair, dawin.MergeGroups], reference: Sequence[Pair]
+                ) -> tuple[dict[Pair, np.ndarray], dict[Pair, np.ndarray]]:
+        """Phase 2 of every pair at once: scores (N, 4) at temperature 1 where each sample is evaluated by the
+        merge of its group only; and the entropy (N,) at temperature 1 of the reference merge (uniform
+        coefficients, the static merge) on each pair of ``reference``.
 
-    def _evaluate(self, pair: Pair, groups: dawin.MergeGroups) -> np.ndarray:
-        """Phase 2: scores (N, 4) at temperature 1 where each sample is evaluated by the merge of its group only.
-
-        At most ``max_in_flight`` merged weight sets exist at once: each batch of groups is merged, evaluated
-        and dropped before the next batch is merged. Empty groups get no merge.
+        The merges of all pairs go to the evaluator together, so they are made side by side and evaluated back to
+        back, in batches of at most ``max_in_flight`` merged weight sets: each batch is merged, evaluated and
+        dropped before the next batch is merged. Empty groups get no merge.
         """
-        order = np.argsort(groups.component, kind="stable")
-        counts = np.bincount(groups.component, minlength=len(groups.table))
-        members = [(j, rows) for j, rows in enumerate(np.split(order, np.cumsum(counts)[:-1])) if len(rows)]
-        out: np.ndarray | None = None
-        for start in range(0, len(members), self.max_in_flight):
-            batch = members[start:start + self.max_in_flight]
-            assignments = [(self.merge(groups.table[j]), rows) for j, rows in batch]
-            scores = self.ev.scores_rows(assignments, pair)
-            del assignments  # before the next batch is merged, so only one batch is ever alive
-            if out is None:
-                out = np.full(scores.shape, np.nan)
-            for _, rows in batch:
-                out[rows] = scores[rows]
-        assert out is not None  # N ≥ 1, so some group has members
-        missing = np.isnan(out[:, dawin.SCORE_COLUMNS.index("prediction")])
-        if missing.any():
-            raise RuntimeError(f"phase 2 of {pair[0]}/{pair[1]} left {int(missing.sum())} sample(s) unevaluated "
-                               f"(the first: row {int(np.argmax(missing))})")
-        return out
+        jobs: list[tuple[np.ndarray, list[tuple[Pair, np.ndarray]]]] = []  # (coefficients, [(pair, rows)]) per merge
+        if reference:
+            m = self.p1.scores[reference[0]].shape[1]
+            jobs.append((np.full(m, 1.0 / m), [(p, np.arange(len(self.p1.scores[p]))) for p in reference]))
+        for pair, g in groups.items():
+            order = np.argsort(g.component, kind="stable")
+            counts = np.bincount(g.component, minlength=len(g.table))
+            jobs += [(g.table[j], [(pair, rows)]) for j, rows in enumerate(np.split(order, np.cumsum(counts)[:-1]))
+                     if len(rows)]
+        width = len(dawin.SCORE_COLUMNS)
+        out = {pair: np.full((len(self.p1.scores[pair]), width), np.nan) for pair in groups}
+        static: dict[Pair, np.ndarray] = {}
+        for start in range(0, len(jobs), self.max_in_flight):
+            batch = list(enumerate(jobs[start:start + self.max_in_flight], start))
+            merges = [self.merge(c) for _, (c, _) in batch]
+            assignments = [(w, pair, rows) for w, (_, (_, parts)) in zip(merges, batch) for pair, rows in parts]
+            scores = iter(self.ev.scores_rows(assignments))
+            del merges, assignments  # before the next batch is merged, so only one batch is ever alive
+            for i, (_, parts) in batch:
+                for pair, rows in parts:
+                    if i == 0 and reference:
+                        static[pair] = next(scores)[:, dawin.SCORE_COLUMNS.index("entropy_t1")]
+                    else:
+                        out[pair][rows] = next(scores)
+        for (task, split), got in out.items():
+            missing = np.isnan(got[:, dawin.SCORE_COLUMNS.index("prediction")])
+            if missing.any():
+                raise RuntimeError(f"phase 2 of {task}/{split} left {int(missing.sum())} sample(s) unevaluated "
+                                   f"(the first: row {int(np.argmax(missing))})")
+        return out, static
 
     def _outcome(self, pairs: Sequence[Pair], coefficients: Callable[[Pair], np.ndarray], mixture: str | None,
                  k: int = 1) -> Outcome:
         """Per-sample columns, diagnostics and, unless ``mixture`` is None (logit-only variants), the phase-2
-        evaluation with the merges of :func:`raymerge.dawin.merge_groups`."""
+        evaluation with the merges of :func:`raymerge.dawin.merge_groups` (every pair's at once)."""
         out = Outcome({})
-        static = self.reference_entropy(pairs) if self.reference and mixture is not None else {}
-        for pair, columns in self.sample_columns(pairs).items():
-            c = coefficients(pair)
-            extras = {**columns, "coefficients": c}
-            if mixture is not None:
-                fitted = mixture in ("beta", "dirichlet")  # EM runs where central statistics run
-                groups = self.ev.central(dawin.merge_groups, c, mixture, k, self.seed) if fitted else \
-                    dawin.merge_groups(c, mixture, k, self.seed)
-                scores = self._evaluate(pair, groups)
-                out.predictions[pair] = dawin.score_predictions(scores)
-                out.merges[pair] = int(np.count_nonzero(np.bincount(groups.component)))
-                extras.update(component=groups.component, merge_coefficients=groups.table[groups.component],
-                              output_entropy=scores[:, dawin.SCORE_COLUMNS.index("entropy_t1")])
-                if pair in static:
-                    extras["reference_entropy"] = static[pair]
+        columns = self.sample_columns(pairs)
+        c = {pair: coefficients(pair) for pair in pairs}
+        groups: dict[Pair, dawin.MergeGroups] = {}
+        if mixture is not None:
+            fitted = mixture in ("beta", "dirichlet")  # EM runs where central statistics run
+            groups = {pair: self.ev.central(dawin.merge_groups, c[pair], mixture, k, self.seed) if fitted else
+                      dawin.merge_groups(c[pair], mixture, k, self.seed) for pair in pairs}
+            scores, static = self._phase2(groups, [p for p in pairs if p not in self._reference] if self.reference else [])
+            self._reference.update(static)
+        for pair in pairs:
+            extras = {**columns[pair], "coefficients": c[pair]}
+            if pair in groups:
+                g = groups[pair]
+                out.predictions[pair] = dawin.score_predictions(scores[pair])
+                out.merges[pair] = int(np.count_nonzero(np.bincount(g.component)))
+                extras.update(component=g.component, merge_coefficients=g.table[g.component],
+                              output_entropy=scores[pair][:, dawin.SCORE_COLUMNS.index("entropy_t1")])
+                if pair in self._reference:
+                    extras["reference_entropy"] = self._reference[pair]
             out.extras[pair] = extras
             out.diagnostics[pair] = diagnostics.diagnose(extras, self.names)
         return out

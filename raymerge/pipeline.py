@@ -181,16 +181,17 @@ class Run:
             self.pool.put_built(key, made)
         return key
 
-    def prefetch_candidate(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> None:
+    def prefetch_candidate(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> bool:
         """Start making ``cand``'s merge ahead of its evaluation, unless none is needed: every row stored, or every
-        pending row's predictions cached. Only elementwise merges: an SVD-based one runs its own tasks when evaluated, so
-        that at most one holds copies of the pool in the object store."""
-        if cand.recipe is None or cand.recipe.where != "any":
-            return
+        pending row's predictions cached. Whether a merge was started (or already had been)."""
+        if cand.recipe is None:
+            return False
         key = cand.recipe.key(self.model_hashes)
         pending = self.pending(unit, params, cand, pool, label)
         if any(self.force or not self.cache.path(*self._cache_parts(key, pair, PREDICTIONS)).exists() for pair in pending):
             self.prefetch(cand.recipe)
+            return True
+        return False
 
     def _cache_parts(self, key: str, pair: Pair, reduce: Reduce | None = None) -> tuple[str, ...]:
         """What a cache entry is keyed by: the weights (or recipe), the head, the data, the evaluation, and what
@@ -278,14 +279,17 @@ class Run:
             return self.pool.gather(refs, n, reduce.width, np.float64)
         return self.pool.gather(refs, n, t.heads[pair[1]].num_classes)
 
-    def scores_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, Any], np.ndarray]], pair: Pair) -> np.ndarray:
-        """Phase 2 of DaWin: every (weights, rows) assignment at once, each actor scoring its rows only."""
-        task, split = pair
-        head, reduce = self.tasks[task].head_name(split), Reduce(self.labels(pair))
-        keys = [self._register(self._numpy(weights)) for weights, _ in assignments]  # all start before any waits
-        pending = [call for key, (_, rows) in zip(keys, assignments)
-                   for call in self.pool.submit(key, head, f"{task}/{split}", rows, reduce)]
-        out = self._gather(pending, pair, reduce)
+    def scores_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, Any], Pair, np.ndarray]]
+                    ) -> list[np.ndarray]:
+        """Phase 2 of DaWin: every (weights, pair, rows) assignment at once, each actor scoring its rows only; the
+        merges all start (Ray tasks side by side) before any evaluation is waited for."""
+        keys = [self._register(self._numpy(weights)) for weights, _, _ in assignments]
+        pending = []
+        for key, (_, pair, rows) in zip(keys, assignments):
+            reduce = Reduce(self.labels(pair))
+            refs = self.pool.submit(key, self.tasks[pair[0]].head_name(pair[1]), "/".join(pair), rows, reduce)
+            pending.append((pair, rows, reduce, refs))
+        out = [self._gather(refs, pair, reduce)[rows] for pair, rows, reduce, refs in pending]
         for key in keys:
             self.pool.drop_weights(key)
         return out

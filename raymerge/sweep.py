@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -116,6 +116,18 @@ def run_sweep(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
     return run.store
 
 
+def make_ahead(window: Sequence[tuple[Method, Params, Candidate, Pool]], start: Callable[..., bool]) -> None:
+    """Start the merges of ``window`` (the candidate being evaluated, then those after it) with ``start``, which
+    says whether it started (or had started) one. An SVD-based build holds copies of its pool models in the object
+    store while it runs, so after the current candidate only the first SVD-based merge that starts is made ahead."""
+    svd_ahead = False
+    for j, item in enumerate(window):
+        recipe = item[2].recipe
+        svd = j > 0 and recipe is not None and recipe.where == "task"
+        if not (svd and svd_ahead):
+            svd_ahead |= start(*item) and svd
+
+
 def sweep_run(run: Run) -> None:
     """The sweep loop over a started :class:`Run` (its worker pool stays up)."""
     cfg = run.exp.sweep
@@ -137,8 +149,7 @@ def sweep_run(run: Run) -> None:
     with phase("sweep"):
         for i, (unit, params, cand, pool) in enumerate(tqdm(todo, desc="sweep", unit="merge")):
             # the next merges are made (Ray tasks, in parallel where CPUs are free) while this one is evaluated
-            for ahead in todo[i:i + MERGES_AHEAD + 1]:
-                run.prefetch_candidate(*ahead, label(ahead[0].name))
+            make_ahead(todo[i:i + MERGES_AHEAD + 1], lambda u, p, c, pl: run.prefetch_candidate(u, p, c, pl, label(u.name)))
             run.evaluate(unit, params, cand, pool, label(unit.name))
     minutes = (time.perf_counter() - start) / 60
     done = len({tuple(c.params["subset"]) for _, _, c, _ in todo})

@@ -25,7 +25,7 @@ from raymerge._arith import check_real
 from raymerge.adamerging import AdaptResult, AdaptSettings, DifferentiableMerge
 from raymerge.cart import plan_cart
 from raymerge.config import Resources
-from raymerge.data import DatasetError, ImageDataset, shard_indices
+from raymerge.data import DatasetError, ImageDataset, Sharder
 from raymerge.iso import plan_iso_c, plan_iso_cts
 from raymerge.lowrank import LowRankPlan, LowRankRule, Operand, Output, RuleLike, SvdJob, assemble, run_job
 from raymerge.methods.base import Recipe
@@ -222,15 +222,17 @@ class WorkerPool:
         self.head_specs: dict[str, list] = {}
         self.head_classes: dict[str, int] = {}
         self._weights: dict[str, ray.ObjectRef] = {}
+        self._sharder = Sharder(len(self.actors), resources.batch_size)
 
     def add_head(self, name: str, head: models.Head) -> None:
         self.head_specs[name] = [ray.put((head.to_arrays(), head.class_names, head.normalize))]
         self.head_classes[name] = head.num_classes
 
     def add_dataset(self, key: str, dataset: ImageDataset) -> None:
-        """Assign each actor a batch-aligned shard of ``dataset`` and put each shard in the object store once
-        (encoded files stay encoded: the actors decode them)."""
-        parts = shard_indices(len(dataset), len(self.actors), align=self.resources.batch_size)
+        """Assign each actor a batch-aligned shard of ``dataset``, the first on the actor after the last one the
+        previous dataset used, and put each shard in the object store once (encoded files stay encoded: the actors
+        decode them)."""
+        parts = self._sharder(len(dataset))
         self.shards[key] = parts
         self.shard_specs[key] = [[ray.put(dataset.subset(idx))] for idx in parts]
 
@@ -303,8 +305,9 @@ class WorkerPool:
         """Assemble the logits (or reductions) of :meth:`submit` into an (n, width) array indexed by global row
         (unasked rows are NaN)."""
         out = np.full((n, width), np.nan, dtype=dtype)
-        for mine, ref in pending:
-            out[mine] = ray.get(ref)
+        # one ray.get for all the actors' parts: one round of requests to the object store, not one per actor
+        for (mine, _), part in zip(pending, ray.get([ref for _, ref in pending])):
+            out[mine] = part
         return out
 
     def evaluate(self, weights_key: str, head: str, dataset: str, rows: np.ndarray | None = None) -> np.ndarray:

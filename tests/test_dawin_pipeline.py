@@ -184,12 +184,10 @@ class LinearEvaluator:
         logits = self.logits(weights, pairs)
         return {p: dawin.sample_scores(logits[p], self._labels, (temperatures or {}).get(p[0], 1.0)) for p in pairs}
 
-    def scores_rows(self, assignments, pair):
+    def scores_rows(self, assignments):
         self.rows_calls.append(len(assignments))
-        out = np.full((len(self.x), len(dawin.SCORE_COLUMNS)), np.nan)
-        for weights, rows in assignments:
-            out[rows] = dawin.sample_scores(self.x[rows] @ np.asarray(weights["w"]), self._labels[rows])
-        return out
+        return [dawin.sample_scores(self.x[rows] @ np.asarray(weights["w"]), self._labels[rows])
+                for weights, _, rows in assignments]
 
     def temperature(self, weights, pair):
         return dawin.fit_temperature(self.logits(weights, [pair])[pair], self.labels(pair))
@@ -251,7 +249,8 @@ def test_samplewise_keeps_at_most_max_in_flight_merges_alive(n):
     runner = DawinRunner(ev, p1, merge, max_in_flight=3)
     outcome = runner.samplewise([PAIR], offset=True)
     assert merge.made == n + 1  # one per distinct coefficient row, plus the static reference
-    assert merge.peak == 3 and max(ev.rows_calls) == 3 and sum(ev.rows_calls) == n
+    # the reference's rows are one more assignment (it counts as a merge of the first batch)
+    assert merge.peak == 3 and max(ev.rows_calls) == 3 and sum(ev.rows_calls) == n + 1
     assert merge.alive == 0  # every merge dropped after use
     # each sample evaluated by its own merge: logits x_i @ (Σm c_im W_m)
     c = dawin.expertise_coefficients(p1.entropies[PAIR], offset=True)
@@ -282,6 +281,27 @@ def test_mean_mixture_evaluates_every_sample_with_the_mean_row():
     np.testing.assert_array_equal(outcome.predictions[PAIR], expected.argmax(1))
     assert outcome.merges[PAIR] == 1 and merge.made == 2  # the mean merge and the static reference
     np.testing.assert_array_equal(outcome.extras[PAIR]["merge_coefficients"], np.tile(mean, (50, 1)))
+
+
+def test_every_test_sets_merges_go_to_the_evaluator_together():
+    ev, p1, candidates = toy(30, m=3)
+    shift = ("toy", "shift")  # the toy evaluator scores every set on the same samples
+    p1 = Phase1({PAIR: p1.scores[PAIR], shift: p1.scores[PAIR][::-1].copy()}, p1.temperatures, p1.candidates)
+    merge = CountingMerge(candidates)
+    outcome = DawinRunner(ev, p1, merge, max_in_flight=4).mixture([PAIR, shift], k=1, offset=False, mixture="mean")
+    # one call: the static reference on both sets (one merge, two assignments), then each set's mean merge
+    assert ev.rows_calls == [4] and merge.made == 3 and merge.peak == 3
+    for pair in (PAIR, shift):
+        mean = np.mean(dawin.expertise_coefficients(p1.entropies[pair]), axis=0)
+        expected = ev.x @ sum(cm * w for cm, w in zip(mean, candidates))
+        np.testing.assert_array_equal(outcome.predictions[pair], expected.argmax(1))
+        np.testing.assert_allclose(outcome.extras[pair]["reference_entropy"],
+                                   entropy(ev.x @ (sum(candidates) / 3)), rtol=1e-12)
+    # with room for one merge at a time, the same work takes three calls and the same predictions
+    again = DawinRunner(ev, p1, CountingMerge(candidates), max_in_flight=1).mixture([PAIR, shift], k=1, offset=False,
+                                                                                     mixture="mean")
+    assert ev.rows_calls[1:] == [2, 1, 1]
+    assert all(np.array_equal(again.predictions[p], outcome.predictions[p]) for p in (PAIR, shift))
 
 
 def test_outcome_extras_follow_the_samples_contract():

@@ -35,6 +35,13 @@ def test_sharded_equals_single_process(pool):
         assert np.array_equal(sharded, local)  # bit for bit, not approximately
         rows = np.array([0, 5, 63, 64, 200, 332])
         assert np.array_equal(pool.evaluate(key, "h", "d", rows), local[rows])
+    # sets of one batch each: consecutive ones go to different actors, and still evaluate bit for bit
+    small = [random_dataset(4 + i, 50, 7) for i in range(2)]
+    for i, ds_i in enumerate(small):
+        pool.add_dataset(f"small{i}", ds_i)
+    busy = [[a for a, part in enumerate(pool.shards[f"small{i}"]) if len(part)] for i in range(2)]
+    assert len(busy[0]) == len(busy[1]) == 1 and busy[0] != busy[1]
+    assert np.array_equal(pool.evaluate(key, "h", "small1"), evaluate_local(ARCH, weights, head, small[1], batch_size=64))
 
 
 def test_run_experiment_writes_rows_and_resumes(mini_pool, ray_local, tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import ARCH, random_dataset, random_encoder
 from raymerge import models
-from raymerge.data import DatasetError, ImageDataset, decode, load_dataset, shard_indices, write_parquet
+from raymerge.data import DatasetError, ImageDataset, Sharder, decode, load_dataset, shard_indices, write_parquet
 
 
 def test_safetensors_roundtrip_and_prefixes(tmp_path):
@@ -132,6 +132,18 @@ def test_shard_indices_cover_and_align():
         assert len(parts) == shards
         assert np.array_equal(np.concatenate(parts), np.arange(n))
         assert all(len(p) == 0 or p[0] % align == 0 for p in parts)
+
+
+def test_shard_indices_start_places_the_first_block():
+    # 3 batches over 5 shards: blocks [0, 64), [64, 128), [128, 150) on shards 3, 4, 0; shards 1 and 2 empty
+    parts = shard_indices(150, 5, 64, start=3)
+    assert [p.tolist() for p in parts] == [list(range(128, 150)), [], [], list(range(64)), list(range(64, 128))]
+    assert [len(p) for p in shard_indices(150, 5, 64, start=8)] == [len(p) for p in parts]  # start is mod 5
+
+    # consecutive datasets continue where the last one stopped: 3 batches on shards 0-2, 4 on 3, 4, 0, 1, 2 on 2, 3
+    sharder = Sharder(5, 64)
+    busy = [[i for i, p in enumerate(sharder(n)) if len(p)] for n in (150, 256, 100)]
+    assert busy == [[0, 1, 2], [0, 1, 3, 4], [2, 3]] and sharder.start == 4
 
 
 def test_preprocess_normalizes_known_pixels():

@@ -28,6 +28,25 @@ def test_subset_counts():
     assert subsets(["a", "b", "c"]) == [("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c")]
 
 
+def test_only_the_next_svd_based_merge_is_made_ahead():
+    from raymerge.methods import Candidate, Recipe
+    from raymerge.sweep import make_ahead
+
+    def cand(where: str) -> tuple:
+        return (None, None, Candidate({}, recipe=Recipe(dict, where=where)), None)
+
+    # the current candidate (SVD-based too), then elementwise, SVD, SVD, elementwise
+    window = [cand("task"), cand("any"), cand("task"), cand("task"), cand("any")]
+    position = {id(item[2]): i for i, item in enumerate(window)}
+    started = []
+    make_ahead(window, lambda *item: started.append(position[id(item[2])]) or True)
+    assert started == [0, 1, 2, 4]
+    # an SVD-based merge with nothing to make (its rows stored or cached) leaves the place to the next one
+    started.clear()
+    make_ahead(window, lambda *item: started.append(position[id(item[2])]) or position[id(item[2])] != 2)
+    assert started == [0, 1, 2, 3, 4]
+
+
 def _raw_rows(out: Path) -> int:
     import pyarrow.parquet as pq
 

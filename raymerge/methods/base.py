@@ -88,10 +88,10 @@ class Evaluator(Protocol):
         """(N, 4) :func:`raymerge.dawin.sample_scores` of ``weights`` on each whole (task, split), at each task's
         temperature (default 1), computed where the logits are: what travels instead of (N, C) logits."""
 
-    def scores_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, np.ndarray], np.ndarray]],
-                    pair: Pair) -> np.ndarray:
-        """(N, 4) scores at temperature 1 of ``pair`` where the rows of each assignment use that assignment's
-        weights."""
+    def scores_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, np.ndarray], Pair, np.ndarray]]
+                    ) -> list[np.ndarray]:
+        """Scores (len(rows), 4) at temperature 1 per (weights, pair, rows) assignment: those rows of that
+        (task, split) under those weights; all assignments are started before any is waited for."""
 
     def central(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` where central statistics are computed (a Ray task beside the actors, or inline)."""
