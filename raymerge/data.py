@@ -250,27 +250,28 @@ def write_parquet(dataset: ImageDataset, path: str | Path, shard_rows: int = 409
 
 
 def shard_indices(n: int, num_shards: int, align: int = 1, start: int = 0) -> list[np.ndarray]:
-    """Split ``range(n)`` into ``num_shards`` contiguous index arrays whose boundaries are multiples of ``align``;
-    the s-th block of the split is element ``(start + s) % num_shards`` of the list.
+    """Split ``range(n)`` into ``num_shards`` contiguous index arrays whose boundaries are multiples of ``align``,
+    as even as whole blocks of ``align`` allow; the s-th piece of the split is element ``(start + s) % num_shards``.
 
     Aligning shards to the evaluation batch size makes every batch of a sharded run identical to the
-    corresponding batch of a single-process run, so their logits agree bit for bit. A set of fewer than
-    ``num_shards`` batches fills only some shards: ``start`` chooses which, so that consecutive sets (given
-    consecutive starts) land on different actors. The other shards are empty.
+    corresponding batch of a single-process run, so their logits agree bit for bit. The first
+    ``blocks % num_shards`` pieces hold one block more than the others (a set of fewer blocks than shards leaves
+    some empty): ``start`` chooses which shards, so that consecutive sets, given consecutive starts
+    (:class:`Sharder`), put their extra blocks on different actors.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    blocks = -(-n // align)
-    per = -(-blocks // num_shards)
-    split = [np.arange(min(s * per * align, n), min((s + 1) * per * align, n)) for s in range(num_shards)]
+    per, extra = divmod(-(-n // align), num_shards)
+    edges = np.minimum(np.cumsum([0] + [per + (s < extra) for s in range(num_shards)]) * align, n)
+    split = [np.arange(edges[s], edges[s + 1]) for s in range(num_shards)]
     return [split[(i - start) % num_shards] for i in range(num_shards)]
 
 
 @dataclass
 class Sharder:
     """Shards consecutive datasets (:func:`shard_indices`) over ``num_shards`` actors, each starting on the actor
-    after the last one the previous dataset used: the sets of one candidate, evaluated at once, then share the
-    actors evenly instead of queueing on the first ones."""
+    after the last one that took an extra block of the previous dataset: the sets of one candidate, evaluated at
+    once, then share the actors evenly instead of queueing on the first ones."""
 
     num_shards: int
     align: int = 1
@@ -279,5 +280,5 @@ class Sharder:
     def __call__(self, n: int) -> list[np.ndarray]:
         """The shards (one index array per actor, some maybe empty) of the next dataset, of ``n`` samples."""
         parts = shard_indices(n, self.num_shards, self.align, self.start)
-        self.start = (self.start + sum(len(p) > 0 for p in parts)) % self.num_shards
+        self.start = (self.start + -(-n // self.align)) % self.num_shards
         return parts

@@ -144,6 +144,8 @@ def test_shard_indices_start_places_the_first_block():
     sharder = Sharder(5, 64)
     busy = [[i for i, p in enumerate(sharder(n)) if len(p)] for n in (150, 256, 100)]
     assert busy == [[0, 1, 2], [0, 1, 3, 4], [2, 3]] and sharder.start == 4
+    # 7 batches over 5 shards: one each, and the 2 left over on the next actors (4, then 0); the next set starts on 1
+    assert [len(p) // 64 for p in sharder(7 * 64)] == [2, 1, 1, 1, 2] and sharder.start == 1
 
 
 def test_preprocess_normalizes_known_pixels():
