@@ -303,7 +303,7 @@ def format_sweep_table(rows: Sequence[Row], markdown: bool = False) -> str:
 def _column_array(table: pa.Table, name: str) -> np.ndarray:
     """A stored per-sample column as numpy: (N,) for a plain column, (N, M) for a list column (rows of one length)."""
     column = table.column(name).combine_chunks()
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+    if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
     return column.to_numpy(zero_copy_only=False)
 

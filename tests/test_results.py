@@ -44,6 +44,23 @@ def _consistent(store: ResultStore) -> None:
         assert np.mean(np.equal(s["prediction"], s["label"])) == pytest.approx(r["accuracy"]), r
 
 
+def test_matrix_columns_read_back_as_written(tmp_path):
+    from raymerge.report import _column_array
+
+    rng = np.random.default_rng(0)
+    columns = {"coefficients": rng.random((N, 3)), "candidate_correct": rng.random((N, 3)) > 0.5,
+               "component": rng.integers(0, 4, N)}
+    store = ResultStore(tmp_path)
+    row = _row("a", "test", 0.5)
+    store.append([row], samples={row["key"]: columns})
+    table = ResultStore(tmp_path).samples(row["key"])
+    for name, values in columns.items():
+        got = _column_array(table, name)
+        assert got.dtype == values.dtype and np.array_equal(got, values), name
+    # what a user reading the file with pyarrow alone sees: one list of M values per sample
+    assert table.column("coefficients").to_pylist()[7] == columns["coefficients"][7].tolist()
+
+
 def test_row_key_is_sha256_of_canonical_json():
     identity = {"method": "wise_ft", "params": {"lam": 0.5, "models": ["a", "b"]}, "seed": 3}
     # written out by hand: sorted keys, no whitespace
