@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -100,6 +100,13 @@ def correlation(x: ArrayLike, y: ArrayLike, what: tuple[str, str] = ("x", "y")) 
     NaN, with a reason naming ``what``, for fewer than :data:`MIN_SAMPLES` samples or a constant input.
     """
     a, b = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    return _correlate(a, b, what, lambda: (rankdata(a), rankdata(b)))
+
+
+def _correlate(a: np.ndarray, b: np.ndarray, what: tuple[str, str],
+               ranks: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Correlation:
+    """:func:`correlation` of 1-D float64 ``a`` and ``b`` whose average ranks ``ranks()`` gives (asked for only when
+    the correlation is defined)."""
     if a.shape != b.shape:
         raise ValueError(f"{what[0]} has {a.size} values but {what[1]} has {b.size}")
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
@@ -110,7 +117,29 @@ def correlation(x: ArrayLike, y: ArrayLike, what: tuple[str, str] = ("x", "y")) 
     for values, name in ((a, what[0]), (b, what[1])):
         if values.min() == values.max():
             return Correlation(math.nan, math.nan, n, f"constant {name}")
-    return Correlation(_pearson(a, b), _pearson(rankdata(a), rankdata(b)), n)
+    return Correlation(_pearson(a, b), _pearson(*ranks()), n)
+
+
+class _Ranks:
+    """A column (n,) sorted once, then ranked within any subset of its entries in O(n): a test set's splits
+    (:func:`correctness_groups`) would otherwise sort every column once per split."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.order = np.argsort(values, kind="stable")
+        ordered = values[self.order]
+        self.starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first sorted position of each tie
+        self.ends = np.r_[self.starts[1:], len(values)]
+        tie = np.repeat(np.arange(len(self.starts)), self.ends - self.starts)  # tie group of each sorted position
+        self.tie = np.empty_like(tie)
+        self.tie[self.order] = tie  # ... and of each entry
+
+    def within(self, mask: np.ndarray) -> np.ndarray:
+        """The average ranks (1-based; ties share the mean of their ranks, as ``scipy.stats.rankdata``) of the
+        entries ``mask`` (n,) bool selects, among themselves, in their order: (mask.sum(),) float64."""
+        # masked entries before each sorted position: a tie group's masked members hold the ranks after those
+        # before it, up to those at its end, and share their mean
+        before = np.r_[0, np.cumsum(mask[self.order])]
+        return ((before[self.starts] + 1 + before[self.ends]) / 2)[self.tie[mask]]
 
 
 def correctness_groups(correct: ArrayLike, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -241,14 +270,21 @@ def diagnose(columns: Mapping[str, Any], names: Sequence[str] | None = None) -> 
         if column in columns:
             per_sample[label] = np.asarray(columns[column], dtype=np.float64).reshape(n)
 
+    # entropy against cross-entropy per candidate, then coefficient against oracle coefficient (compared values:
+    # (N,) for M = 2, the (N·M,) flattened matrix for M > 2), each column sorted once for every split
+    pairs = [(h[:, j], ce[:, j]) for j in range(m)] + [(compared_values(coefficients), compared_values(oracle))]
+    ranks = [(_Ranks(x), _Ranks(y)) for x, y in pairs]
+    what = [("entropy", "cross-entropy")] * m + [("coefficient", "oracle coefficient")]
+
+    def corr(i: int, rows: np.ndarray) -> Correlation:
+        (x, y), (rx, ry) = pairs[i], ranks[i]
+        return _correlate(x[rows], y[rows], what[i], lambda: (rx.within(rows), ry.within(rows)))
+
     splits = []
     for name, mask in groups.items():
         size = int(mask.sum())
         splits.append(SplitDiagnostics(
-            name, size,
-            tuple(correlation(h[mask, j], ce[mask, j], ("entropy", "cross-entropy")) for j in range(m)),
-            correlation(compared_values(coefficients[mask]), compared_values(oracle[mask]),
-                        ("coefficient", "oracle coefficient")),
+            name, size, tuple(corr(j, mask) for j in range(m)), corr(m, mask if m == 2 else np.repeat(mask, m)),
             {label: float(v[mask].mean()) if size else math.nan for label, v in per_sample.items()},
         ))
     return Diagnostics(tuple(labels), tuple(splits), groups, coefficients, oracle)

@@ -261,3 +261,42 @@ def test_bad_columns_are_named() -> None:
                               "coefficients": np.ones((3, 3))})
     with pytest.raises(ValueError, match="3 candidate names for M = 2"):
         diagnostics.correctness_groups(np.ones((3, 2), dtype=bool), ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("m", [2, 5])
+def test_split_correlations_with_ties_match_scipy(m):
+    """Every split's Spearman ρ and Pearson r against scipy.stats.spearmanr / pearsonr on that split's own values,
+    on data rounded to one decimal (many ties, within splits and across them), with empty, too small and constant
+    splits."""
+    from scipy import stats
+
+    rng = np.random.default_rng(m)
+    n = 400
+    h = np.round(rng.random((n, m)) * 2, 1)
+    ce = np.round(h + rng.normal(0, 0.5, (n, m)), 1)
+    c = np.round(rng.dirichlet(np.ones(m), n), 1)
+    oracle = np.round(0.5 * c + 0.5 * rng.dirichlet(np.ones(m), n), 1)
+    correct = rng.random((n, m)) < 0.7
+    correct[:, 0], correct[:2, 0] = True, False  # candidate 0 wrong on 2 samples only (M = 2: FT below MIN_SAMPLES)
+    correct[:, 1] = True  # M = 2: TF and FF empty; M > 2: "none right" empty
+    h[correct[:, -1], -1] = 0.7  # the last candidate's entropy is one value wherever it is right
+    d = diagnostics.diagnose({"entropies": h, "cross_entropies": ce, "coefficients": c, "oracle_coefficients": oracle,
+                              "candidate_correct": correct})
+    checked, reasons = 0, set()
+    for split in d.splits:
+        mask = d.groups[split.name]
+        pairs = [(h[mask, j], ce[mask, j]) for j in range(m)]
+        pairs.append((c[mask, 1], oracle[mask, 1]) if m == 2 else (c[mask].ravel(), oracle[mask].ravel()))
+        for got, (x, y) in zip((*split.entropy_vs_loss, split.coefficient_vs_oracle), pairs):
+            assert got.n == len(x)
+            if len(x) < diagnostics.MIN_SAMPLES or np.ptp(x) == 0:
+                assert math.isnan(got.spearman) and math.isnan(got.pearson)
+                reasons.add(got.reason)
+                continue
+            assert got.spearman == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12), split.name
+            assert got.pearson == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12), split.name
+            checked += 1
+    # M = 2: all and TT, but candidate 1 (right everywhere) has a constant entropy in both; M = 5: all and each
+    # candidate's right samples, but candidate 4's entropy is constant among its right ones
+    assert checked == {2: 2 * 2, 5: 6 * 6 - 1}[m]
+    assert reasons == ({"0 samples", "2 samples", "constant entropy"} if m == 2 else {"0 samples", "constant entropy"})
