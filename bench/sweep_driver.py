@@ -95,13 +95,14 @@ def _tasks(test_sizes: dict[str, int], classes: dict[str, int], val_sizes: dict[
 
 def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], val_sizes: dict[str, int],
             actors: int, batch: int, pick: Callable[[list], list]) -> dict[str, Any]:
-    """Driver CPU seconds: per evaluated candidate (method, subset, seconds), the one-time planning of the whole
+    """Driver CPU seconds: per evaluated candidate (method, subset, seconds, the seconds of them that a thread spent
+    beside phase 2 on DaWin's diagnostics), the one-time planning of the whole
     sweep (with the loop's own overhead), and the one-time phase 1 of DaWin (every (model, task) pair's validation logits and test scores). ``pick``
     chooses the subsets evaluated from the plan; the others count as stored."""
     import ray
     import torch
 
-    from raymerge import config
+    from raymerge import config, dawin_pipeline
     from raymerge.cache import LogitCache
     from raymerge.dawin_pipeline import phase1
     from raymerge.methods import Recipe
@@ -156,27 +157,40 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
             run.evaluate(unit, params, c, p, label(unit.name))
 
         cpu: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
-        evaluate, prefetch = run.evaluate, run.prefetch_candidate
+        beside: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
+        diagnosed = [0.0]  # CPU seconds of DaWin's diagnostics, in the thread that runs them beside phase 2
+        evaluate, prefetch, diagnose = run.evaluate, run.prefetch_candidate, dawin_pipeline.diagnostics.diagnose
 
         def timed(fn):
             def wrapper(unit, params, cand, p, lbl=None):
-                start = time.process_time()
+                start, before = time.process_time(), diagnosed[0]
                 try:
                     return fn(unit, params, cand, p, lbl)
                 finally:
-                    cpu[(unit.name, tuple(cand.params["subset"]))] += time.process_time() - start
+                    key = (unit.name, tuple(cand.params["subset"]))
+                    cpu[key] += time.process_time() - start
+                    beside[key] += diagnosed[0] - before
             return wrapper
 
+        def timed_diagnose(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return diagnose(*args, **kwargs)
+            finally:
+                diagnosed[0] += time.thread_time() - start
+
         run.evaluate, run.prefetch_candidate = timed(evaluate), timed(prefetch)
+        dawin_pipeline.diagnostics.diagnose = timed_diagnose
         progress(f"sweep driver: sweep_run over {len(chosen)} of {len(plan)} subsets, {actors} canned actors, batch "
                  f"{batch}")
         start = time.process_time()
         sweep_run(run)
         total = time.process_time() - start
     finally:
+        dawin_pipeline.diagnostics.diagnose = diagnose
         quiet.setLevel(level)
         for h in handles:
             ray.kill(h)
-    evaluated = [(m, s, c) for (m, s), c in cpu.items() if s in chosen]
+    evaluated = [(m, s, c, beside[(m, s)]) for (m, s), c in cpu.items() if s in chosen]
     return {"candidates": evaluated, "planning": total - sum(cpu.values()), "phase1": phase1_s,
             "plan_candidates": len(plan) * len(cfg.methods), "sample": len(chosen), "plan": len(plan)}

@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -215,6 +215,13 @@ class Diagnostics:
     def verdict(self) -> str:
         return verdict(self.overall)
 
+    def with_merged(self, columns: Mapping[str, Any]) -> Diagnostics:
+        """These diagnostics with the mean entropies of the merged models' columns (``reference_entropy``,
+        ``output_entropy``) added: :func:`diagnose` of the columns with them, without redoing the correlations."""
+        merged = _merged_entropies(columns, len(self.coefficients))
+        return replace(self, splits=tuple(
+            replace(s, mean_entropies={**s.mean_entropies, **_means(self.groups[s.name], merged)}) for s in self.splits))
+
     def split(self, name: str) -> SplitDiagnostics:
         return next(s for s in self.splits if s.name == name)
 
@@ -226,6 +233,18 @@ class Diagnostics:
         counts = [np.histogram(compared_values(c[mask]), bins=edges)[0]
                   for c in (self.coefficients, self.oracle_coefficients)]
         return edges, counts[0], counts[1]
+
+
+def _merged_entropies(columns: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
+    """The merged models' per-sample entropies among ``columns`` (the static merge's, DaWin's own), by label."""
+    return {label: np.asarray(columns[column], dtype=np.float64).reshape(n)
+            for column, label in (("reference_entropy", STATIC_LABEL), ("output_entropy", OUTPUT_LABEL))
+            if column in columns}
+
+
+def _means(mask: np.ndarray, per_sample: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Mean entropy (nats) over the samples of ``mask`` of each per-sample column, by label; NaN for no sample."""
+    return {label: float(v[mask].mean()) if mask.any() else math.nan for label, v in per_sample.items()}
 
 
 def verdict(r: Correlation) -> str:
@@ -266,9 +285,7 @@ def diagnose(columns: Mapping[str, Any], names: Sequence[str] | None = None) -> 
     per_sample: dict[str, np.ndarray] = {}
     if "entropies_t1" in columns:
         per_sample.update(zip(labels, _matrix(columns, "entropies_t1", (n, m), np.float64).T))
-    for column, label in (("reference_entropy", STATIC_LABEL), ("output_entropy", OUTPUT_LABEL)):
-        if column in columns:
-            per_sample[label] = np.asarray(columns[column], dtype=np.float64).reshape(n)
+    per_sample.update(_merged_entropies(columns, n))
 
     # entropy against cross-entropy per candidate, then coefficient against oracle coefficient (compared values:
     # (N,) for M = 2, the (N·M,) flattened matrix for M > 2), each column sorted once for every split
@@ -285,7 +302,7 @@ def diagnose(columns: Mapping[str, Any], names: Sequence[str] | None = None) -> 
         size = int(mask.sum())
         splits.append(SplitDiagnostics(
             name, size, tuple(corr(j, mask) for j in range(m)), corr(m, mask if m == 2 else np.repeat(mask, m)),
-            {label: float(v[mask].mean()) if size else math.nan for label, v in per_sample.items()},
+            _means(mask, per_sample),
         ))
     return Diagnostics(tuple(labels), tuple(splits), groups, coefficients, oracle)
 
