@@ -21,7 +21,8 @@ its own; its build starts when it enters the same window (``sweep.make_ahead``: 
 time) and the GPUs wait only for what is left of it. DaWin's reference merge and its one merge per test set are made
 when its phase 2 needs them, ``max_merges_in_flight`` side by side, so they add to the sweep's wall time, as does
 the driver's own work per candidate (keys, Ray calls, gathering outputs, the logit cache, the results store, and
-DaWin's coefficients and diagnostics), which runs between one candidate's evaluation and the next one's. Each test
+DaWin's coefficients), which runs between one candidate's evaluation and the next one's; DaWin's diagnostics are
+central Ray tasks beside its phase 2 and add only where they would outlast it. Each test
 set's shards start on the actor after the previous set's (``raymerge.data.Sharder``), so the sets a candidate
 submits at once share the actors.
 Inputs: merge costs measured here on ViT-B/32-sized tensors (the first residual block of ``build_encoder("ViT-B-32")``,
@@ -390,7 +391,7 @@ def _driver(ctx: Context) -> tuple[list[dict], dict]:
     m = sweep_driver.measure(ctx, test, CLASSES, val, GPUS, BATCH,
                              lambda plan: _sample(plan, 2 if ctx.quick else DRIVER_SUBSETS))
     by_method: dict[str, list[tuple[float, float]]] = {}
-    beside: dict[str, float] = {}  # CPU seconds a thread spends beside phase 2 (DaWin's diagnostics), by method
+    beside: dict[str, float] = {}  # CPU seconds of the central tasks beside phase 2 (DaWin's diagnostics), by method
     for method, subset, cpu, overlapped in m["candidates"]:
         by_method.setdefault(method, []).append((cpu, _ideal_s(_candidate_images(method, subset, test))))
         beside[method] = beside.get(method, 0.0) + overlapped
@@ -406,8 +407,8 @@ def _driver(ctx: Context) -> tuple[list[dict], dict]:
         cpu, gpu = sum(c for c, _ in pairs), sum(g for _, g in pairs)
         frac[method], frac_beside[method] = cpu / gpu, beside[method] / gpu
         worst = max(c / g for c, g in pairs)
-        share = (f"; {beside[method] / cpu:.0%} of it in the thread that computes DaWin's diagnostics while phase 2 "
-                 "runs" if beside[method] else "")
+        share = (f"; besides, off the driver: {beside[method] / len(pairs):.2f} s of CPU per candidate in the central "
+                 "Ray tasks that compute DaWin's diagnostics while phase 2 runs" if beside[method] else "")
         rows.append(row(
             "Full ViT-B/32 sweep estimate: driver CPU per candidate", method, cpu / len(pairs), gpu / len(pairs),
             "its GPU evaluation time (mean per candidate)", cpu / gpu, "≤ 5% of its GPU evaluation time (issue 16)",
@@ -534,10 +535,11 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
             else:
                 spent["DaWin's merges"] = len(batches) * (cpu("task_arithmetic", T) + move + load)
         ideal_s = _ideal_s(_candidate_images(m, s, TEST_SIZES))
-        # DaWin's diagnostics run in a thread beside phase 2: only what outlasts its GPU passes adds
-        overlapped = driver["beside"][m] * ideal_s
+        # DaWin's diagnostics run as central tasks on the cluster's cores beside phase 2: only what outlasts its GPU
+        # passes adds (their seconds summed, as if one core ran them all)
+        beside = driver["beside"][m] * ideal_s
         spent["driver CPU for DaWin" if m == "dawin" else "driver CPU for the other methods"] = (
-            driver["fraction"][m] * ideal_s - overlapped + max(0.0, overlapped - (phase2 if m == "dawin" else 0.0)))
+            driver["fraction"][m] * ideal_s + max(0.0, beside - (phase2 if m == "dawin" else 0.0)))
         for key, value in spent.items():
             parts[key] += value
         t += sum(spent.values())
@@ -662,11 +664,10 @@ def meaning(rows: list[dict]) -> str:
                  + (f"not met for {', '.join(over)}" if over else "met") + ".")
         if "dawin" in over:
             text += (" DaWin's entropies, cross-entropies and predictions are computed on the actors (four numbers per "
-                     "sample travel back) and its fitted temperatures are cached; what is left on the driver is its "
-                     "per-test-set diagnostics (each column sorted once, its ranks in every split in O(N)), which a "
-                     "thread computes while phase 2 runs on the actors (hidden from the wall time, not from this CPU "
-                     "count), its coefficients, the samples columns it writes (N × M values per test set) and the Ray "
-                     "calls of its two phases.")
+                     "sample travel back) and its fitted temperatures are cached; its per-test-set diagnostics run "
+                     "as central Ray tasks beside phase 2, off the driver. What is left on the driver is its "
+                     "coefficients, the samples columns it writes (N × M values per test set) and the Ray calls of its "
+                     "two phases.")
     text += (" Merges have left the driver; the elementwise ones and CART's build are made ahead, DaWin's merges side "
              "by side when its phase 2 needs them, so the GPUs still wait for those. CPU costs were measured on one "
              "core of this loaded shared machine: treat the hours as an order of magnitude.")

@@ -95,8 +95,8 @@ def _tasks(test_sizes: dict[str, int], classes: dict[str, int], val_sizes: dict[
 
 def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], val_sizes: dict[str, int],
             actors: int, batch: int, pick: Callable[[list], list]) -> dict[str, Any]:
-    """Driver CPU seconds: per evaluated candidate (method, subset, seconds, the seconds of them that a thread spent
-    beside phase 2 on DaWin's diagnostics), the one-time planning of the whole
+    """Driver CPU seconds: per evaluated candidate (method, subset, seconds, and the CPU seconds of the central
+    Ray tasks that computed DaWin's diagnostics beside phase 2, not the driver's), the one-time planning of the whole
     sweep (with the loop's own overhead), and the one-time phase 1 of DaWin (every (model, task) pair's validation logits and test scores). ``pick``
     chooses the subsets evaluated from the plan; the others count as stored."""
     import ray
@@ -158,26 +158,31 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
 
         cpu: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
         beside: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
-        diagnosed = [0.0]  # CPU seconds of DaWin's diagnostics, in the thread that runs them beside phase 2
         evaluate, prefetch, diagnose = run.evaluate, run.prefetch_candidate, dawin_pipeline.diagnostics.diagnose
+        # DaWin's diagnostics run as central Ray tasks, off the driver: each appends its CPU seconds here
+        diagnosed = out / "diagnostics-seconds.txt"
+
+        def diagnosed_s() -> float:
+            return sum(map(float, diagnosed.read_text().split())) if diagnosed.exists() else 0.0
 
         def timed(fn):
             def wrapper(unit, params, cand, p, lbl=None):
-                start, before = time.process_time(), diagnosed[0]
+                start, before = time.process_time(), diagnosed_s()
                 try:
                     return fn(unit, params, cand, p, lbl)
                 finally:
                     key = (unit.name, tuple(cand.params["subset"]))
                     cpu[key] += time.process_time() - start
-                    beside[key] += diagnosed[0] - before
+                    beside[key] += diagnosed_s() - before
             return wrapper
 
-        def timed_diagnose(*args, **kwargs):
-            start = time.thread_time()
+        def timed_diagnose(*args, **kwargs):  # pickled by value into the Ray task, ``diagnosed`` with it
+            start = time.process_time()
             try:
                 return diagnose(*args, **kwargs)
             finally:
-                diagnosed[0] += time.thread_time() - start
+                with open(diagnosed, "a") as f:
+                    f.write(f"{time.process_time() - start}\n")
 
         run.evaluate, run.prefetch_candidate = timed(evaluate), timed(prefetch)
         dawin_pipeline.diagnostics.diagnose = timed_diagnose

@@ -8,8 +8,8 @@
 4. phase 2: each sample is evaluated with its component's merged model only, every test set's merges submitted
    together (the static reference merge with them), at most ``max_in_flight`` merged weight sets alive at once;
    again only scores travel back;
-5. per-sample diagnostics (:mod:`raymerge.diagnostics`): does entropy track the loss on this test set? (computed
-   in a driver thread while phase 2 runs on the actors)
+5. per-sample diagnostics (:mod:`raymerge.diagnostics`): does entropy track the loss on this test set? (central
+   tasks, started before phase 2 and running beside it)
 
 The Ray worker pool (:class:`raymerge.pipeline.Run`) and :class:`LocalEvaluator` (one process, no Ray) both
 implement :class:`Evaluator`, so the single-process reference runs exactly this code with another evaluator.
@@ -18,7 +18,7 @@ implement :class:`Evaluator`, so the single-process reference runs exactly this 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ import numpy as np
 from raymerge import dawin, diagnostics, models
 from raymerge.diagnostics import Diagnostics
 from raymerge.errors import InputError
-from raymerge.methods.base import Evaluator, Recipe
+from raymerge.methods.base import Evaluator, Recipe, done
 from raymerge.statedict import StateDict
 
 Pair = tuple[str, str]  # (task, split)
@@ -74,8 +74,8 @@ class LocalEvaluator:
             out.append(dawin.sample_scores(logits, self._labels[pair][rows]))
         return out
 
-    def central(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(*args)
+    def central(self, fn: Callable[..., Any], *args: Any) -> Future:
+        return done(fn(*args))
 
     def labels(self, pair: Pair) -> np.ndarray:
         return self._labels[pair]
@@ -233,31 +233,31 @@ class DawinRunner:
         out = Outcome({})
         columns = self.sample_columns(pairs)
         c = {pair: coefficients(pair) for pair in pairs}
-        # the diagnostics' correlations need phase 1 and the coefficients only: a thread computes them while this one
-        # waits for phase 2 on the actors (the merged models' mean entropies are added after)
-        with ThreadPoolExecutor(max_workers=1) as beside:
-            premise = {pair: beside.submit(diagnostics.diagnose, {**columns[pair], "coefficients": c[pair]}, self.names)
-                       for pair in pairs}
-            groups: dict[Pair, dawin.MergeGroups] = {}
-            if mixture is not None:
-                fitted = mixture in ("beta", "dirichlet")  # EM runs where central statistics run
-                groups = {pair: self.ev.central(dawin.merge_groups, c[pair], mixture, k, self.seed) if fitted else
-                          dawin.merge_groups(c[pair], mixture, k, self.seed) for pair in pairs}
-                scores, static = self._phase2(groups, [p for p in pairs if p not in self._reference] if self.reference
-                                              else [])
-                self._reference.update(static)
-            for pair in pairs:
-                extras = {**columns[pair], "coefficients": c[pair]}
-                if pair in groups:
-                    g = groups[pair]
-                    out.predictions[pair] = dawin.score_predictions(scores[pair])
-                    out.merges[pair] = int(np.count_nonzero(np.bincount(g.component)))
-                    extras.update(component=g.component, merge_coefficients=g.table[g.component],
-                                  output_entropy=scores[pair][:, dawin.SCORE_COLUMNS.index("entropy_t1")])
-                    if pair in self._reference:
-                        extras["reference_entropy"] = self._reference[pair]
-                out.extras[pair] = extras
-                out.diagnostics[pair] = premise[pair].result().with_merged(extras)
+        # the diagnostics' correlations need phase 1 and the coefficients only: central tasks compute them while
+        # phase 2 runs on the actors, off the driver (the merged models' mean entropies are added after)
+        premise = {pair: self.ev.central(diagnostics.diagnose, {**columns[pair], "coefficients": c[pair]}, self.names)
+                   for pair in pairs}
+        groups: dict[Pair, dawin.MergeGroups] = {}
+        if mixture is not None:
+            fitted = mixture in ("beta", "dirichlet")  # EM runs where central statistics run, every pair's at once
+            fits = {pair: self.ev.central(dawin.merge_groups, c[pair], mixture, k, self.seed) if fitted else
+                    done(dawin.merge_groups(c[pair], mixture, k, self.seed)) for pair in pairs}
+            groups = {pair: fit.result() for pair, fit in fits.items()}
+            scores, static = self._phase2(groups, [p for p in pairs if p not in self._reference] if self.reference
+                                          else [])
+            self._reference.update(static)
+        for pair in pairs:
+            extras = {**columns[pair], "coefficients": c[pair]}
+            if pair in groups:
+                g = groups[pair]
+                out.predictions[pair] = dawin.score_predictions(scores[pair])
+                out.merges[pair] = int(np.count_nonzero(np.bincount(g.component)))
+                extras.update(component=g.component, merge_coefficients=g.table[g.component],
+                              output_entropy=scores[pair][:, dawin.SCORE_COLUMNS.index("entropy_t1")])
+                if pair in self._reference:
+                    extras["reference_entropy"] = self._reference[pair]
+            out.extras[pair] = extras
+            out.diagnostics[pair] = premise[pair].result().with_merged(extras)
         return out
 
     def mixture(self, pairs: list[Pair], k: int, offset: bool, mixture: str | None = None) -> Outcome:

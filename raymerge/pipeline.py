@@ -17,7 +17,9 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
+from functools import cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,12 @@ def load_experiment_inputs(exp: Experiment) -> tuple[StateDict, dict[str, StateD
     if problems:
         raise InputError(f"{len(problems)} problem(s) with the experiment's inputs:\n" + "\n".join(f"  - {p}" for p in problems))
     return base, finetuned, tasks
+
+
+@cache
+def _central_task(fn: Callable[..., Any]) -> Any:
+    """``fn`` as a Ray remote function, made once per function: each one made anew is pickled and exported again."""
+    return ray.remote(fn).options(num_cpus=CENTRAL_CPUS)
 
 
 @dataclass
@@ -294,9 +302,9 @@ class Run:
             self.pool.drop_weights(key)
         return out
 
-    def central(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Central statistics (coefficients, mixture fit) as one Ray task beside the actors."""
-        return ray.get(ray.remote(fn).options(num_cpus=CENTRAL_CPUS).remote(*args))
+    def central(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Central statistics (a mixture fit, DaWin's diagnostics) as one Ray task beside the actors."""
+        return _central_task(fn).remote(*args).future()
 
     def labels(self, pair: Pair) -> np.ndarray:
         return self.tasks[pair[0]].sets[pair[1]].labels

@@ -15,6 +15,7 @@ from raymerge import config, dawin, diagnostics, models, pipeline
 from raymerge.data import load_dataset
 from raymerge import dawin_pipeline
 from raymerge.dawin_pipeline import DawinRunner, LocalEvaluator, Phase1
+from raymerge.methods.base import done
 from raymerge.merge import interpolate
 from raymerge.statedict import to_numpy
 
@@ -193,7 +194,7 @@ class LinearEvaluator:
         return dawin.fit_temperature(self.logits(weights, [pair])[pair], self.labels(pair))
 
     def central(self, fn, *args):
-        return fn(*args)
+        return done(fn(*args))
 
     def labels(self, pair):
         return self._labels

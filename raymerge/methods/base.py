@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -69,6 +70,13 @@ class Paper:
         return f"{self.title} (arXiv:{self.arxiv})" if self.arxiv else self.title
 
 
+def done(value: Any) -> Future:
+    """A future that already holds ``value`` (what an evaluator without workers returns from ``central``)."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
 class Evaluator(Protocol):
     """What a unit may ask of the running experiment (the Ray worker pool, or a single process)."""
 
@@ -93,8 +101,9 @@ class Evaluator(Protocol):
         """Scores (len(rows), 4) at temperature 1 per (weights, pair, rows) assignment: those rows of that
         (task, split) under those weights; all assignments are started before any is waited for."""
 
-    def central(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` where central statistics are computed (a Ray task beside the actors, or inline)."""
+    def central(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """``fn(*args)`` started where central statistics are computed (a Ray task beside the actors, or inline):
+        its future, so that the caller goes on (submits phase 2) while it runs."""
 
     def labels(self, pair: Pair) -> np.ndarray: ...
 
