@@ -39,8 +39,12 @@ class CannedActor:
         self.seed = seed
         self.logits: dict[tuple[str, str], np.ndarray] = {}
 
-    def evaluate(self, weights_key: str, weights: Any, head: str, head_spec: list, shard: str, shard_spec: list,
-                 rows: np.ndarray | None = None, reduce: Any = None) -> np.ndarray:
+    def evaluate(self, jobs: list, *weights: Any) -> list[np.ndarray]:
+        return [self._evaluate(job.weights_key, job.head, job.head_spec, job.shard_spec, job.rows, job.reduce)
+                for job in jobs]
+
+    def _evaluate(self, weights_key: str, head: str, head_spec: list, shard_spec: list, rows: np.ndarray | None,
+                  reduce: Any) -> np.ndarray:
         import ray
 
         key = (head, shard_spec[0].hex())

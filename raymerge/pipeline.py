@@ -41,7 +41,7 @@ from raymerge.statedict import StateDict, check_compatible, numpy_views, state_d
 from raymerge.cluster import connect
 from raymerge.dawin_pipeline import CENTRAL_CPUS
 from raymerge.errors import InputError
-from raymerge.workers import MERGE_CPUS, Reduce, WorkerPool
+from raymerge.workers import MERGE_CPUS, Reduce, Request, WorkerPool
 
 PREDICTIONS = Reduce()  # what a static candidate's rows need of the logits: one key for evaluation and prefetch
 log = logging.getLogger("raymerge")
@@ -263,41 +263,44 @@ class Run:
         """Logits, or their reduction ``reduce_for(pair)``, of ``weights`` on ``pairs``, cached under what
         determines them."""
         weights, key = self._keyed(weights)
-        out, pending = {}, {}
+        out, missing = {}, {}
         for pair in pairs:
             reduce = reduce_for(pair)
             parts = self._cache_parts(key, pair, reduce)
             cached = self.cache.get(*parts)
-            if cached is not None:
+            if cached is None:
+                missing[pair] = (parts, reduce)
+            else:
                 out[pair] = cached
-                continue
+        if missing:
             registered = self._register(weights)
-            pending[pair] = (parts, reduce, self.pool.submit(registered, self.tasks[pair[0]].head_name(pair[1]),
-                                                             "/".join(pair), reduce=reduce))
-        for pair, (parts, reduce, refs) in pending.items():
-            out[pair] = self._gather(refs, pair, reduce)
-            self.cache.put(out[pair], *parts)
+            got = self._evaluate([(registered, pair, None, reduce) for pair, (_, reduce) in missing.items()])
+            for (pair, (parts, _)), value in zip(missing.items(), got):
+                out[pair] = value
+                self.cache.put(value, *parts)
         self.pool.drop_weights(key)
         return out
 
-    def _gather(self, refs: list, pair: Pair, reduce: Reduce | None) -> np.ndarray:
-        t = self.tasks[pair[0]]
-        n = len(t.sets[pair[1]])
-        if reduce is not None:
-            return self.pool.gather(refs, n, reduce.width, np.float64)
-        return self.pool.gather(refs, n, t.heads[pair[1]].num_classes)
+    def _evaluate(self, requests: Sequence[tuple[str, Pair, np.ndarray | None, Reduce | None]]) -> list[np.ndarray]:
+        """Per (weights key, pair, global rows or None, reduce): the (N, width) outputs over the whole set (rows not
+        asked for are NaN), every request submitted at once and gathered in one round."""
+        shapes, sent = [], []
+        for key, pair, rows, reduce in requests:
+            t = self.tasks[pair[0]]
+            n = len(t.sets[pair[1]])
+            shapes.append((n, t.heads[pair[1]].num_classes, np.float32) if reduce is None else
+                          (n, reduce.width, np.float64))
+            sent.append(Request(key, t.head_name(pair[1]), "/".join(pair), rows, reduce))
+        return self.pool.gather(self.pool.submit(sent), shapes)
 
     def scores_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, Any], Pair, np.ndarray]]
                     ) -> list[np.ndarray]:
         """Phase 2 of DaWin: every (weights, pair, rows) assignment at once, each actor scoring its rows only; the
         merges all start (Ray tasks side by side) before any evaluation is waited for."""
         keys = [self._register(self._numpy(weights)) for weights, _, _ in assignments]
-        pending = []
-        for key, (_, pair, rows) in zip(keys, assignments):
-            reduce = Reduce(self.labels(pair))
-            refs = self.pool.submit(key, self.tasks[pair[0]].head_name(pair[1]), "/".join(pair), rows, reduce)
-            pending.append((pair, rows, reduce, refs))
-        out = [self._gather(refs, pair, reduce)[rows] for pair, rows, reduce, refs in pending]
+        got = self._evaluate([(key, pair, rows, Reduce(self.labels(pair)))
+                              for key, (_, pair, rows) in zip(keys, assignments)])
+        out = [value[rows] for value, (_, _, rows) in zip(got, assignments)]
         for key in keys:
             self.pool.drop_weights(key)
         return out

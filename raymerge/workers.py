@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import ray
@@ -49,6 +50,33 @@ class OnActors:
 
     recipe: Recipe
     models: dict[str, ray.ObjectRef]
+
+
+class Job(NamedTuple):
+    """One evaluation an actor call carries: ``index`` picks its weights among the call's weight arguments."""
+
+    weights_key: str
+    index: int
+    head: str
+    head_spec: list
+    shard: str
+    shard_spec: list
+    rows: np.ndarray | None  # local rows of the shard; None: all of it
+    reduce: Reduce | None
+
+
+class Request(NamedTuple):
+    """One evaluation the driver asks of the pool: global ``rows`` (None: all) of ``dataset`` under the weights
+    registered as ``weights_key`` and head ``head``, reduced by ``reduce`` over the whole dataset."""
+
+    weights_key: str
+    head: str
+    dataset: str
+    rows: np.ndarray | None = None
+    reduce: Reduce | None = None
+
+
+Pending = list[tuple[np.ndarray, ray.ObjectRef, int]]  # per busy actor: its global rows, its call, the job's place
 
 
 @dataclass(frozen=True, eq=False)  # an ndarray field: identity, not value, comparison
@@ -139,11 +167,18 @@ class EvalWorker:
                     k: v.to(self.device) for k, v in arrays.items()}
         return {name: self.resident[name] for name in refs}
 
-    def evaluate(self, weights_key: str, weights: Weights | OnActors, head: str, head_spec: list, shard: str,
-                 shard_spec: list, rows: np.ndarray | None = None, reduce: Reduce | None = None) -> np.ndarray:
-        """float32 logits (n, C) of shard ``shard`` (or its local ``rows``) under ``weights`` (numpy arrays, or a
-        recipe to build here from the resident models) and head ``head``; with ``reduce``, what it makes of them
-        instead (predictions, or DaWin's scores), so that the C numbers per sample stay here."""
+    def evaluate(self, jobs: list[Job], *weights: Weights | OnActors) -> list[np.ndarray]:
+        """Each job's output, in order: float32 logits (n, C) of shard ``shard`` (or its local ``rows``) under
+        ``weights[index]`` (numpy arrays, or a recipe to build here from the resident models) and head ``head``;
+        with ``reduce``, what it makes of them instead (predictions, or DaWin's scores), so that the C numbers per
+        sample stay here. One call carries this actor's part of everything the driver submits at once: Ray's cost
+        per call (~1 ms of driver CPU) is paid once per actor, not once per set. The weights are arguments of their
+        own, so Ray moves them to this node before the call starts."""
+        return [self._evaluate(job.weights_key, weights[job.index], job.head, job.head_spec, job.shard,
+                               job.shard_spec, job.rows, job.reduce) for job in jobs]
+
+    def _evaluate(self, weights_key: str, weights: Weights | OnActors, head: str, head_spec: list, shard: str,
+                  shard_spec: list, rows: np.ndarray | None, reduce: Reduce | None) -> np.ndarray:
         if self.loaded != weights_key:
             if isinstance(weights, OnActors):
                 with torch.no_grad():
@@ -285,39 +320,51 @@ class WorkerPool:
     def drop_weights(self, key: str) -> None:
         self._weights.pop(key, None)
 
-    def submit(self, weights_key: str, head: str, dataset: str, rows: np.ndarray | None = None,
-               reduce: Reduce | None = None) -> list[tuple[np.ndarray, ray.ObjectRef]]:
-        """Start evaluating global ``rows`` (default: all) of ``dataset``; returns (rows, ref) per busy actor. With
-        ``reduce`` (over the whole dataset), each actor sends back that reduction of its rows, not their logits."""
-        ref = self._weights[weights_key]
-        pending = []
-        for i, (actor, part) in enumerate(zip(self.actors, self.shards[dataset])):
-            if rows is None:
-                mine, local = part, None
-            else:
-                mine = rows[(rows >= part[0]) & (rows <= part[-1])] if len(part) else rows[:0]
-                local = mine - (part[0] if len(part) else 0)
-            if len(mine):
-                call = actor.evaluate.remote(weights_key, ref, head, self.head_specs[head], dataset,
-                                             self.shard_specs[dataset][i], local,
-                                             None if reduce is None else reduce.rows(mine))
-                pending.append((mine, call))
-        return pending
+    def submit(self, requests: Sequence[Request]) -> list[Pending]:
+        """Start every request at once, with one call per actor that has a part of any; returns, per request, its
+        parts (global rows, call, place in the call's outputs). With a ``reduce``, each actor sends back that
+        reduction of its rows, not their logits."""
+        jobs: list[list[Job]] = [[] for _ in self.actors]
+        weights: list[dict[str, int]] = [{} for _ in self.actors]  # per actor, its weight arguments' places
+        places = []
+        for req in requests:
+            parts = []
+            for i, part in enumerate(self.shards[req.dataset]):
+                if req.rows is None:
+                    mine, local = part, None
+                else:
+                    mine = req.rows[(req.rows >= part[0]) & (req.rows <= part[-1])] if len(part) else req.rows[:0]
+                    local = mine - (part[0] if len(part) else 0)
+                if len(mine):
+                    index = weights[i].setdefault(req.weights_key, len(weights[i]))
+                    jobs[i].append(Job(req.weights_key, index, req.head, self.head_specs[req.head], req.dataset,
+                                       self.shard_specs[req.dataset][i], local,
+                                       None if req.reduce is None else req.reduce.rows(mine)))
+                    parts.append((mine, i, len(jobs[i]) - 1))
+            places.append(parts)
+        calls = {i: actor.evaluate.remote(jobs[i], *(self._weights[key] for key in weights[i]))
+                 for i, actor in enumerate(self.actors) if jobs[i]}
+        return [[(mine, calls[i], j) for mine, i, j in parts] for parts in places]
 
-    def gather(self, pending: list[tuple[np.ndarray, ray.ObjectRef]], n: int, width: int,
-               dtype: type = np.float32) -> np.ndarray:
-        """Assemble the logits (or reductions) of :meth:`submit` into an (n, width) array indexed by global row
-        (unasked rows are NaN)."""
-        out = np.full((n, width), np.nan, dtype=dtype)
-        # one ray.get for all the actors' parts: one round of requests to the object store, not one per actor
-        for (mine, _), part in zip(pending, ray.get([ref for _, ref in pending])):
-            out[mine] = part
+    def gather(self, pending: Sequence[Pending], shapes: Sequence[tuple[int, int, type]]) -> list[np.ndarray]:
+        """Assemble the outputs of :meth:`submit`: per request, an (n, width) array of ``dtype`` for its
+        ``shapes`` entry, indexed by global row (unasked rows are NaN)."""
+        # one ray.get for every call: one round of requests to the object store, not one per actor or request
+        calls = list(dict.fromkeys(call for parts in pending for _, call, _ in parts))
+        outputs = dict(zip(calls, ray.get(calls)))
+        out = []
+        for parts, (n, width, dtype) in zip(pending, shapes):
+            assembled = np.full((n, width), np.nan, dtype=dtype)
+            for mine, call, j in parts:
+                assembled[mine] = outputs[call][j]
+            out.append(assembled)
         return out
 
     def evaluate(self, weights_key: str, head: str, dataset: str, rows: np.ndarray | None = None) -> np.ndarray:
         """Logits (len(rows) or N, C) of ``dataset`` under the stored weights and ``head``."""
         n = int(sum(len(p) for p in self.shards[dataset]))
-        out = self.gather(self.submit(weights_key, head, dataset, rows), n, self.head_classes[head])
+        [out] = self.gather(self.submit([Request(weights_key, head, dataset, rows)]),
+                            [(n, self.head_classes[head], np.float32)])
         return out if rows is None else out[rows]
 
     def adapt(self, merge: DifferentiableMerge, datasets: Mapping[str, ImageDataset], settings: AdaptSettings, seed: int,

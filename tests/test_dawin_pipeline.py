@@ -64,35 +64,25 @@ def test_actors_send_back_scores_not_logits(mini_pool, ray_local, tmp_path, monk
     number per sample (a static merge's predictions) or four (DaWin's scores)."""
     from raymerge.workers import WorkerPool
 
-    returned: list[tuple[str, tuple[int, ...]]] = []
-    gather = WorkerPool.gather
-
-    def recording(self, pending, n, width, dtype=np.float32):
-        for _, ref in pending:
-            returned.append((ref, ray_local.get(ref).shape))
-        return gather(self, pending, n, width, dtype)
-
-    submitted: list[tuple[str, object]] = []
+    asked: list[tuple[str, object, int]] = []  # (dataset, actor call, the part's place in the call's outputs)
     submit = WorkerPool.submit
 
-    def submitting(self, weights_key, head, dataset, rows=None, reduce=None):
-        calls = submit(self, weights_key, head, dataset, rows, reduce)
-        submitted.extend((dataset, ref) for _, ref in calls)
-        return calls
+    def submitting(self, requests):
+        pending = submit(self, requests)
+        asked.extend((req.dataset, call, j) for req, parts in zip(requests, pending) for _, call, j in parts)
+        return pending
 
-    monkeypatch.setattr(WorkerPool, "gather", recording)
     monkeypatch.setattr(WorkerPool, "submit", submitting)
     exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / 'out'}",
                                                       "methods={dawin: {k: 2}, wise_ft: {lambdas: [0.5]}}"])
     pipeline.run_experiment(exp, cache_dir=tmp_path / "cache")
-    shapes = {ref: shape for ref, shape in returned}
-    datasets = {ref: dataset for dataset, ref in submitted}
-    assert set(shapes) == set(datasets) and len(shapes) > 10
-    assert any(d.endswith("/validation") for d in datasets.values())
-    widths = {shape[1] for ref, shape in shapes.items() if not datasets[ref].endswith("/validation")}
+    shapes = [(dataset, ray_local.get(call)[j].shape) for dataset, call, j in asked]
+    assert len(shapes) > 10
+    assert any(d.endswith("/validation") for d, _ in shapes)
+    widths = {shape[1] for d, shape in shapes if not d.endswith("/validation")}
     assert widths == {1, len(dawin.SCORE_COLUMNS)}
     # logits over the 10 digit classes
-    assert {shape[1] for ref, shape in shapes.items() if datasets[ref].endswith("/validation")} == {10}
+    assert {shape[1] for d, shape in shapes if d.endswith("/validation")} == {10}
 
 
 def test_outputs_are_cached_by_what_they_are(mini_pool, ray_local, tmp_path, monkeypatch):
@@ -103,7 +93,8 @@ def test_outputs_are_cached_by_what_they_are(mini_pool, ray_local, tmp_path, mon
 
     submitted, fits = [], []
     submit, fit = WorkerPool.submit, pipeline.dawin_math.fit_temperature
-    monkeypatch.setattr(WorkerPool, "submit", lambda self, *a, **k: submitted.append(a[2]) or submit(self, *a, **k))
+    monkeypatch.setattr(WorkerPool, "submit",
+                        lambda self, requests: submitted.extend(r.dataset for r in requests) or submit(self, requests))
     monkeypatch.setattr(pipeline.dawin_math, "fit_temperature", lambda *a, **k: fits.append(1) or fit(*a, **k))
     exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / 'out'}"])
     run = pipeline.start_run(exp, cache_dir=tmp_path / "cache")

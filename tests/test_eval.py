@@ -44,6 +44,35 @@ def test_sharded_equals_single_process(pool):
     assert np.array_equal(pool.evaluate(key, "h", "small1"), evaluate_local(ARCH, weights, head, small[1], batch_size=64))
 
 
+
+def test_requests_submitted_together_make_one_call_per_actor(pool):
+    """Everything submitted at once (two weight sets, rows, a reduction) travels as one call per actor, and each
+    request's output is still the single-process reference's, bit for bit."""
+    import ray
+    import torch
+
+    from raymerge.workers import Reduce, Request
+
+    torch.manual_seed(1)
+    head = models.Head(torch.randn(5, 64), torch.randn(5), tuple("abcde"))
+    ds = random_dataset(7, 300, 5)
+    pool.add_head("h5", head)
+    pool.add_dataset("d5", ds)
+    weights = [to_numpy(random_encoder(seed)) for seed in (2, 3)]
+    keys = [pool.put_weights(w) for w in weights]
+    local = [evaluate_local(ARCH, w, head, ds, batch_size=64) for w in weights]
+    rows = np.array([1, 70, 130, 250, 299])
+    requests = [Request(keys[0], "h5", "d5"), Request(keys[1], "h5", "d5", rows),
+                Request(keys[1], "h5", "d5", reduce=Reduce())]
+    pending = pool.submit(requests)
+    calls = {call for parts in pending for _, call, _ in parts}
+    assert len(calls) == len(pool.actors) == 2  # both actors hold a shard of d5; one call each, not one per request
+    got = pool.gather(pending, [(300, 5, np.float32), (300, 5, np.float32), (300, 1, np.float64)])
+    assert np.array_equal(got[0], local[0])
+    assert np.array_equal(got[1][rows], local[1][rows]) and np.isnan(np.delete(got[1], rows, axis=0)).all()
+    assert np.array_equal(got[2][:, 0], local[1].argmax(1))
+    assert all(len(ray.get(call)) == len([p for parts in pending for p in parts if p[1] == call]) for call in calls)
+
 def test_run_experiment_writes_rows_and_resumes(mini_pool, ray_local, tmp_path):
     exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / 'out'}", "methods={zeroshot: {}, finetuned: {}}"])
     store = pipeline.run_experiment(exp, cache_dir=tmp_path / "cache")
