@@ -40,24 +40,22 @@ class CannedActor:
         self.logits: dict[tuple[str, str], np.ndarray] = {}
 
     def evaluate(self, jobs: list, *weights: Any) -> list[np.ndarray]:
-        return [self._evaluate(job.weights_key, job.head, job.head_spec, job.shard_spec, job.rows, job.reduce)
-                for job in jobs]
+        return [self._evaluate(job) for job in jobs]
 
-    def _evaluate(self, weights_key: str, head: str, head_spec: list, shard_spec: list, rows: np.ndarray | None,
-                  reduce: Any) -> np.ndarray:
+    def _evaluate(self, job: Any) -> np.ndarray:
         import ray
 
-        key = (head, shard_spec[0].hex())
+        key = (job.head, job.shard_spec[0].hex())
         if key not in self.logits:
-            dataset = ray.get(shard_spec[0])
-            classes = len(ray.get(head_spec[0])[1])
+            dataset = ray.get(job.shard_spec[0])
+            classes = len(ray.get(job.head_spec[0])[1])
             rng = np.random.default_rng([self.seed, len(self.logits)])
             out = rng.standard_normal((len(dataset), classes), dtype=np.float32)
             out[np.arange(len(dataset)), dataset.labels] += 3.0
             self.logits[key] = out
-        out = self.logits[key] * np.float32(0.5 + zlib.crc32(weights_key.encode()) / 2**32)
-        out = out if rows is None else out[np.asarray(rows)]
-        return out if reduce is None else reduce(out)  # as EvalWorker does: on the actor, not the driver
+        out = self.logits[key] * np.float32(0.5 + zlib.crc32(job.weights_key.encode()) / 2**32)
+        out = out if job.rows is None else out[np.asarray(job.rows)]
+        return out if job.reduce is None else job.reduce(out)  # as EvalWorker does: on the actor, not the driver
 
 
 def canned_pool(resources, handles: list):

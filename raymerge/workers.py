@@ -174,22 +174,21 @@ class EvalWorker:
         sample stay here. One call carries this actor's part of everything the driver submits at once: Ray's cost
         per call (~1 ms of driver CPU) is paid once per actor, not once per set. The weights are arguments of their
         own, so Ray moves them to this node before the call starts."""
-        return [self._evaluate(job.weights_key, weights[job.index], job.head, job.head_spec, job.shard,
-                               job.shard_spec, job.rows, job.reduce) for job in jobs]
+        return [self._evaluate(job, weights[job.index]) for job in jobs]
 
-    def _evaluate(self, weights_key: str, weights: Weights | OnActors, head: str, head_spec: list, shard: str,
-                  shard_spec: list, rows: np.ndarray | None, reduce: Reduce | None) -> np.ndarray:
-        if self.loaded != weights_key:
+    def _evaluate(self, job: Job, weights: Weights | OnActors) -> np.ndarray:
+        if self.loaded != job.weights_key:
             if isinstance(weights, OnActors):
                 with torch.no_grad():
                     weights = weights.recipe.build(self._models(weights.models))
             models.load_weights_in_place(self.encoder, weights)
-            self.loaded = weights_key
-        images = self._shard(shard, shard_spec)
-        if rows is not None:
-            images = images[torch.from_numpy(np.array(rows, dtype=np.int64)).to(images.device)]
-        logits = models.predict_logits(self.encoder, self._head(head, head_spec), images, self.batch_size, self.precision)
-        return logits if reduce is None else reduce(logits)
+            self.loaded = job.weights_key
+        images = self._shard(job.shard, job.shard_spec)
+        if job.rows is not None:
+            images = images[torch.from_numpy(np.array(job.rows, dtype=np.int64)).to(images.device)]
+        logits = models.predict_logits(self.encoder, self._head(job.head, job.head_spec), images, self.batch_size,
+                                       self.precision)
+        return logits if job.reduce is None else job.reduce(logits)
 
     def adapt(self, merge: list, heads: dict[str, list], datasets: dict[str, list], settings: AdaptSettings, seed: int,
               label: str) -> AdaptResult:
