@@ -392,9 +392,11 @@ def _driver(ctx: Context) -> tuple[list[dict], dict]:
                              lambda plan: _sample(plan, 2 if ctx.quick else DRIVER_SUBSETS))
     by_method: dict[str, list[tuple[float, float]]] = {}
     beside: dict[str, float] = {}  # CPU seconds of the central tasks beside phase 2 (DaWin's diagnostics), by method
-    for method, subset, cpu, overlapped in m["candidates"]:
+    critical: dict[str, float] = {}  # CPU seconds of the loop itself (not the results writer thread), by method
+    for method, subset, cpu, overlapped, loop in m["candidates"]:
         by_method.setdefault(method, []).append((cpu, _ideal_s(_candidate_images(method, subset, test))))
         beside[method] = beside.get(method, 0.0) + overlapped
+        critical[method] = critical.get(method, 0.0) + loop
     common = (f"{m['sample']} of the {m['plan']} subsets (evenly spaced by size); the real Run, WorkerPool methods, "
               f"logit cache and results store over the task_vectors test sets at their sizes and class counts "
               f"{'(quick: a fiftieth) ' if ctx.quick else ''}and validation splits (ASSUMED sizes, see the estimate), "
@@ -405,10 +407,12 @@ def _driver(ctx: Context) -> tuple[list[dict], dict]:
     rows, frac, frac_beside = [], {}, {}
     for method, pairs in by_method.items():
         cpu, gpu = sum(c for c, _ in pairs), sum(g for _, g in pairs)
-        frac[method], frac_beside[method] = cpu / gpu, beside[method] / gpu
+        frac[method], frac_beside[method] = critical[method] / gpu, beside[method] / gpu
         worst = max(c / g for c, g in pairs)
-        share = (f"; besides, off the driver: {beside[method] / len(pairs):.2f} s of CPU per candidate in the central "
-                 "Ray tasks that compute DaWin's diagnostics while phase 2 runs" if beside[method] else "")
+        share = (f"; of it, {critical[method] / gpu:.1%} on the loop's critical path, the rest the results store's "
+                 "writes on the run's writer thread, beside the next candidate's evaluation")
+        share += (f"; besides, off the driver: {beside[method] / len(pairs):.2f} s of CPU per candidate in the central "
+                  "Ray tasks that compute DaWin's diagnostics while phase 2 runs" if beside[method] else "")
         rows.append(row(
             "Full ViT-B/32 sweep estimate: driver CPU per candidate", method, cpu / len(pairs), gpu / len(pairs),
             "its GPU evaluation time (mean per candidate)", cpu / gpu, "≤ 5% of its GPU evaluation time (issue 16)",
@@ -471,8 +475,9 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
     at once). Either way CART is built when its candidate is evaluated (θavg plan, its sources put, SVD jobs on both
     nodes' free cores, assembly, put, transfer), and DaWin's merges when its phase 2 needs them: one reference
     merge per subset, then one per test set, each built, moved and loaded before its pass. Every weight set an actor
-    loads from the object store costs a host copy and a host → GPU copy. The driver's CPU per candidate (measured,
-    as a fraction of the candidate's GPU time) runs between candidates."""
+    loads from the object store costs a host copy and a host → GPU copy. The driver loop's CPU per candidate (measured,
+    as a fraction of the candidate's GPU time) runs between candidates; the results store's writes run on the
+    run's writer thread beside the next candidate (the head has cores to spare), so they add no time."""
     from raymerge.config import DEFAULT_SWEEP_METHODS
     from raymerge.sweep import MERGES_AHEAD
 
@@ -604,8 +609,8 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
         ahead = p["total"] - p["DaWin's merges"]
         off = ahead - p["driver CPU for DaWin"]
         return (f"not the current code: with DaWin's merges made ahead too (hidden behind evaluation) it would take "
-                f"{ahead / h:.2f} h ({ahead / ideal:.2f}×), and with all of DaWin's driver work (samples columns, "
-                f"coefficients, the results store) overlapped as well {off / h:.2f} h ({off / ideal:.2f}×)")
+                f"{ahead / h:.2f} h ({ahead / ideal:.2f}×), and with all of DaWin's loop work (its samples columns, "
+                f"coefficients and Ray calls) overlapped as well {off / h:.2f} h ({off / ideal:.2f}×)")
 
     for name, p, how in (
             ("merge_on: task (the default)", task,
@@ -666,8 +671,8 @@ def meaning(rows: list[dict]) -> str:
             text += (" DaWin's entropies, cross-entropies and predictions are computed on the actors (four numbers per "
                      "sample travel back) and its fitted temperatures are cached; its per-test-set diagnostics run "
                      "as central Ray tasks beside phase 2, off the driver. What is left on the driver is its "
-                     "coefficients, the samples columns it writes (N × M values per test set) and the Ray calls of its "
-                     "two phases.")
+                     "coefficients, the samples columns it writes (N × M values per test set; written on the run's "
+                     "writer thread beside the next candidate) and the Ray calls of its two phases.")
     text += (" Merges have left the driver; the elementwise ones and CART's build are made ahead, DaWin's merges side "
              "by side when its phase 2 needs them, so the GPUs still wait for those. CPU costs were measured on one "
              "core of this loaded shared machine: treat the hours as an order of magnitude.")

@@ -97,10 +97,11 @@ def _tasks(test_sizes: dict[str, int], classes: dict[str, int], val_sizes: dict[
 
 def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], val_sizes: dict[str, int],
             actors: int, batch: int, pick: Callable[[list], list]) -> dict[str, Any]:
-    """Driver CPU seconds: per evaluated candidate (method, subset, seconds, and the CPU seconds of the central
-    Ray tasks that computed DaWin's diagnostics beside phase 2, not the driver's), the one-time planning of the whole
-    sweep (with the loop's own overhead), and the one-time phase 1 of DaWin (every (model, task) pair's validation logits and test scores). ``pick``
-    chooses the subsets evaluated from the plan; the others count as stored."""
+    """Driver CPU seconds: per evaluated candidate (method, subset, seconds in all, the CPU seconds of the central
+    Ray tasks that computed DaWin's diagnostics beside phase 2, not the driver's, and the seconds on the loop's
+    critical path: all but the results writer thread's), the one-time planning of the whole sweep (with the loop's
+    own overhead), and the one-time phase 1 of DaWin (every (model, task) pair's validation logits and test
+    scores). ``pick`` chooses the subsets evaluated from the plan; the others count as stored."""
     import ray
     import torch
 
@@ -157,10 +158,25 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
         # one subset's candidates first, untimed: the first calls pay one-off costs (imports, the first Parquet write)
         for unit, params, c, p in sweep_candidates(run, warm, cfg.methods):
             run.evaluate(unit, params, c, p, label(unit.name))
+        run.flush()
 
         cpu: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
         beside: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
+        # the results store writes a candidate's rows on the run's writer thread while the next one is evaluated:
+        # that CPU is counted for the candidate whose rows it wrote, apart from the loop's own (its critical path)
+        written: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
+        writer = [0.0]  # the writer thread's CPU seconds so far
         evaluate, prefetch, diagnose = run.evaluate, run.prefetch_candidate, dawin_pipeline.diagnostics.diagnose
+        append = run.store.append
+
+        def timed_append(rows, samples=None, replace=False):
+            start = time.thread_time()
+            try:
+                return append(rows, samples=samples, replace=replace)
+            finally:
+                spent = time.thread_time() - start
+                written[(rows[0]["method"].removeprefix("sweep/"), tuple(rows[0]["params"]["subset"]))] += spent
+                writer[0] += spent
         # DaWin's diagnostics run as central Ray tasks, off the driver: each appends its CPU seconds here
         diagnosed = out / "diagnostics-seconds.txt"
 
@@ -169,12 +185,12 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
 
         def timed(fn):
             def wrapper(unit, params, cand, p, lbl=None):
-                start, before = time.process_time(), diagnosed_s()
+                start, before, wrote = time.process_time(), diagnosed_s(), writer[0]
                 try:
                     return fn(unit, params, cand, p, lbl)
                 finally:
                     key = (unit.name, tuple(cand.params["subset"]))
-                    cpu[key] += time.process_time() - start
+                    cpu[key] += time.process_time() - start - (writer[0] - wrote)
                     beside[key] += diagnosed_s() - before
             return wrapper
 
@@ -186,18 +202,18 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
                 with open(diagnosed, "a") as f:
                     f.write(f"{time.process_time() - start}\n")
 
-        run.evaluate, run.prefetch_candidate = timed(evaluate), timed(prefetch)
+        run.evaluate, run.prefetch_candidate, run.store.append = timed(evaluate), timed(prefetch), timed_append
         dawin_pipeline.diagnostics.diagnose = timed_diagnose
         progress(f"sweep driver: sweep_run over {len(chosen)} of {len(plan)} subsets, {actors} canned actors, batch "
                  f"{batch}")
         start = time.process_time()
         sweep_run(run)
-        total = time.process_time() - start
+        total = time.process_time() - start - writer[0]
     finally:
         dawin_pipeline.diagnostics.diagnose = diagnose
         quiet.setLevel(level)
         for h in handles:
             ray.kill(h)
-    evaluated = [(m, s, c, beside[(m, s)]) for (m, s), c in cpu.items() if s in chosen]
+    evaluated = [(m, s, c + written[(m, s)], beside[(m, s)], c) for (m, s), c in cpu.items() if s in chosen]
     return {"candidates": evaluated, "planning": total - sum(cpu.values()), "phase1": phase1_s,
             "plan_candidates": len(plan) * len(cfg.methods), "sample": len(chosen), "plan": len(plan)}

@@ -146,7 +146,7 @@ def sweep_run(run: Run) -> None:
     log.info("sweep work: %d merged models, %d test-set evaluations (each one forward pass over a test split)",
              len(todo), evaluations)
     start = time.perf_counter()
-    with phase("sweep"):
+    with phase("sweep"), run.evaluating():
         for i, (unit, params, cand, pool) in enumerate(tqdm(todo, desc="sweep", unit="merge")):
             # the next merges are made (Ray tasks, in parallel where CPUs are free) while this one is evaluated
             make_ahead(todo[i:i + MERGES_AHEAD + 1], lambda u, p, c, pl: run.prefetch_candidate(u, p, c, pl, label(u.name)))

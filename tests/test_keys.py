@@ -6,7 +6,9 @@ runs again, and checks which rows were recomputed: exactly those the change affe
 
 from __future__ import annotations
 
+import gc
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +152,30 @@ def _run_job(path: Path, cache: Path, *overrides: str) -> None:
     from raymerge import pipeline
 
     pipeline.run_experiment(config.load(path, list(overrides)), cache_dir=cache)
+
+
+def test_rows_are_written_behind_the_loop_and_a_failed_write_stops_it(robust, ray_local, tmp_path):
+    """The writer thread stores each candidate's rows while the next one is evaluated; its error stops the run at
+    the next candidate, and the rows written before it stay stored."""
+    run = start_run(config.load(robust / "experiment.yaml"), cache_dir=tmp_path / "cache")
+    append, writers = run.store.append, []
+
+    def failing(rows, **kwargs):
+        writers.append(threading.current_thread().name)
+        if len(writers) == 2:  # the second candidate's rows
+            raise OSError("disk full")
+        return append(rows, **kwargs)
+
+    run.store.append = failing
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            run_methods(run, run.exp.methods)
+    finally:
+        run.pool.shutdown()
+    assert all(name.startswith("raymerge-results") for name in writers)
+    assert gc.get_freeze_count() == 0  # the loop's objects are the collector's again
+    first, _, third, fourth = run.exp.methods  # one candidate each
+    stored = ResultStore(tmp_path / "out").rows()
+    assert len(stored) == 3 and {r["method"] for r in stored} == {first}
+    # the third was evaluated before the failed write surfaced (its own write never started); the fourth never ran
+    assert run.evaluated == 6 and len(writers) == 2
