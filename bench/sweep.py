@@ -7,9 +7,11 @@ marked done through the resume mechanism (their row keys are put in ``Run.done``
 them. Fresh logit cache and results store.
 
 Ideal: the evaluation passes the sweep needs, at the single-pass times measured on the same pool just before:
-one pass per (candidate, task in its subset); DaWin's phase 2 and its reference merge (the uniform-coefficient merge
-whose entropies the diagnostics compare with) likewise, and its phase 1 once per distinct (candidate model, task)
-pair over test and validation (the logit cache computes each once); merges hidden behind evaluation.
+one pass per (candidate, task in its subset); DaWin's phase 2 likewise, and its reference merge (the
+uniform-coefficient merge whose entropies the diagnostics compare with) only where the sweep does not evaluate that
+merge itself (task arithmetic at DaWin's λ0, before it in each subset: its cached scores serve), and its phase 1
+once per distinct (candidate model, task) pair over test and validation (the logit cache computes each once); merges
+hidden behind evaluation.
 
 Estimate for the full ViT-B/32 sweep on 16 GPUs, a model of what the current code runs where (raymerge/sweep.py,
 pipeline.py, workers.py, methods/): the driver plans every row key, then walks the candidates in order (per subset
@@ -18,8 +20,8 @@ all actors. The elementwise merges (weight_average, task_arithmetic, ties) are r
 ``MERGES_AHEAD`` candidates ahead (``resources.merge_on: task``, the default) or that every actor builds on its GPU
 from its resident models when it evaluates them (``merge_on: actor``). CART's recipe runs its SVDs as Ray tasks of
 its own; its build starts when it enters the same window (``sweep.make_ahead``: one SVD-based build ahead at a
-time) and the GPUs wait only for what is left of it. DaWin's reference merge and its one merge per test set are made
-when its phase 2 needs them, ``max_merges_in_flight`` side by side, so they add to the sweep's wall time, as does
+time) and the GPUs wait only for what is left of it. DaWin's one merge per test set is made
+when its phase 2 needs them (its reference merge is task arithmetic's candidate, whose scores are cached), ``max_merges_in_flight`` side by side, so they add to the sweep's wall time, as does
 the driver's own work per candidate (keys, Ray calls, gathering outputs, the logit cache, the results store, and
 DaWin's coefficients), which runs between one candidate's evaluation and the next one's; DaWin's diagnostics are
 central Ray tasks beside its phase 2 and add only where they would outlast it. Each test
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +179,8 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
     test = {t: passes[(t, "test")] for t in tasks}
     ideal = {m: sum(test[t] for s in sample for t in s) for m in methods}
     phase1_pairs = {(n, t) for s in sample for n in s for t in s}
-    if "dawin" in ideal:  # + its reference merge's pass, + phase 1
-        ideal["dawin"] *= 2
+    if "dawin" in ideal:  # + its reference merge's pass where it is not cached, + phase 1
+        ideal["dawin"] *= 1 if reference_cached(cfg.methods) else 2
         ideal["dawin"] += sum(passes[(t, "test")] + passes[(t, "validation")] for _, t in phase1_pairs)
     ideal_total = sum(ideal.values())
     per_min = len(sample) / (wall / 60)
@@ -378,10 +381,29 @@ def _ideal_s(images: float) -> float:
     return images / (GPUS * GPU_IMAGES_PER_S)
 
 
+def reference_cached(configs: Mapping[str, list]) -> bool:
+    """Whether DaWin's static reference, task arithmetic at its λ0, is a candidate the sweep evaluates before DaWin
+    in each subset (``configs``: method name -> validated configurations, in sweep order), so that DaWin reads its
+    cached scores instead of a pass of its own."""
+    names = list(configs)
+    if "dawin" not in configs or "task_arithmetic" not in names[:names.index("dawin")]:
+        return False
+    single = {p.lambdas[0] for p in configs["task_arithmetic"] if len(p.lambdas) == 1}
+    return all(p.lam0 in single for p in configs["dawin"])
+
+
+def _default_methods() -> dict[str, list]:
+    from raymerge import methods
+    from raymerge.config import DEFAULT_SWEEP_METHODS
+
+    return {name: [methods.get(name).params(**p)] for name, p in DEFAULT_SWEEP_METHODS.items()}
+
+
 def _candidate_images(method: str, subset: tuple[str, ...], sizes: dict[str, int]) -> int:
-    """Images a candidate evaluates once DaWin's phase 1 is cached: one pass per task, DaWin two (its merge per test
-    set and its reference merge)."""
-    return (2 if method == "dawin" else 1) * sum(sizes[t] for t in subset)
+    """Images a candidate of the default sweep evaluates once DaWin's phase 1 is cached: one pass per task, DaWin
+    two where its reference merge is not cached (its merge per test set and that merge)."""
+    passes = 1 if method != "dawin" or reference_cached(_default_methods()) else 2
+    return passes * sum(sizes[t] for t in subset)
 
 
 def _driver(ctx: Context) -> tuple[list[dict], dict]:
@@ -473,8 +495,8 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
     candidates and is ready after its build, its ``ray.put`` and its transfer to the other node; a candidate waits
     for it if it is not. merge_on actor: every actor builds it on its GPU when it evaluates it (the same on all 16,
     at once). Either way CART is built when its candidate is evaluated (θavg plan, its sources put, SVD jobs on both
-    nodes' free cores, assembly, put, transfer), and DaWin's merges when its phase 2 needs them: one reference
-    merge per subset, then one per test set, each built, moved and loaded before its pass. Every weight set an actor
+    nodes' free cores, assembly, put, transfer), and DaWin's merges when its phase 2 needs them: one per test set
+    (and its reference merge where that is not cached), each built, moved and loaded before its pass. Every weight set an actor
     loads from the object store costs a host copy and a host → GPU copy. The driver loop's CPU per candidate (measured,
     as a fraction of the candidate's GPU time) runs between candidates; the results store's writes run on the
     run's writer thread beside the next candidate (the head has cores to spare), so they add no time."""
@@ -483,6 +505,7 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
 
     methods = list(DEFAULT_SWEEP_METHODS)
     order = [(s, m) for s in plan for m in methods]
+    reference = reference_cached(_default_methods())
     merge, copy = model["merge"], model["copy"]
     move = model["put"] + VITB32_BYTES / NETWORK_BYTES_PER_S  # a merged set into the store and to the other node
     load = model["host_copy"] + VITB32_BYTES / H2D_BYTES_PER_S  # an actor loading a weight set onto its GPU
@@ -521,16 +544,16 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
         elif m in STATIC or m == "cart":
             waited = "CART builds" if m == "cart" else wait
             spent["GPU passes"], spent[waited], spent[loads] = gpu, max(0.0, ready[i] - t), load
-        else:  # dawin: phase 1 where a (model, task) pair is new, then phase 2 with the reference merge
+        else:  # dawin: phase 1 where a (model, task) pair is new, then phase 2
             new = [(model_task, task) for model_task in s for task in s if (model_task, task) not in cached]
             cached.update(new)
             # phase 1: one temperature fit (a validation pass) at a time, then each model's new test sets at once
             phase1 = sum(_sharded_s([(task, "validation")]) for _, task in new) + sum(
                 _sharded_s([(task, "test") for mt, task in new if mt == model_task])
                 for model_task in dict.fromkeys(mt for mt, _ in new))
-            # phase 2: the reference merge (on every set) and one merge per set, in batches of MAX_IN_FLIGHT merges,
-            # each batch's merges made side by side, then its sets evaluated at once
-            jobs = [[(task, "test") for task in s], *([(task, "test")] for task in s)]
+            # phase 2: one merge per set (and the reference merge on every set, unless cached), in batches of
+            # MAX_IN_FLIGHT merges, each batch's merges made side by side, then its sets evaluated at once
+            jobs = [*([] if reference else [[(task, "test") for task in s]]), *([(task, "test")] for task in s)]
             batches = [jobs[k:k + MAX_IN_FLIGHT] for k in range(0, len(jobs), MAX_IN_FLIGHT)]
             phase2 = sum(_sharded_s([p for job in b for p in job]) for b in batches)
             spent["GPU passes"] = phase1 + phase2
@@ -555,7 +578,7 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
 def _ideal(plan: list[tuple[str, ...]]) -> tuple[float, dict[str, float]]:
     per_subset = sum(TEST_SIZES[t] for s in plan for t in s)
     images = {"4 elementwise and low-rank merges": 4 * per_subset, "DaWin's phase 2": per_subset,
-              "DaWin's reference merge": per_subset,
+              **({} if reference_cached(_default_methods()) else {"DaWin's reference merge": per_subset}),
               "DaWin's phase 1 (8 models × 8 tasks, test + validation)": len(TEST_SIZES) * sum(
                   TEST_SIZES[t] + VAL_SIZES[t] for t in TEST_SIZES)}
     return _ideal_s(sum(images.values())), images
@@ -566,7 +589,7 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
 
     plan = subsets(list(TEST_SIZES))
     ideal, images = _ideal(plan)
-    issue16 = _ideal_s(sum(images.values()) - images["DaWin's reference merge"]
+    issue16 = _ideal_s(sum(images.values()) - images.get("DaWin's reference merge", 0)
                        - len(TEST_SIZES) * sum(VAL_SIZES.values()))
     task, actor = _simulate(model, driver, plan, on_actor=False), _simulate(model, driver, plan, on_actor=True)
     sharded = task["GPU passes"]
@@ -593,8 +616,9 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
             f"{len(plan)} subsets × 5 methods (config.DEFAULT_SWEEP_METHODS: weight_average, task_arithmetic λ=0.3, "
             f"ties, cart, dawin k=1); {sum(images.values()) / 1e6:.1f} M images: "
             + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in images.items())
-            + f"; every image once on one of {GPUS} GPUs; without DaWin's reference pass and validation splits (as "
-            f"issue 16 counted it) {issue16 / h:.2f} h; {assumed}",
+            + f"; every image once on one of {GPUS} GPUs; without "
+            + ("DaWin's reference pass and " if "DaWin's reference merge" in images else "")
+            + f"validation splits (as issue 16 counted it) {issue16 / h:.2f} h; {assumed}",
             value=ideal / h, unit="hours", estimate=True, ratio_means="—", gap="—", ideal_value=1.0),
         row("Full ViT-B/32 sweep estimate", "GPU evaluation as the pool shards it", sharded, ideal,
             "GPU evaluation (ideal)", sharded / ideal, "1× (every GPU busy with real images)",
@@ -623,8 +647,8 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
             "Full ViT-B/32 sweep estimate", f"{name}: estimated wall time", p["total"], ideal,
             "GPU evaluation (ideal)", p["total"] / ideal, "≤ 1.2× the GPU-bound ideal (issue 16)",
             f"{how}; CART's build started as a Ray task when it enters that window (its SVDs on both nodes' free "
-            "cores), its wait counted under CART builds; DaWin's reference merge and its merge per test set made when "
-            f"its phase 2 needs them, {MAX_IN_FLIGHT} side by side; by component: {parts(p)}; {hidden(p)}; ASSUMED figures as in the ideal's row; {measured}",
+            "cores), its wait counted under CART builds; DaWin's merge per test set made when its phase 2 needs "
+            f"them, {MAX_IN_FLIGHT} side by side (its reference merge is task arithmetic's candidate, scores cached); by component: {parts(p)}; {hidden(p)}; ASSUMED figures as in the ideal's row; {measured}",
             value=p["total"] / h, unit="hours", estimate=True, ratio_means="estimate / GPU-bound ideal",
             gap=verdict(p["total"] / ideal), ideal_value=1.2,
             components={k: v / h for k, v in p.items()}))
@@ -662,13 +686,16 @@ def meaning(rows: list[dict]) -> str:
                         key=lambda kv: -kv[1])
         text += (f" Beyond them, with merge_on: {on}: " + ", ".join(f"{k} {v:.2f} h" for k, v in beyond) + ".")
     if drivers:
-        over = [case for case, r in drivers.items() if case != "all methods" and r["ratio"] > 0.05]
+        over = [case for case, r in drivers.items() if r["ratio"] > 0.05]
         text += (" The driver's own CPU per candidate is "
                  + ", ".join(f"{r['ratio']:.1%} ({case})" for case, r in drivers.items())
                  + " of its GPU evaluation time: issue 16's ≤ 5% is "
                  + (f"not met for {', '.join(over)}" if over else "met") + ".")
         if "dawin" in over:
-            text += (" DaWin's entropies, cross-entropies and predictions are computed on the actors (four numbers per "
+            text += (" A DaWin candidate passes over its test sets once (phase 2), its static reference's scores read "
+                     "from task arithmetic's cached ones, so its driver work weighs against half the GPU time it had "
+                     "when it evaluated the reference itself."
+                     " DaWin's entropies, cross-entropies and predictions are computed on the actors (four numbers per "
                      "sample travel back) and its fitted temperatures are cached; its per-test-set diagnostics run "
                      "as central Ray tasks beside phase 2, off the driver. What is left on the driver is its "
                      "coefficients, the samples columns it writes (N × M values per test set; written on the run's "

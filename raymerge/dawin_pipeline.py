@@ -6,8 +6,8 @@
 2. central: coefficients with domain statistics, mixture fit (a Ray task on a cluster), component of each sample;
 3. the merged weight sets are built once each, every test set's side by side;
 4. phase 2: each sample is evaluated with its component's merged model only, every test set's merges submitted
-   together (the static reference merge with them), at most ``max_in_flight`` merged weight sets alive at once;
-   again only scores travel back;
+   together, at most ``max_in_flight`` merged weight sets alive at once; again only scores travel back (the
+   static reference merge's scores come from the evaluator's cache when the run evaluates that merge too);
 5. per-sample diagnostics (:mod:`raymerge.diagnostics`): does entropy track the loss on this test set? (central
    tasks, started before phase 2 and running beside it)
 
@@ -151,9 +151,11 @@ class DawinRunner:
 
     ``max_in_flight`` bounds the merged weight sets that exist at once in phase 2: merges are built, evaluated and
     dropped in batches of at most that many (a ViT-L/14 merge is ~1.2 GB in float32). ``names`` label the
-    candidates in the diagnostics. ``reference`` evaluates the uniform-coefficient merge (the static merge DaWin
-    is compared with: weight average of the two candidates, or task arithmetic at λ0) once per test set, for the
-    mean-entropy comparison; it costs one extra evaluation pass per test set, shared by all variants.
+    candidates in the diagnostics. ``reference`` is the static merge DaWin is compared with (the merge of uniform
+    coefficients: weight average of the two candidates, or task arithmetic at λ0), whose entropy at temperature 1
+    on each test set goes beside DaWin's for the mean-entropy comparison. Its scores are read with
+    :meth:`Evaluator.scores`, the cached call its own candidate's rows came from: free when the run evaluates that
+    merge too, else one more pass per test set, shared by all variants. None: no comparison.
 
     Every variant returns an :class:`Outcome` whose extras hold the per-sample columns of
     :mod:`raymerge.diagnostics` (stored in the samples Parquet; the report recomputes the diagnostics from them),
@@ -166,7 +168,7 @@ class DawinRunner:
     seed: int = 0
     max_in_flight: int = 4
     names: Sequence[str] | None = None
-    reference: bool = True
+    reference: Recipe | Weights | None = None
     _columns: dict[Pair, dict[str, np.ndarray]] = field(default_factory=dict, init=False, repr=False)
     _reference: dict[Pair, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
@@ -185,46 +187,35 @@ class DawinRunner:
                 self._columns[pair] = diagnostics.columns_from_scores(self.p1.scores[pair], self.ev.labels(pair))
         return {p: self._columns[p] for p in pairs}
 
-    def _phase2(self, groups: Mapping[Pair, dawin.MergeGroups], reference: Sequence[Pair]
-                ) -> tuple[dict[Pair, np.ndarray], dict[Pair, np.ndarray]]:
+    def _phase2(self, groups: Mapping[Pair, dawin.MergeGroups]) -> dict[Pair, np.ndarray]:
         """Phase 2 of every pair at once: scores (N, 4) at temperature 1 where each sample is evaluated by the
-        merge of its group only; and the entropy (N,) at temperature 1 of the reference merge (uniform
-        coefficients, the static merge) on each pair of ``reference``.
+        merge of its group only.
 
         The merges of all pairs go to the evaluator together, so they are made side by side and evaluated back to
         back, in batches of at most ``max_in_flight`` merged weight sets: each batch is merged, evaluated and
         dropped before the next batch is merged. Empty groups get no merge.
         """
-        jobs: list[tuple[np.ndarray, list[tuple[Pair, np.ndarray]]]] = []  # (coefficients, [(pair, rows)]) per merge
-        if reference:
-            m = self.p1.scores[reference[0]].shape[1]
-            jobs.append((np.full(m, 1.0 / m), [(p, np.arange(len(self.p1.scores[p]))) for p in reference]))
+        jobs: list[tuple[np.ndarray, Pair, np.ndarray]] = []  # (coefficients, pair, rows) per merge
         for pair, g in groups.items():
             order = np.argsort(g.component, kind="stable")
             counts = np.bincount(g.component, minlength=len(g.table))
-            jobs += [(g.table[j], [(pair, rows)]) for j, rows in enumerate(np.split(order, np.cumsum(counts)[:-1]))
+            jobs += [(g.table[j], pair, rows) for j, rows in enumerate(np.split(order, np.cumsum(counts)[:-1]))
                      if len(rows)]
         width = len(dawin.SCORE_COLUMNS)
         out = {pair: np.full((len(self.p1.scores[pair]), width), np.nan) for pair in groups}
-        static: dict[Pair, np.ndarray] = {}
         for start in range(0, len(jobs), self.max_in_flight):
-            batch = list(enumerate(jobs[start:start + self.max_in_flight], start))
-            merges = [self.merge(c) for _, (c, _) in batch]
-            assignments = [(w, pair, rows) for w, (_, (_, parts)) in zip(merges, batch) for pair, rows in parts]
-            scores = iter(self.ev.scores_rows(assignments))
-            del merges, assignments  # before the next batch is merged, so only one batch is ever alive
-            for i, (_, parts) in batch:
-                for pair, rows in parts:
-                    if i == 0 and reference:
-                        static[pair] = next(scores)[:, dawin.SCORE_COLUMNS.index("entropy_t1")]
-                    else:
-                        out[pair][rows] = next(scores)
+            batch = jobs[start:start + self.max_in_flight]
+            assignments = [(self.merge(c), pair, rows) for c, pair, rows in batch]
+            scores = self.ev.scores_rows(assignments)
+            del assignments  # before the next batch is merged, so only one batch is ever alive
+            for (_, pair, rows), got in zip(batch, scores):
+                out[pair][rows] = got
         for (task, split), got in out.items():
             missing = np.isnan(got[:, dawin.SCORE_COLUMNS.index("prediction")])
             if missing.any():
                 raise RuntimeError(f"phase 2 of {task}/{split} left {int(missing.sum())} sample(s) unevaluated "
                                    f"(the first: row {int(np.argmax(missing))})")
-        return out, static
+        return out
 
     def _outcome(self, pairs: Sequence[Pair], coefficients: Callable[[Pair], np.ndarray], mixture: str | None,
                  k: int = 1) -> Outcome:
@@ -242,10 +233,12 @@ class DawinRunner:
             fitted = mixture in ("beta", "dirichlet")  # EM runs where central statistics run, every pair's at once
             fits = {pair: self.ev.central(dawin.merge_groups, c[pair], mixture, k, self.seed) if fitted else
                     done(dawin.merge_groups(c[pair], mixture, k, self.seed)) for pair in pairs}
+            reference = [p for p in pairs if p not in self._reference] if self.reference is not None else []
+            if reference:  # while the mixtures are fitted
+                static = self.ev.scores(self.reference, reference)
+                self._reference.update({p: s[:, dawin.SCORE_COLUMNS.index("entropy_t1")] for p, s in static.items()})
             groups = {pair: fit.result() for pair, fit in fits.items()}
-            scores, static = self._phase2(groups, [p for p in pairs if p not in self._reference] if self.reference
-                                          else [])
-            self._reference.update(static)
+            scores = self._phase2(groups)
         for pair in pairs:
             extras = {**columns[pair], "coefficients": c[pair]}
             if pair in groups:

@@ -38,7 +38,8 @@ every number here from the stored file and a user can redo the analysis):
 ``merge_coefficients`` (N, M)   coefficient row of the merge that evaluated the sample (after the mixture)
 ``component``          (N,)     merge group of the sample (index into the distinct merges)
 ``output_entropy``     (N,)     entropy of DaWin's own (phase-2) logits, temperature 1
-``reference_entropy``  (N,)     entropy of the static merge (uniform coefficients), temperature 1
+``reference_entropy``  (N,)     entropy of the static merge (uniform coefficients: task arithmetic at λ0, or the
+                                two candidates' weight average), temperature 1
 =====================  =======  =====================================================================
 """
 

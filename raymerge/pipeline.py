@@ -44,7 +44,6 @@ from raymerge.dawin_pipeline import CENTRAL_CPUS
 from raymerge.errors import InputError
 from raymerge.workers import MERGE_CPUS, Reduce, Request, WorkerPool
 
-PREDICTIONS = Reduce()  # what a static candidate's rows need of the logits: one key for evaluation and prefetch
 log = logging.getLogger("raymerge")
 
 Pair = tuple[str, str]  # (task, split)
@@ -200,8 +199,11 @@ class Run:
         if cand.recipe is None:
             return False
         key = cand.recipe.key(self.model_hashes)
+        if key in self.pool.registered:  # a sweep asks again at each step while the candidate is in its window
+            return True
         pending = self.pending(unit, params, cand, pool, label)
-        if any(self.force or not self.cache.path(*self._cache_parts(key, pair, PREDICTIONS)).exists() for pair in pending):
+        if any(self.force or not self.cache.path(*self._cache_parts(key, pair, Reduce(self.labels(pair)))).exists()
+               for pair in pending):
             self.prefetch(cand.recipe)
             return True
         return False
@@ -214,8 +216,6 @@ class Run:
                  str(self.pool.resources.batch_size), self.pool.precision)
         if reduce is None:
             return parts
-        if reduce.labels is None:
-            return (*parts, "predictions")
         return (*parts, "scores:" + ",".join(dawin_math.SCORE_COLUMNS), float(reduce.temperature).hex())
 
     def _register(self, weights: Recipe | Mapping[str, np.ndarray]) -> str:
@@ -241,9 +241,9 @@ class Run:
         return self._outputs(weights, pairs, lambda pair: None)
 
     def predictions(self, weights: Recipe | Mapping[str, Any], pairs: list[Pair]) -> dict[Pair, np.ndarray]:
-        """(N,) int64 predicted classes like :meth:`logits`, the argmax taken on the actors."""
-        out = self._outputs(weights, pairs, lambda pair: PREDICTIONS)
-        return {p: v[:, 0].astype(np.int64) for p, v in out.items()}
+        """(N,) int64 predicted classes like :meth:`logits`, the argmax taken on the actors: from the cached
+        :meth:`scores` at temperature 1, which DaWin reads its static reference from."""
+        return {p: dawin_math.score_predictions(s) for p, s in self.scores(weights, pairs).items()}
 
     def temperature(self, weights: Recipe | Mapping[str, Any], pair: Pair) -> float:
         """:func:`raymerge.dawin.fit_temperature` on the logits of ``weights`` on ``pair``, kept in the cache beside
@@ -359,30 +359,36 @@ class Run:
             "evaluation": {"batch_size": self.pool.resources.batch_size, "precision": self.pool.precision},
         }
 
-    def _identities(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> dict[Pair, dict[str, Any]]:
-        return {pair: self.identity(unit, params, cand, pool, label, pair) for pair in pool.eval_pairs(cand.tasks)}
+    def _rows(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str
+              ) -> dict[Pair, tuple[str, dict[str, Any]]]:
+        """(row key, identity) of each (task, split) ``cand`` is judged on."""
+        identities = (self.identity(unit, params, cand, pool, label, pair) for pair in pool.eval_pairs(cand.tasks))
+        return {pair: (row_key(i), i) for pair, i in zip(pool.eval_pairs(cand.tasks), identities)}
 
     def keys(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> list[str]:
         """The row keys of ``cand``, one per (task, split) it is judged on."""
-        return [row_key(i) for i in self._identities(unit, params, cand, pool, label).values()]
+        return [key for key, _ in self._rows(unit, params, cand, pool, label).values()]
 
     def pending(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> dict[Pair, dict[str, Any]]:
         """The identities of the rows of ``cand`` still to compute: those not stored yet, or all under ``--force``."""
-        identities = self._identities(unit, params, cand, pool, label)
-        return {pair: i for pair, i in identities.items() if self.force or row_key(i) not in self.done}
+        return self._pending(self._rows(unit, params, cand, pool, label))
+
+    def _pending(self, rows: Mapping[Pair, tuple[str, dict[str, Any]]]) -> dict[Pair, dict[str, Any]]:
+        return {pair: i for pair, (key, i) in rows.items() if self.force or key not in self.done}
 
     def evaluate(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str | None = None) -> None:
         """Evaluate ``cand`` on the pairs whose rows are not stored (all of them under ``--force``). Rows are
         independent per pair, so a changed test set recomputes its own rows only."""
         label = label or unit.name
-        self.planned.update(self.keys(unit, params, cand, pool, label))
-        identities = self.pending(unit, params, cand, pool, label)
-        self.skipped += len(pool.eval_pairs(cand.tasks)) - len(identities)
+        judged = self._rows(unit, params, cand, pool, label)
+        self.planned.update(key for key, _ in judged.values())
+        identities = self._pending(judged)
+        self.skipped += len(judged) - len(identities)
         if not identities:
             if cand.recipe is not None:  # made ahead for nothing (another configuration stored these rows)
                 self.pool.drop_weights(cand.recipe.key(self.model_hashes))
             return
-        keys = {pair: row_key(identity) for pair, identity in identities.items()}
+        keys = {pair: judged[pair][0] for pair in identities}
         pairs = list(identities)
         start = time.perf_counter()
         if cand.predict is not None:

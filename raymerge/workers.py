@@ -4,7 +4,7 @@ An :class:`EvalWorker` keeps one resident encoder, every head, and its shard of 
 It is told *which weights* (an ObjectRef to a dict of numpy arrays, loaded in place into the resident model)
 go with *which samples*; it never knows which merge method it serves. :class:`WorkerPool` is the driver-side
 handle that shards datasets across the actors and gathers their outputs back in dataset order: logits, or what
-the actors reduce them to (:class:`Reduce`: predictions, or DaWin's per-sample scores).
+the actors reduce them to (:class:`Reduce`: per-sample entropies, cross-entropy and prediction).
 """
 
 from __future__ import annotations
@@ -81,24 +81,21 @@ Pending = list[tuple[np.ndarray, ray.ObjectRef, int]]  # per busy actor: its glo
 
 @dataclass(frozen=True, eq=False)  # an ndarray field: identity, not value, comparison
 class Reduce:
-    """What an actor sends back instead of its (n, C) logits, computed where they are: the argmax class as (n, 1)
-    float64 (``labels`` None), or the (n, 4) :func:`raymerge.dawin.sample_scores` with ``labels`` (n,) of the
-    rows it evaluates, at ``temperature``."""
+    """What an actor sends back instead of its (n, C) logits, computed where they are: the (n, 4)
+    :func:`raymerge.dawin.sample_scores` (entropy, cross-entropy, prediction, entropy at temperature 1) of the rows
+    it evaluates, with their ``labels`` (n,), at ``temperature``. Static candidates need only the prediction, but
+    the rest costs the actor nothing beside its forward pass and lets DaWin read its static reference from them."""
 
-    labels: np.ndarray | None = None
+    labels: np.ndarray
     temperature: float = 1.0
 
-    @property
-    def width(self) -> int:
-        return 1 if self.labels is None else len(dawin.SCORE_COLUMNS)
+    width = len(dawin.SCORE_COLUMNS)
 
     def rows(self, rows: np.ndarray) -> Reduce:
         """The same reduction for ``rows`` (global indices) of the dataset whose labels this one holds."""
-        return self if self.labels is None else Reduce(self.labels[rows], self.temperature)
+        return Reduce(self.labels[rows], self.temperature)
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
-        if self.labels is None:
-            return logits.argmax(1)[:, None].astype(np.float64)
         return dawin.sample_scores(logits, self.labels, self.temperature)
 
 
@@ -170,7 +167,7 @@ class EvalWorker:
     def evaluate(self, jobs: list[Job], *weights: Weights | OnActors) -> list[np.ndarray]:
         """Each job's output, in order: float32 logits (n, C) of shard ``shard`` (or its local ``rows``) under
         ``weights[index]`` (numpy arrays, or a recipe to build here from the resident models) and head ``head``;
-        with ``reduce``, what it makes of them instead (predictions, or DaWin's scores), so that the C numbers per
+        with ``reduce``, what it makes of them instead (per-sample scores and prediction), so that the C numbers per
         sample stay here. One call carries this actor's part of everything the driver submits at once: Ray's cost
         per call (~1 ms of driver CPU) is paid once per actor, not once per set. The weights are arguments of their
         own, so Ray moves them to this node before the call starts."""

@@ -37,7 +37,8 @@ def test_distributed_equals_single_process(mini_pool, dawin_store):
     local = LocalEvaluator(ARCH, {"digits": head}, sets, batch_size=64)
     pairs = [("digits", s) for s in splits[:3]]
     p1 = dawin_pipeline.phase1(local, [to_numpy(base), to_numpy(ft)], pairs, {"digits": ("digits", "validation")})
-    runner = DawinRunner(local, p1, lambda c: interpolate(base, ft, float(c[1])), seed=0)
+    runner = DawinRunner(local, p1, lambda c: interpolate(base, ft, float(c[1])), seed=0,
+                         reference=to_numpy(interpolate(base, ft, 0.5)))
     rows = {(r["method"], r["params"], r["split"]): r for r in dawin_store.rows()}
     for offset in (True, False):
         reference = runner.mixture(pairs, k=2, offset=offset)
@@ -60,8 +61,8 @@ def test_distributed_equals_single_process(mini_pool, dawin_store):
 
 
 def test_actors_send_back_scores_not_logits(mini_pool, ray_local, tmp_path, monkeypatch):
-    """Only validation splits (temperature scaling) travel as logits; every test-set evaluation comes back as one
-    number per sample (a static merge's predictions) or four (DaWin's scores)."""
+    """Only validation splits (temperature scaling) travel as logits; every test-set evaluation comes back as four
+    numbers per sample (the scores: entropies, cross-entropy and prediction), a static merge's as DaWin's."""
     from raymerge.workers import WorkerPool
 
     asked: list[tuple[str, object, int]] = []  # (dataset, actor call, the part's place in the call's outputs)
@@ -80,14 +81,15 @@ def test_actors_send_back_scores_not_logits(mini_pool, ray_local, tmp_path, monk
     assert len(shapes) > 10
     assert any(d.endswith("/validation") for d, _ in shapes)
     widths = {shape[1] for d, shape in shapes if not d.endswith("/validation")}
-    assert widths == {1, len(dawin.SCORE_COLUMNS)}
+    assert widths == {len(dawin.SCORE_COLUMNS)}
     # logits over the 10 digit classes
     assert {shape[1] for d, shape in shapes if d.endswith("/validation")} == {10}
 
 
 def test_outputs_are_cached_by_what_they_are(mini_pool, ray_local, tmp_path, monkeypatch):
-    """Logits, predictions, scores at each temperature and fitted temperatures are separate cache entries, each
-    equal to its formula, and each read back instead of being computed again."""
+    """Logits, scores at each temperature and fitted temperatures are separate cache entries, each equal to its
+    formula, and each read back instead of being computed again; predictions are those of the scores at
+    temperature 1, read from their entry."""
     from raymerge.methods import Recipe
     from raymerge.workers import WorkerPool
 
@@ -106,11 +108,11 @@ def test_outputs_are_cached_by_what_they_are(mini_pool, ray_local, tmp_path, mon
         predicted = run.predictions(base, [pair])[pair]
         logits = run.logits(base, [pair])[pair]
         temperature = run.temperature(base, ("digits", "validation"))
-        assert len(submitted) == 5 and len(fits) == 1 and len(list((tmp_path / "cache" / "logits").glob("*.npy"))) == 6
+        assert len(submitted) == 4 and len(fits) == 1 and len(list((tmp_path / "cache" / "logits").glob("*.npy"))) == 5
         again = run.scores(base, [pair], {"digits": 0.5})[pair]
         assert run.predictions(base, [pair])[pair].tolist() == predicted.tolist()
         assert run.temperature(base, ("digits", "validation")) == temperature
-        assert len(submitted) == 5 and len(fits) == 1, "a cached output was computed again"
+        assert len(submitted) == 4 and len(fits) == 1, "a cached output was computed again"
     finally:
         run.pool.shutdown()
     # the cached temperature is the fit on a single-process evaluation of the same split
@@ -146,6 +148,34 @@ def test_a_merge_is_made_ahead_only_when_its_predictions_are_not_cached(mini_poo
             run.evaluate(unit, params, cand, pool)
         finally:
             run.pool.shutdown()
+
+
+def test_dawin_reads_its_static_reference_from_the_static_methods_cached_scores(mini_pool, ray_local, tmp_path):
+    """WiSE-FT at λ = 0.5 is the robust setting's uniform merge: evaluated first, it leaves the scores DaWin's
+    reference needs in the cache, so DaWin passes over the full sets with its two candidates only (phase 1)."""
+    from raymerge.methods import Recipe, wise_ft
+
+    exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / 'out'}",
+                                                       "methods={wise_ft: {lambdas: [0.5]}, dawin: {k: 1}}"])
+    run = pipeline.start_run(exp, cache_dir=tmp_path / "cache")
+    evaluate, asked = run._evaluate, []
+    run._evaluate = lambda requests: asked.append(list(requests)) or evaluate(requests)
+    try:
+        pipeline.run_methods(run, exp.methods)
+        calls = list(asked)
+        logits = run.logits(wise_ft.recipe("ft1", 0.5), [("digits", "test")])[("digits", "test")].astype(np.float64)
+    finally:
+        run.pool.shutdown()
+    static = wise_ft.recipe("ft1", 0.5).key(run.model_hashes)
+    candidates = {Recipe.model(n).key(run.model_hashes) for n in ("base", "ft1")}
+    whole = [(key, pair) for call in calls for key, pair, rows, _ in call if rows is None and pair[1] != "validation"]
+    assert sorted(p for key, p in whole if key == static) == sorted(run.view().eval_pairs(["digits"]))  # once each
+    assert {key for key, _ in whole} == {static, *candidates}
+    (dawin_row,) = [r for r in run.store.rows() if r["method"] == "dawin" and r["split"] == "test"]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(run.store.samples(dawin_row["key"]).to_pydict()["reference_entropy"],
+                               -(p * np.log(p)).sum(1), rtol=1e-9)
 
 
 def test_dcs_and_doe_rows_match_formulas(mini_pool, dawin_store):
@@ -240,9 +270,8 @@ def test_samplewise_keeps_at_most_max_in_flight_merges_alive(n):
     merge = CountingMerge(candidates)
     runner = DawinRunner(ev, p1, merge, max_in_flight=3)
     outcome = runner.samplewise([PAIR], offset=True)
-    assert merge.made == n + 1  # one per distinct coefficient row, plus the static reference
-    # the reference's rows are one more assignment (it counts as a merge of the first batch)
-    assert merge.peak == 3 and max(ev.rows_calls) == 3 and sum(ev.rows_calls) == n + 1
+    assert merge.made == n  # one per distinct coefficient row
+    assert merge.peak == 3 and max(ev.rows_calls) == 3 and sum(ev.rows_calls) == n
     assert merge.alive == 0  # every merge dropped after use
     # each sample evaluated by its own merge: logits x_i @ (Σm c_im W_m)
     c = dawin.expertise_coefficients(p1.entropies[PAIR], offset=True)
@@ -258,7 +287,7 @@ def test_samples_sharing_a_coefficient_row_share_one_merge():
     ev.x[6:] = ev.x[:6]
     p1 = fixed_phase1(ev, p1.candidates, p1.temperatures["toy"])
     merge = CountingMerge(candidates)
-    outcome = DawinRunner(ev, p1, merge, max_in_flight=4, reference=False).samplewise([PAIR], offset=False)
+    outcome = DawinRunner(ev, p1, merge, max_in_flight=4).samplewise([PAIR], offset=False)
     assert merge.made == 6 and outcome.merges[PAIR] == 6 and merge.peak == 4
     np.testing.assert_array_equal(outcome.extras[PAIR]["component"][:6], outcome.extras[PAIR]["component"][6:])
 
@@ -271,7 +300,7 @@ def test_mean_mixture_evaluates_every_sample_with_the_mean_row():
     expected = ev.x @ sum(cm * w for cm, w in zip(mean, candidates))
     np.testing.assert_allclose(outcome.extras[PAIR]["output_entropy"], entropy(expected), rtol=1e-12)
     np.testing.assert_array_equal(outcome.predictions[PAIR], expected.argmax(1))
-    assert outcome.merges[PAIR] == 1 and merge.made == 2  # the mean merge and the static reference
+    assert outcome.merges[PAIR] == 1 and merge.made == 1  # the mean merge
     np.testing.assert_array_equal(outcome.extras[PAIR]["merge_coefficients"], np.tile(mean, (50, 1)))
 
 
@@ -280,25 +309,28 @@ def test_every_test_sets_merges_go_to_the_evaluator_together():
     shift = ("toy", "shift")  # the toy evaluator scores every set on the same samples
     p1 = Phase1({PAIR: p1.scores[PAIR], shift: p1.scores[PAIR][::-1].copy()}, p1.temperatures, p1.candidates)
     merge = CountingMerge(candidates)
-    outcome = DawinRunner(ev, p1, merge, max_in_flight=4).mixture([PAIR, shift], k=1, offset=False, mixture="mean")
-    # one call: the static reference on both sets (one merge, two assignments), then each set's mean merge
-    assert ev.rows_calls == [4] and merge.made == 3 and merge.peak == 3
+    static = {"w": sum(candidates) / 3}  # the reference: the uniform merge, given as the static method builds it
+    outcome = DawinRunner(ev, p1, merge, max_in_flight=4, reference=static).mixture([PAIR, shift], k=1, offset=False,
+                                                                                  mixture="mean")
+    # one call: each set's mean merge (the reference's scores come from the evaluator's scores, not phase 2)
+    assert ev.rows_calls == [2] and merge.made == 2 and merge.peak == 2
     for pair in (PAIR, shift):
         mean = np.mean(dawin.expertise_coefficients(p1.entropies[pair]), axis=0)
         expected = ev.x @ sum(cm * w for cm, w in zip(mean, candidates))
         np.testing.assert_array_equal(outcome.predictions[pair], expected.argmax(1))
         np.testing.assert_allclose(outcome.extras[pair]["reference_entropy"],
                                    entropy(ev.x @ (sum(candidates) / 3)), rtol=1e-12)
-    # with room for one merge at a time, the same work takes three calls and the same predictions
+    # with room for one merge at a time, the same work takes two calls and the same predictions
     again = DawinRunner(ev, p1, CountingMerge(candidates), max_in_flight=1).mixture([PAIR, shift], k=1, offset=False,
                                                                                      mixture="mean")
-    assert ev.rows_calls[1:] == [2, 1, 1]
+    assert ev.rows_calls[1:] == [1, 1]
     assert all(np.array_equal(again.predictions[p], outcome.predictions[p]) for p in (PAIR, shift))
 
 
 def test_outcome_extras_follow_the_samples_contract():
     ev, p1, candidates = toy(40)
-    runner = DawinRunner(ev, p1, CountingMerge(candidates), names=["zeroshot", "ft"])
+    static = 0.5 * candidates[0] + 0.5 * candidates[1]  # the robust setting's static merge, WiSE-FT at λ = 0.5
+    runner = DawinRunner(ev, p1, CountingMerge(candidates), names=["zeroshot", "ft"], reference={"w": static})
     outcome = runner.mixture([PAIR], k=2, offset=True)
     extras = outcome.extras[PAIR]
     shapes = {name: (40, 2) for name in ("entropies", "cross_entropies", "entropies_t1", "coefficients",
@@ -321,8 +353,7 @@ def test_outcome_extras_follow_the_samples_contract():
     merged = np.stack([ev.x[i] @ sum(cm * w for cm, w in zip(extras["merge_coefficients"][i], candidates)) for i in range(40)])
     np.testing.assert_allclose(extras["output_entropy"], entropy(merged), rtol=1e-12)
     np.testing.assert_array_equal(outcome.predictions[PAIR], merged.argmax(1))
-    static = ev.x @ (0.5 * candidates[0] + 0.5 * candidates[1])
-    np.testing.assert_allclose(extras["reference_entropy"], entropy(static), rtol=1e-12)
+    np.testing.assert_allclose(extras["reference_entropy"], entropy(ev.x @ static), rtol=1e-12)
     # the diagnostics handed to the job are the ones the report recomputes from the stored columns
     again = diagnostics.diagnose(extras, ["zeroshot", "ft"])
     assert outcome.diagnostics[PAIR].splits == again.splits

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import ARCH, random_dataset, random_encoder
-from raymerge import config, models, pipeline
+from raymerge import config, dawin, models, pipeline
 from raymerge.statedict import to_numpy
 from raymerge.workers import Resources, WorkerPool, evaluate_local
 
@@ -63,14 +63,14 @@ def test_requests_submitted_together_make_one_call_per_actor(pool):
     local = [evaluate_local(ARCH, w, head, ds, batch_size=64) for w in weights]
     rows = np.array([1, 70, 130, 250, 299])
     requests = [Request(keys[0], "h5", "d5"), Request(keys[1], "h5", "d5", rows),
-                Request(keys[1], "h5", "d5", reduce=Reduce())]
+                Request(keys[1], "h5", "d5", reduce=Reduce(ds.labels))]
     pending = pool.submit(requests)
     calls = {call for parts in pending for _, call, _ in parts}
     assert len(calls) == len(pool.actors) == 2  # both actors hold a shard of d5; one call each, not one per request
-    got = pool.gather(pending, [(300, 5, np.float32), (300, 5, np.float32), (300, 1, np.float64)])
+    got = pool.gather(pending, [(300, 5, np.float32), (300, 5, np.float32), (300, 4, np.float64)])
     assert np.array_equal(got[0], local[0])
     assert np.array_equal(got[1][rows], local[1][rows]) and np.isnan(np.delete(got[1], rows, axis=0)).all()
-    assert np.array_equal(got[2][:, 0], local[1].argmax(1))
+    assert np.array_equal(got[2][:, dawin.SCORE_COLUMNS.index("prediction")], local[1].argmax(1))
     assert all(len(ray.get(call)) == len([p for parts in pending for p in parts if p[1] == call]) for call in calls)
 
 def test_run_experiment_writes_rows_and_resumes(mini_pool, ray_local, tmp_path):

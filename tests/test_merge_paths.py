@@ -20,11 +20,11 @@ def test_task_and_actor_merges_give_identical_outputs(mini_pool, ray_local, tmp_
                                                            f"output_dir={tmp_path / where}"])
         pipeline.run_experiment(exp, cache_dir=tmp_path / f"cache-{where}")
         logits[where] = {f.name: np.load(f) for f in (tmp_path / f"cache-{where}" / "logits").glob("*.npy")}
-    # same recipes, same keys: the caches name the same outputs, and they are equal bit for bit: predictions of
-    # the static merges, and DaWin's scores (float64 entropies of its merged models' logits), validation logits
-    # and fitted temperatures
+    # same recipes, same keys: the caches name the same outputs, and they are equal bit for bit: the scores
+    # (float64 entropies and predictions) of the static merges and DaWin's candidates and references, validation
+    # logits and fitted temperatures
     assert logits["task"].keys() == logits["actor"].keys() and len(logits["task"]) >= 6 * 3
-    assert {v.shape[1] if v.ndim == 2 else "temperature" for v in logits["task"].values()} == {1, 4, 10, "temperature"}
+    assert {v.shape[1] if v.ndim == 2 else "temperature" for v in logits["task"].values()} == {4, 10, "temperature"}
     for name, values in logits["task"].items():
         assert np.array_equal(values, logits["actor"][name]), name
     rows = {where: {r["key"]: r["accuracy"] for r in ResultStore(tmp_path / where).rows()} for where in logits}

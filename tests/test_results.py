@@ -61,6 +61,11 @@ def test_matrix_columns_read_back_as_written(tmp_path):
     assert table.column("coefficients").to_pylist()[7] == columns["coefficients"][7].tolist()
 
 
+def test_a_row_identity_without_json_form_is_named_where_it_is():
+    with pytest.raises(TypeError, match=r"row identity identity\.params\.lams\[1\] is a object"):
+        row_key({"method": "m", "params": {"lams": [0.5, object()]}})
+
+
 def test_row_key_is_sha256_of_canonical_json():
     identity = {"method": "wise_ft", "params": {"lam": 0.5, "models": ["a", "b"]}, "seed": 3}
     # written out by hand: sorted keys, no whitespace

@@ -27,6 +27,7 @@ from raymerge.methods.base import (
     Recipe,
     register,
 )
+from raymerge.methods import task_arithmetic, wise_ft
 from raymerge.methods.wise_ft import theta1
 
 
@@ -93,7 +94,11 @@ def runner(pool: Pool, names: list[str], lam0: float, pairs: list[tuple[str, str
         return Recipe(dawin_math.merge_for, (Model("base"), [Model(n) for n in fts], tuple(float(x) for x in c)),
                       {"robust": robust, "lam0": lam0, "names": fts})
 
-    return DawinRunner(pool.evaluator, p1, merge, pool.seed, max_in_flight=pool.max_in_flight, names=names)
+    # uniform coefficients, built as the static method builds it: a run that evaluates that method too (a sweep's
+    # task arithmetic at λ0, WiSE-FT's λ = 0.5) has its scores cached, and the reference costs no pass
+    reference = wise_ft.recipe(fts[0], 0.5) if robust else task_arithmetic.recipe(fts, lam0)
+    return DawinRunner(pool.evaluator, p1, merge, pool.seed, max_in_flight=pool.max_in_flight, names=names,
+                       reference=reference)
 
 
 def _prediction(outcome: Outcome) -> Prediction:

@@ -24,23 +24,25 @@ def _reads(p: TaskArithmeticParams) -> Reads:
 def task_arithmetic(pool: Pool, p: TaskArithmeticParams) -> Iterator[Candidate]:
     """θ0 + λ Σt τt, λ chosen on the validation splits of the pool's tasks when a grid is given."""
     if len(p.lambdas) == 1:
-        yield Candidate(p.record(), recipe=_recipe(pool, p.lambdas[0]), details={"lam": p.lambdas[0]})
+        yield Candidate(p.record(), recipe=recipe(pool.names, p.lambdas[0]), details={"lam": p.lambdas[0]})
         return
     cand = Candidate(p.record(), build=lambda: _select(pool, p.lambdas, cand), models=["base", *pool.names],
                      merges=len(p.lambdas))
     yield cand
 
 
-def _recipe(pool: Pool, lam: float) -> Recipe:
-    return Recipe(merge.task_arithmetic, (Model("base"), [Model(n) for n in pool.names], lam), {"names": pool.names})
+def recipe(names: list[str], lam: float) -> Recipe:
+    """θ0 + λ Σt τt over the fine-tuned models ``names``: DaWin's static reference builds it too, so equal merges
+    share one key."""
+    return Recipe(merge.task_arithmetic, (Model("base"), [Model(n) for n in names], lam), {"names": names})
 
 
 def _select(pool: Pool, lambdas: list[float], cand: Candidate) -> Recipe:
     pairs = pool.validation_pairs()
-    scores = {lam: pool.accuracy(_recipe(pool, lam), pairs) for lam in lambdas}
+    scores = {lam: pool.accuracy(recipe(pool.names, lam), pairs) for lam in lambdas}
     best = max(scores, key=lambda lam: (scores[lam], -lam))
     cand.details.update(lam=best, validation_accuracy=scores)
-    return _recipe(pool, best)
+    return recipe(pool.names, best)
 
 
 class TiesParams(Params):

@@ -28,5 +28,9 @@ def wise_ft(pool: Pool, p: WiseFtParams) -> Iterator[Candidate]:
     """Weight-space ensembles (1−λ)·θ0 + λ·θ1 along a grid of λ."""
     ft = theta1(pool, p.model)
     for lam in p.lambdas:
-        yield Candidate(p.record(exclude=["lambdas"], lam=lam, model=ft),
-                        recipe=Recipe(merge.interpolate, (Model("base"), Model(ft), lam)))
+        yield Candidate(p.record(exclude=["lambdas"], lam=lam, model=ft), recipe=recipe(ft, lam))
+
+
+def recipe(ft: str, lam: float) -> Recipe:
+    """(1−λ)·θ0 + λ·θ1 with θ1 = ``ft``: DaWin's static reference builds it too, so equal merges share one key."""
+    return Recipe(merge.interpolate, (Model("base"), Model(ft), lam))
