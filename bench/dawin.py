@@ -128,7 +128,7 @@ def _dawin_once(run, pair, names, lam0: float, k: int, cache_dir: Path) -> dict[
             merge_s[0] += time.perf_counter() - t
 
     runner.merge = timed_merge
-    runner.reference = False  # the static merge's entropies are a report diagnostic, not part of DaWin's cost
+    runner.reference = None  # the static merge's entropies are a report diagnostic, not part of DaWin's cost
     t = time.perf_counter()
     outcome = runner.mixture([pair], k, offset=True)
     mixture_s = time.perf_counter() - t

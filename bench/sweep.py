@@ -382,11 +382,10 @@ def _ideal_s(images: float) -> float:
 
 
 def reference_cached(configs: Mapping[str, list]) -> bool:
-    """Whether DaWin's static reference, task arithmetic at its λ0, is a candidate the sweep evaluates before DaWin
-    in each subset (``configs``: method name -> validated configurations, in sweep order), so that DaWin reads its
-    cached scores instead of a pass of its own."""
-    names = list(configs)
-    if "dawin" not in configs or "task_arithmetic" not in names[:names.index("dawin")]:
+    """Whether DaWin's static reference, task arithmetic at its λ0, is a candidate the sweep evaluates too in each
+    subset (``configs``: method name -> validated configurations), so that one pass serves both: whichever comes
+    first computes the scores, the other reads them from the cache."""
+    if "dawin" not in configs or "task_arithmetic" not in configs:
         return False
     single = {p.lambdas[0] for p in configs["task_arithmetic"] if len(p.lambdas) == 1}
     return all(p.lam0 in single for p in configs["dawin"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import zlib
 from collections import defaultdict
@@ -165,18 +166,23 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
         # the results store writes a candidate's rows on the run's writer thread while the next one is evaluated:
         # that CPU is counted for the candidate whose rows it wrote, apart from the loop's own (its critical path)
         written: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
-        writer = [0.0]  # the writer thread's CPU seconds so far
+        clock: list[int] = []  # the writer thread's CPU clock, once it has run
         evaluate, prefetch, diagnose = run.evaluate, run.prefetch_candidate, dawin_pipeline.diagnostics.diagnose
         append = run.store.append
 
+        def writer_s() -> float:
+            """The writer thread's CPU seconds so far, read from any thread: what of a window it ran in."""
+            return time.clock_gettime(clock[0]) if clock else 0.0
+
         def timed_append(rows, samples=None, replace=False):
+            if not clock:
+                clock.append(time.pthread_getcpuclockid(threading.get_ident()))
             start = time.thread_time()
             try:
                 return append(rows, samples=samples, replace=replace)
             finally:
-                spent = time.thread_time() - start
-                written[(rows[0]["method"].removeprefix("sweep/"), tuple(rows[0]["params"]["subset"]))] += spent
-                writer[0] += spent
+                key = (rows[0]["method"].removeprefix("sweep/"), tuple(rows[0]["params"]["subset"]))
+                written[key] += time.thread_time() - start
         # DaWin's diagnostics run as central Ray tasks, off the driver: each appends its CPU seconds here
         diagnosed = out / "diagnostics-seconds.txt"
 
@@ -185,12 +191,12 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
 
         def timed(fn):
             def wrapper(unit, params, cand, p, lbl=None):
-                start, before, wrote = time.process_time(), diagnosed_s(), writer[0]
+                start, before, wrote = time.process_time(), diagnosed_s(), writer_s()
                 try:
                     return fn(unit, params, cand, p, lbl)
                 finally:
                     key = (unit.name, tuple(cand.params["subset"]))
-                    cpu[key] += time.process_time() - start - (writer[0] - wrote)
+                    cpu[key] += time.process_time() - start - (writer_s() - wrote)
                     beside[key] += diagnosed_s() - before
             return wrapper
 
@@ -207,8 +213,9 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
         progress(f"sweep driver: sweep_run over {len(chosen)} of {len(plan)} subsets, {actors} canned actors, batch "
                  f"{batch}")
         start = time.process_time()
+        wrote = writer_s()
         sweep_run(run)
-        total = time.process_time() - start - writer[0]
+        total = time.process_time() - start - (writer_s() - wrote)
     finally:
         dawin_pipeline.diagnostics.diagnose = diagnose
         quiet.setLevel(level)

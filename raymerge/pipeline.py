@@ -177,6 +177,7 @@ class Run:
     _writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "raymerge-results"),
                                         init=False, repr=False)
     _writing: Future | None = field(default=None, init=False, repr=False)
+    _loops: int = field(default=0, init=False, repr=False)  # evaluating() blocks entered: rows written behind them
 
     # --- weights: recipes built off the driver -------------------------------------------------------------------
 
@@ -195,15 +196,14 @@ class Run:
 
     def prefetch_candidate(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> bool:
         """Start making ``cand``'s merge ahead of its evaluation, unless none is needed: every row stored, or every
-        pending row's predictions cached. Whether a merge was started (or already had been)."""
+        pending row's scores cached. Whether a merge was started (or already had been)."""
         if cand.recipe is None:
             return False
         key = cand.recipe.key(self.model_hashes)
         if key in self.pool.registered:  # a sweep asks again at each step while the candidate is in its window
             return True
         pending = self.pending(unit, params, cand, pool, label)
-        if any(self.force or not self.cache.path(*self._cache_parts(key, pair, Reduce(self.labels(pair)))).exists()
-               for pair in pending):
+        if any(not self.cache.has(*self._cache_parts(key, pair, Reduce(self.labels(pair)))) for pair in pending):
             self.prefetch(cand.recipe)
             return True
         return False
@@ -380,6 +380,8 @@ class Run:
         """Evaluate ``cand`` on the pairs whose rows are not stored (all of them under ``--force``). Rows are
         independent per pair, so a changed test set recomputes its own rows only."""
         label = label or unit.name
+        if self._writing is not None and self._writing.done():
+            self.flush()  # a write that failed stops the run before another evaluation, not after it
         judged = self._rows(unit, params, cand, pool, label)
         self.planned.update(key for key, _ in judged.values())
         identities = self._pending(judged)
@@ -415,9 +417,12 @@ class Run:
             })
             self.done.add(keys[pair])
         # the store writes each samples file under a fresh name and names it in its row; --force supersedes.
-        # One write in flight: a failed write stops the run at the next candidate, not at its end
+        # Inside evaluating(), one write in flight beside the next candidate; a lone call writes before returning
         self.flush()
-        self._writing = self._writer.submit(self.store.append, rows, samples=samples, replace=self.force)
+        if self._loops:
+            self._writing = self._writer.submit(self.store.append, rows, samples=samples, replace=self.force)
+        else:
+            self.store.append(rows, samples=samples, replace=self.force)
         self.evaluated += len(rows)
 
     def flush(self) -> None:
@@ -428,17 +433,32 @@ class Run:
 
     @contextmanager
     def evaluating(self) -> Iterator[None]:
-        """Around a loop of :meth:`evaluate` calls; every row is in the store when it ends, even on an error.
+        """Around a loop of :meth:`evaluate` calls, whose rows it writes on the writer thread while the next
+        candidate is evaluated; every row is in the store when it ends, also on an error.
 
         What is alive when it starts (inputs, Ray, torch, the plan) lives through the loop, so it is frozen out of
         the cyclic collector's full passes, which otherwise rescan every tracked object: ~0.25 s of driver CPU at
-        the half million objects of a sweep's driver, every few candidates."""
-        gc.freeze()
+        the half million objects of a sweep's driver, every few candidates. Only the outermost block freezes, and
+        only when nothing else has: the freeze is the whole process's."""
+        freeze = self._loops == 0 and gc.get_freeze_count() == 0
+        if freeze:
+            gc.collect()  # cycles that are garbage already would otherwise stay frozen in memory for the loop
+            gc.freeze()
+        self._loops += 1
         try:
             yield
-        finally:
-            gc.unfreeze()
+        except BaseException:
+            try:
+                self.flush()
+            except Exception:  # the loop's own error is the one to report; this one is logged beside it
+                log.exception("writing the last results rows failed as well")
+            raise
+        else:
             self.flush()
+        finally:
+            self._loops -= 1
+            if freeze:
+                gc.unfreeze()
 
 
 def _probe_writable(directory: Path) -> None:

@@ -82,9 +82,10 @@ Pending = list[tuple[np.ndarray, ray.ObjectRef, int]]  # per busy actor: its glo
 @dataclass(frozen=True, eq=False)  # an ndarray field: identity, not value, comparison
 class Reduce:
     """What an actor sends back instead of its (n, C) logits, computed where they are: the (n, 4)
-    :func:`raymerge.dawin.sample_scores` (entropy, cross-entropy, prediction, entropy at temperature 1) of the rows
-    it evaluates, with their ``labels`` (n,), at ``temperature``. Static candidates need only the prediction, but
-    the rest costs the actor nothing beside its forward pass and lets DaWin read its static reference from them."""
+    :func:`raymerge.dawin.sample_scores` (columns :data:`raymerge.dawin.SCORE_COLUMNS`: entropies, cross-entropy,
+    prediction) of the rows it evaluates, with their ``labels`` (n,), at ``temperature``. Static candidates need
+    only the prediction; the rest costs a float64 log-softmax over the logits after the forward pass, and lets
+    DaWin read its static reference from the same cached entry."""
 
     labels: np.ndarray
     temperature: float = 1.0

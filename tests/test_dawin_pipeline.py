@@ -146,6 +146,7 @@ def test_a_merge_is_made_ahead_only_when_its_predictions_are_not_cached(mini_poo
             run.prefetch_candidate(unit, params, cand, pool, "wise_ft")
             assert (cand.recipe.key(run.model_hashes) in run.pool.registered) is fresh
             run.evaluate(unit, params, cand, pool)
+            assert len(run.store.rows()) == len(pool.eval_pairs()), "a lone evaluate writes before it returns"
         finally:
             run.pool.shutdown()
 

@@ -163,7 +163,11 @@ def test_logit_cache_roundtrip_bypass_and_damaged_entry(tmp_path, caplog):
     cache.put(logits, "arch", "w", "h", "d")
     np.testing.assert_array_equal(cache.get("arch", "w", "h", "d"), logits)
     assert cache.get("arch", "w", "h", "other") is None
-    assert LogitCache(tmp_path / "logits", bypass_reads=True).get("arch", "w", "h", "d") is None  # --force
+    forced = LogitCache(tmp_path / "logits", bypass_reads=True)  # --force: entries from before are misses ...
+    assert forced.get("arch", "w", "h", "d") is None and not forced.has("arch", "w", "h", "d")
+    forced.put(logits + 1, "arch", "w", "h", "d")  # ... but what the forced run wrote itself is served
+    assert forced.has("arch", "w", "h", "d") and cache.has("arch", "w", "h", "d")
+    np.testing.assert_array_equal(forced.get("arch", "w", "h", "d"), logits + 1)
     cache.path("arch", "w", "h", "d").write_bytes(b"\x93NUMPY truncated")
     assert cache.get("arch", "w", "h", "d") is None
     assert "unreadable" in caplog.text and str(cache.path("arch", "w", "h", "d")) in caplog.text

@@ -177,5 +177,6 @@ def test_rows_are_written_behind_the_loop_and_a_failed_write_stops_it(robust, ra
     first, _, third, fourth = run.exp.methods  # one candidate each
     stored = ResultStore(tmp_path / "out").rows()
     assert len(stored) == 3 and {r["method"] for r in stored} == {first}
-    # the third was evaluated before the failed write surfaced (its own write never started); the fourth never ran
+    # the failure surfaced before the third candidate's write (at its start, or before its write); the fourth
+    # never ran
     assert run.evaluated == 6 and len(writers) == 2
