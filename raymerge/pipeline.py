@@ -362,8 +362,11 @@ class Run:
     def _rows(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str
               ) -> dict[Pair, tuple[str, dict[str, Any]]]:
         """(row key, identity) of each (task, split) ``cand`` is judged on."""
-        identities = (self.identity(unit, params, cand, pool, label, pair) for pair in pool.eval_pairs(cand.tasks))
-        return {pair: (row_key(i), i) for pair, i in zip(pool.eval_pairs(cand.tasks), identities)}
+        rows = {}
+        for pair in pool.eval_pairs(cand.tasks):
+            identity = self.identity(unit, params, cand, pool, label, pair)
+            rows[pair] = (row_key(identity), identity)
+        return rows
 
     def keys(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> list[str]:
         """The row keys of ``cand``, one per (task, split) it is judged on."""
