@@ -171,13 +171,17 @@ class DawinRunner:
     reference: Recipe | Weights | None = None
     _columns: dict[Pair, dict[str, np.ndarray]] = field(default_factory=dict, init=False, repr=False)
     _reference: dict[Pair, np.ndarray] = field(default_factory=dict, init=False, repr=False)
+    _coefficients: dict[tuple[Pair, bool], np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive integer, got {self.max_in_flight!r}")
 
     def coefficients(self, pair: Pair, offset: bool) -> np.ndarray:
-        return dawin.expertise_coefficients(self.p1.entropies[pair], offset=offset)
+        """(N, M) expertise coefficients of ``pair`` (computed once: :meth:`ahead` asks before the variant runs)."""
+        if (pair, offset) not in self._coefficients:
+            self._coefficients[pair, offset] = dawin.expertise_coefficients(self.p1.entropies[pair], offset=offset)
+        return self._coefficients[pair, offset]
 
     def sample_columns(self, pairs: Sequence[Pair]) -> dict[Pair, dict[str, np.ndarray]]:
         """The coefficient-independent per-sample columns of each pair (computed once): entropies,
@@ -187,6 +191,26 @@ class DawinRunner:
                 self._columns[pair] = diagnostics.columns_from_scores(self.p1.scores[pair], self.ev.labels(pair))
         return {p: self._columns[p] for p in pairs}
 
+    @staticmethod
+    def _jobs(groups: Mapping[Pair, dawin.MergeGroups]) -> list[tuple[np.ndarray, Pair, np.ndarray]]:
+        """Phase 2's merges in the order it makes them: (coefficients (M,), pair, rows) per non-empty group."""
+        jobs = []
+        for pair, g in groups.items():
+            order = np.argsort(g.component, kind="stable")
+            counts = np.bincount(g.component, minlength=len(g.table))
+            jobs += [(g.table[j], pair, rows) for j, rows in enumerate(np.split(order, np.cumsum(counts)[:-1]))
+                     if len(rows)]
+        return jobs
+
+    def ahead(self, pairs: Sequence[Pair], offset: bool, mixture: str) -> list[Recipe | StateDict]:
+        """The merges of phase 2's first batch in :meth:`mixture`, where the driver knows them at once (mixture
+        ``mean`` or ``none``: no fit), for a sweep to start making while earlier candidates are evaluated; none
+        for a fitted mixture, whose fit runs as a central task when the variant runs."""
+        if mixture not in ("mean", "none"):
+            return []
+        groups = {pair: dawin.merge_groups(self.coefficients(pair, offset), mixture) for pair in pairs}
+        return [self.merge(c) for c, _, _ in self._jobs(groups)[: self.max_in_flight]]
+
     def _phase2(self, groups: Mapping[Pair, dawin.MergeGroups]) -> dict[Pair, np.ndarray]:
         """Phase 2 of every pair at once: scores (N, 4) at temperature 1 where each sample is evaluated by the
         merge of its group only.
@@ -195,12 +219,7 @@ class DawinRunner:
         back, in batches of at most ``max_in_flight`` merged weight sets: each batch is merged, evaluated and
         dropped before the next batch is merged. Empty groups get no merge.
         """
-        jobs: list[tuple[np.ndarray, Pair, np.ndarray]] = []  # (coefficients, pair, rows) per merge
-        for pair, g in groups.items():
-            order = np.argsort(g.component, kind="stable")
-            counts = np.bincount(g.component, minlength=len(g.table))
-            jobs += [(g.table[j], pair, rows) for j, rows in enumerate(np.split(order, np.cumsum(counts)[:-1]))
-                     if len(rows)]
+        jobs = self._jobs(groups)
         width = len(dawin.SCORE_COLUMNS)
         out = {pair: np.full((len(self.p1.scores[pair]), width), np.nan) for pair in groups}
         for start in range(0, len(jobs), self.max_in_flight):

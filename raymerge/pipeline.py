@@ -178,6 +178,8 @@ class Run:
                                         init=False, repr=False)
     _writing: Future | None = field(default=None, init=False, repr=False)
     _loops: int = field(default=0, init=False, repr=False)  # evaluating() blocks entered: rows written behind them
+    # predict candidates whose ``ahead`` was asked (by id, with whether it started merges), until evaluated
+    _ahead: dict[int, tuple[Candidate, bool]] = field(default_factory=dict, init=False, repr=False)
 
     # --- weights: recipes built off the driver -------------------------------------------------------------------
 
@@ -196,9 +198,18 @@ class Run:
 
     def prefetch_candidate(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> bool:
         """Start making ``cand``'s merge ahead of its evaluation, unless none is needed: every row stored, or every
-        pending row's scores cached. Whether a merge was started (or already had been)."""
+        pending row's scores cached. Whether a merge was started (or already had been). A predict candidate's
+        merges are those its ``ahead`` lists (DaWin's first phase-2 batch), asked for once."""
         if cand.recipe is None:
-            return False
+            if cand.ahead is None:
+                return False
+            if id(cand) not in self._ahead:
+                pending = list(self.pending(unit, params, cand, pool, label))
+                recipes = cand.ahead(pending) if pending else []
+                for recipe in recipes:
+                    self.prefetch(recipe)
+                self._ahead[id(cand)] = (cand, bool(recipes))  # the candidate held, so that its id stays its own
+            return self._ahead[id(cand)][1]
         key = cand.recipe.key(self.model_hashes)
         if key in self.pool.registered:  # a sweep asks again at each step while the candidate is in its window
             return True
@@ -383,6 +394,7 @@ class Run:
         """Evaluate ``cand`` on the pairs whose rows are not stored (all of them under ``--force``). Rows are
         independent per pair, so a changed test set recomputes its own rows only."""
         label = label or unit.name
+        self._ahead.pop(id(cand), None)
         if self._writing is not None and self._writing.done():
             self.flush()  # a write that failed stops the run before another evaluation, not after it
         judged = self._rows(unit, params, cand, pool, label)

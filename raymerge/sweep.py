@@ -118,14 +118,18 @@ def run_sweep(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
 
 def make_ahead(window: Sequence[tuple[Method, Params, Candidate, Pool]], start: Callable[..., bool]) -> None:
     """Start the merges of ``window`` (the candidate being evaluated, then those after it) with ``start``, which
-    says whether it started (or had started) one. An SVD-based build holds copies of its pool models in the object
-    store while it runs, so after the current candidate only the first SVD-based merge that starts is made ahead."""
-    svd_ahead = False
-    for j, item in enumerate(window):
-        recipe = item[2].recipe
-        svd = j > 0 and recipe is not None and recipe.where == "task"
-        if not (svd and svd_ahead):
-            svd_ahead |= start(*item) and svd
+    says whether it started (or had started) one. Two kinds of candidate hold several weight sets in the object store
+    while they wait: an SVD-based build (copies of its pool models) and a predict candidate's ``ahead`` merges (up to
+    ``max_merges_in_flight`` of DaWin's). After the current candidate, only the first of each kind that starts is
+    made ahead."""
+    held: set[str] = set()
+    for j, (_, _, cand, _) in enumerate(window):
+        kind = ("svd" if cand.recipe is not None and cand.recipe.where == "task" else
+                "ahead" if cand.ahead is not None else None)
+        if j == 0 or kind is None:
+            start(*window[j])
+        elif kind not in held and start(*window[j]):
+            held.add(kind)
 
 
 def sweep_run(run: Run) -> None:

@@ -179,6 +179,45 @@ def test_dawin_reads_its_static_reference_from_the_static_methods_cached_scores(
                                -(p * np.log(p)).sum(1), rtol=1e-9)
 
 
+def test_dawins_merges_are_made_ahead_and_phase2_makes_none_of_its_own(mini_pool, ray_local, tmp_path):
+    """With mixture mean, phase 2's merges (one per test set: the mean of its per-sample coefficients) are known
+    from phase 1 alone: prefetching the candidate, as a sweep does when it enters the window, starts exactly the
+    merges phase 2 then evaluates, once, and the evaluation makes none of its own."""
+    from raymerge import methods
+
+    exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / 'out'}"])
+    run = pipeline.start_run(exp, cache_dir=tmp_path / "cache")
+    build, built = run.pool.build, []
+    run.pool.build = lambda recipe, models: built.append(recipe) or build(recipe, models)
+    evaluate, asked = run._evaluate, []
+    run._evaluate = lambda requests: asked.append(list(requests)) or evaluate(requests)
+    try:
+        pool = run.view()
+        wise, dawin_unit = methods.get("wise_ft"), methods.get("dawin")
+        wise_params, params = wise.params(lambdas=[0.5]), dawin_unit.params(mixture="mean")
+        (static,) = wise.candidates(pool, wise_params)
+        run.evaluate(wise, wise_params, static, pool)  # DaWin's reference (λ = 0.5), so that it needs no merge
+        (cand,) = dawin_unit.candidates(pool, params)
+        built.clear()
+        assert run.prefetch_candidate(dawin_unit, params, cand, pool, "dawin")
+        ahead = list(built)
+        assert run.prefetch_candidate(dawin_unit, params, cand, pool, "dawin") and built == ahead  # asked once
+        asked.clear()
+        run.evaluate(dawin_unit, params, cand, pool)
+        assert built == ahead, "phase 2 made a merge that was not made ahead"
+        phase2 = [(key, pair) for call in asked for key, pair, rows, _ in call if rows is not None]
+        rows = {r["split"]: r for r in run.store.rows() if r["method"] == "dawin"}
+        coefficients = {split: np.array(run.store.samples(r["key"]).to_pydict()["coefficients"], dtype=np.float64)
+                        for split, r in rows.items()}
+    finally:
+        run.pool.shutdown()
+    pairs = pool.eval_pairs()
+    assert len(ahead) == len(pairs) <= exp.resources.max_merges_in_flight
+    assert phase2 == [(recipe.key(run.model_hashes), pair) for recipe, pair in zip(ahead, pairs)]
+    for recipe, (_, split) in zip(ahead, pairs):  # the mean coefficient vector of that set's samples, in float64
+        np.testing.assert_allclose(recipe.args[2], coefficients[split].mean(0), rtol=1e-15, atol=0)
+
+
 def test_dcs_and_doe_rows_match_formulas(mini_pool, dawin_store):
     rows = dawin_store.rows()
     dcs = {r["split"]: r for r in rows if r["method"] == "dawin_dcs"}

@@ -47,6 +47,29 @@ def test_only_the_next_svd_based_merge_is_made_ahead():
     assert started == [0, 1, 2, 3, 4]
 
 
+def test_after_the_current_candidate_one_svd_build_and_one_predict_candidates_merges_are_made_ahead():
+    from raymerge.methods import Candidate, Recipe
+    from raymerge.sweep import make_ahead
+
+    def svd() -> tuple:
+        return (None, None, Candidate({}, recipe=Recipe(dict, where="task")), None)
+
+    def dawin() -> tuple:
+        return (None, None, Candidate({}, predict=lambda pairs: None, ahead=lambda pairs: []), None)
+
+    # the current candidate (with ahead merges too), then SVD, ahead, SVD, ahead: the kinds are counted apart
+    window = [dawin(), svd(), dawin(), svd(), dawin()]
+    position = {id(item[2]): i for i, item in enumerate(window)}
+    started = []
+    make_ahead(window, lambda *item: started.append(position[id(item[2])]) or True)
+    assert started == [0, 1, 2]
+    started.clear()  # a predict candidate with nothing to make ahead leaves the place to the next one
+    make_ahead(window, lambda *item: started.append(position[id(item[2])]) or position[id(item[2])] != 2)
+    assert started == [0, 1, 2, 4]
+    with pytest.raises(ValueError, match="ahead"):
+        Candidate({}, recipe=Recipe(dict), ahead=lambda pairs: [])
+
+
 def _raw_rows(out: Path) -> int:
     import pyarrow.parquet as pq
 

@@ -240,6 +240,10 @@ class Candidate:
     ``details`` is filled while building (e.g. the λ a selection chose) and stored beside the row.
     ``models``: the pool models the candidate reads (``"base"`` and fine-tuned names); None means all of them.
     ``tasks``: the tasks it is judged on; None means every task of the pool.
+    ``ahead`` (``predict`` candidates only): given the pairs ``predict`` will be asked for, the recipes it will
+    evaluate first, where they can be known before it runs (DaWin's first phase-2 merges, from its cached phase 1),
+    so that a sweep starts making them while earlier candidates are evaluated. It may evaluate what ``predict``
+    would (phase 1), never anything else.
     """
 
     params: dict[str, Any]
@@ -250,10 +254,13 @@ class Candidate:
     tasks: list[str] | None = None
     merges: int = 1
     details: dict[str, Any] = field(default_factory=dict)
+    ahead: Callable[[list[Pair]], list[Recipe]] | None = None
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.recipe, self.build, self.predict)) != 1:
             raise ValueError("a candidate has exactly one of recipe, build (a weight set) and predict (output-space)")
+        if self.ahead is not None and self.predict is None:
+            raise ValueError("ahead lists the merges a predict candidate makes; a recipe is made ahead as it is")
         if self.recipe is not None and self.models is None:
             self.models = self.recipe.models()
 

@@ -110,16 +110,27 @@ def _prediction(outcome: Outcome) -> Prediction:
 def dawin(pool: Pool, p: DawinParams) -> Iterator[Candidate]:
     """Per-sample coefficients from entropies (Eq. 1/2), reduced to K merges per test set by a mixture."""
     names, r = candidate_names(pool, p.model), _resolved(p, pool.setting)
+    ready: dict[tuple[tuple[str, str], ...], DawinRunner] = {}  # phase 1 done by ahead, until predict takes it
+
+    def phase1_for(pairs: list[tuple[str, str]]) -> DawinRunner:
+        if tuple(pairs) not in ready:
+            ready[tuple(pairs)] = runner(pool, names, p.lam0, pairs)
+        return ready[tuple(pairs)]
+
+    def ahead(pairs: list[tuple[str, str]]) -> list[Recipe]:
+        return phase1_for(pairs).ahead(pairs, r["offset"], r["mixture"])
 
     def predict(pairs: list[tuple[str, str]]) -> Prediction:
-        run = runner(pool, names, p.lam0, pairs)
+        run = phase1_for(pairs)
+        ready.clear()  # phase 1's scores are not kept past the evaluation
         if p.scores == "oracle":
             return _prediction(run.oracle(pairs, r["offset"]))
         outcome = run.mixture(pairs, p.k, r["offset"], r["mixture"])
         diagnostics.warn_if_weak(outcome.diagnostics, log)
         return _prediction(outcome)
 
-    yield Candidate(p.record(**r, models=names), predict=predict, models=["base", *(n for n in names if n != "base")])
+    yield Candidate(p.record(**r, models=names), predict=predict, models=["base", *(n for n in names if n != "base")],
+                    ahead=ahead if p.scores == "entropy" else None)
 
 
 class SelectionParams(Params):
