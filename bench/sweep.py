@@ -20,9 +20,9 @@ all actors. The elementwise merges (weight_average, task_arithmetic, ties) are r
 ``MERGES_AHEAD`` candidates ahead (``resources.merge_on: task``, the default) or that every actor builds on its GPU
 from its resident models when it evaluates them (``merge_on: actor``). CART's recipe runs its SVDs as Ray tasks of
 its own; its build starts when it enters the same window (``sweep.make_ahead``: one SVD-based build ahead at a
-time) and the GPUs wait only for what is left of it. DaWin's one merge per test set (mixture mean: known from its
-cached phase 1) is made ahead too, its first ``max_merges_in_flight`` when it enters the window (``Candidate.ahead``:
-one such candidate ahead at a time), the rest side by side when its phase 2 reaches them (its reference merge is task
+time) and the GPUs wait only for what is left of it. DaWin's one merge per test set (mixture mean: fixed by its
+phase 1) is made ahead too (merge_on task), its first ``max_merges_in_flight`` when it enters the window
+(``Candidate.ahead``: one such candidate's merges alive at a time), the rest side by side when its phase 2 reaches them (its reference merge is task
 arithmetic's candidate, whose scores are cached); what the GPUs still wait for adds to the sweep's wall time, as does
 the driver's own work per candidate (keys, Ray calls, gathering outputs, the logit cache, the results store, and
 DaWin's coefficients), which runs between one candidate's evaluation and the next one's; DaWin's diagnostics are
@@ -205,16 +205,16 @@ def _measure_sweep(ctx: Context) -> tuple[list[dict], dict]:
         rows.append(row(
             "Sweep throughput (zoo): per method", m, seconds[m], ideal[m], "its evaluation passes (see above)",
             seconds[m] / ideal[m], "1.0×",
-            "Σ over its candidates of the seconds the results store records (evaluation, plus for dawin its mixture, "
-            "its merges and its phase 1, which the sweep runs ahead, outside the candidate, where it is not cached; of "
-            "a merge made ahead, the SVD-based ones and DaWin's included, only what is left of it)",
+            "Σ over its candidates of the seconds the results store records (evaluation, plus for dawin its phase 1, "
+            "mixture and merges; of a merge made ahead, the SVD-based ones and DaWin's included, only what is left of "
+            "it, plus the driver's work of starting it)",
             ratio_means="measured seconds / ideal seconds", gap=f"{seconds[m] / ideal[m]:.1f}× ideal", ideal_value=1.0))
     other = wall - sum(seconds.values())
     rows.append(row(
         "Sweep throughput (zoo): per method", "outside candidates (merge waits, results store)", max(other, 1e-9),
         wall, "the whole sweep", max(other, 1e-9) / wall, "≈ 0 of the sweep",
-        f"planning the row keys, submitting merges ahead (for DaWin: its phase 1, then its first merges), writing "
-        f"rows; results-store writes alone {store_s[0]:.2f} s",
+        f"planning the row keys, submitting merges ahead, writing rows; results-store writes alone "
+        f"{store_s[0]:.2f} s",
         ratio_means="seconds / sweep seconds", gap=f"{other / wall:.0%} of the sweep", ideal_value=0.0))
     counts = {m: sum(1 for (meth, _) in seen if meth.endswith("/" + m)) for m in methods}
     for m, times in builds.items():
@@ -500,7 +500,8 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
     at once). Either way CART's build starts when it enters the window (θavg plan, its sources put, SVD jobs on both
     nodes' free cores, assembly, put, transfer). DaWin's merges (one per test set, and its reference merge where that
     is not cached): merge_on task, the first batch of MAX_IN_FLIGHT is submitted when the candidate enters the window
-    if its phase 1 is cached by then (``Candidate.ahead``), each later batch built, moved and loaded before its pass;
+    if its phase 1 is cached by then (``Candidate.ahead`` reads the cache only), each later batch built, moved and
+    loaded before its pass;
     merge_on actor, every actor builds each on its GPU before its pass. Every weight set an actor
     loads from the object store costs a host copy and a host → GPU copy. The driver loop's CPU per candidate (measured,
     as a fraction of the candidate's GPU time) runs between candidates; the results store's writes run on the
@@ -650,17 +651,18 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
     for name, p, how in (
             ("merge_on: task (the default)", task,
              f"elementwise merges as Ray tasks up to {MERGES_AHEAD} candidates ahead, each put in the store and "
-             "moved to the other node, each actor copying it to its GPU"),
+             "moved to the other node, each actor copying it to its GPU; DaWin's merge per test set likewise, the "
+             f"first {MAX_IN_FLIGHT} made ahead when it enters the window (once its phase 1 is cached), the others "
+             f"when its phase 2 reaches them, {MAX_IN_FLIGHT} side by side"),
             ("merge_on: actor", actor,
              "elementwise and DaWin merges built by every actor on its GPU from its resident models when it "
-             "evaluates them")):
+             f"evaluates them (DaWin's {MAX_IN_FLIGHT} at a time)")):
         rows.append(row(
             "Full ViT-B/32 sweep estimate", f"{name}: estimated wall time", p["total"], ideal,
             "GPU evaluation (ideal)", p["total"] / ideal, "≤ 1.2× the GPU-bound ideal (issue 16)",
             f"{how}; CART's build started as a Ray task when it enters that window (its SVDs on both nodes' free "
-            "cores), its wait counted under CART builds; DaWin's merge per test set: merge_on task, the first "
-            f"{MAX_IN_FLIGHT} made ahead when it enters the window (once its phase 1 is cached), the others when its "
-            f"phase 2 reaches them, {MAX_IN_FLIGHT} side by side (its reference merge is task arithmetic's candidate, scores cached); by component: {parts(p)}; {hidden(p)}; ASSUMED figures as in the ideal's row; {measured}",
+            "cores), its wait counted under CART builds; DaWin's reference merge is task arithmetic's candidate "
+            f"(scores cached); by component: {parts(p)}; {hidden(p)}; ASSUMED figures as in the ideal's row; {measured}",
             value=p["total"] / h, unit="hours", estimate=True, ratio_means="estimate / GPU-bound ideal",
             gap=verdict(p["total"] / ideal), ideal_value=1.2,
             components={k: v / h for k, v in p.items()}))

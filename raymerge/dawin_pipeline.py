@@ -31,6 +31,7 @@ from raymerge.methods.base import Evaluator, Recipe, done
 from raymerge.statedict import StateDict
 
 Pair = tuple[str, str]  # (task, split)
+AHEAD_MIXTURES = ("mean", "none")  # the mixtures whose merges phase 1 fixes, without a fit
 CENTRAL_CPUS = 0.5  # what a central-statistics task (a mixture fit) asks Ray for, beside the actors
 Weights = Mapping[str, np.ndarray]
 
@@ -146,8 +147,9 @@ def phase1(ev: Evaluator, candidates: Sequence[Recipe | Weights], pairs: list[Pa
 
 @dataclass
 class DawinRunner:
-    """The DaWin variants over one evaluator. ``merge`` maps a coefficient row (M,) to a merged state dict
-    (e.g. ``lambda c: dawin.merge_for(base, finetuned, c, robust=..., lam0=...)``).
+    """The DaWin variants over one evaluator. ``merge`` maps a coefficient row (M,) to its merge: a recipe (made
+    off the driver) or a merged state dict (e.g. ``lambda c: dawin.merge_for(base, finetuned, c, robust=...,
+    lam0=...)``).
 
     ``max_in_flight`` bounds the merged weight sets that exist at once in phase 2: merges are built, evaluated and
     dropped in batches of at most that many (a ViT-L/14 merge is ~1.2 GB in float32). ``names`` label the
@@ -164,7 +166,7 @@ class DawinRunner:
 
     ev: Evaluator
     p1: Phase1
-    merge: Callable[[np.ndarray], StateDict]
+    merge: Callable[[np.ndarray], Recipe | StateDict]
     seed: int = 0
     max_in_flight: int = 4
     names: Sequence[str] | None = None
@@ -203,10 +205,10 @@ class DawinRunner:
         return jobs
 
     def ahead(self, pairs: Sequence[Pair], offset: bool, mixture: str) -> list[Recipe | StateDict]:
-        """The merges of phase 2's first batch in :meth:`mixture`, where the driver knows them at once (mixture
-        ``mean`` or ``none``: no fit), for a sweep to start making while earlier candidates are evaluated; none
-        for a fitted mixture, whose fit runs as a central task when the variant runs."""
-        if mixture not in ("mean", "none"):
+        """The merges of phase 2's first batch in :meth:`mixture`, where phase 1 alone fixes them (mixture ``mean``
+        or ``none``: no fit), for a sweep to start making while earlier candidates are evaluated; none for a fitted
+        mixture, whose fit runs as a central task when the variant runs."""
+        if mixture not in AHEAD_MIXTURES:
             return []
         groups = {pair: dawin.merge_groups(self.coefficients(pair, offset), mixture) for pair in pairs}
         return [self.merge(c) for c, _, _ in self._jobs(groups)[: self.max_in_flight]]

@@ -152,6 +152,10 @@ def _central_task(fn: Callable[..., Any]) -> Any:
     return ray.remote(fn).options(num_cpus=CENTRAL_CPUS)
 
 
+class Uncached(Exception):
+    """An output that :meth:`Run.cached_only` forbids computing: it is not in the logit cache."""
+
+
 @dataclass
 class Run:
     """One experiment being run: inputs, the worker pool, the logit cache and the results store.
@@ -178,8 +182,9 @@ class Run:
                                         init=False, repr=False)
     _writing: Future | None = field(default=None, init=False, repr=False)
     _loops: int = field(default=0, init=False, repr=False)  # evaluating() blocks entered: rows written behind them
-    # predict candidates whose ``ahead`` was asked (by id, with whether it started merges), until evaluated
-    _ahead: dict[int, tuple[Candidate, bool]] = field(default_factory=dict, init=False, repr=False)
+    # predict candidates whose ``ahead`` was asked, by id: the keys of the merges it started and its seconds
+    _ahead: dict[int, tuple[Candidate, list[str], float]] = field(default_factory=dict, init=False, repr=False)
+    _cached_only: bool = field(default=False, init=False, repr=False)  # inside cached_only()
 
     # --- weights: recipes built off the driver -------------------------------------------------------------------
 
@@ -203,13 +208,9 @@ class Run:
         if cand.recipe is None:
             if cand.ahead is None:
                 return False
-            if id(cand) not in self._ahead:
-                pending = list(self.pending(unit, params, cand, pool, label))
-                recipes = cand.ahead(pending) if pending else []
-                for recipe in recipes:
-                    self.prefetch(recipe)
-                self._ahead[id(cand)] = (cand, bool(recipes))  # the candidate held, so that its id stays its own
-            return self._ahead[id(cand)][1]
+            if id(cand) not in self._ahead:  # the candidate held, so that its id stays its own
+                self._ahead[id(cand)] = (cand, *self._make_ahead(unit, params, cand, pool, label))
+            return bool(self._ahead[id(cand)][1])
         key = cand.recipe.key(self.model_hashes)
         if key in self.pool.registered:  # a sweep asks again at each step while the candidate is in its window
             return True
@@ -218,6 +219,33 @@ class Run:
             self.prefetch(cand.recipe)
             return True
         return False
+
+    def _make_ahead(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str
+                    ) -> tuple[list[str], float]:
+        """Start the merges ``cand.ahead`` lists for its pending rows: their keys, and the seconds it took (the
+        candidate's own work, done early, which its rows count)."""
+        start = time.perf_counter()
+        pending = list(self.pending(unit, params, cand, pool, label))
+        try:
+            with self.cached_only():
+                made = cand.ahead(pending) if pending else []
+        except Uncached:  # what is not cached is the evaluation's to compute, in its turn, on idle actors
+            made = []
+        except Exception:  # a head start only: its evaluation meets the same error, under its own name
+            log.debug("%s: making its merges ahead failed; left to its evaluation", unit.name, exc_info=True)
+            made = []
+        return [self._register(self._numpy(weights)) for weights in made], time.perf_counter() - start
+
+    @contextmanager
+    def cached_only(self) -> Iterator[None]:
+        """Within it, an output not in the logit cache raises :class:`Uncached` instead of being computed: work
+        done ahead, in the sweep loop, must not hold it up with evaluations (they would also compete with the
+        merges just started for the CPUs)."""
+        self._cached_only = True
+        try:
+            yield
+        finally:
+            self._cached_only = False
 
     def _cache_parts(self, key: str, pair: Pair, reduce: Reduce | None = None) -> tuple[str, ...]:
         """What a cache entry is keyed by: the weights (or recipe), the head, the data, the evaluation, and what
@@ -289,6 +317,8 @@ class Run:
             else:
                 out[pair] = cached
         if missing:
+            if self._cached_only:
+                raise Uncached(f"{len(missing)} output(s) of {key} not cached, first on {'/'.join(next(iter(missing)))}")
             registered = self._register(weights)
             got = self._evaluate([(registered, pair, None, reduce) for pair, (_, reduce) in missing.items()])
             for (pair, (parts, _)), value in zip(missing.items(), got):
@@ -394,26 +424,28 @@ class Run:
         """Evaluate ``cand`` on the pairs whose rows are not stored (all of them under ``--force``). Rows are
         independent per pair, so a changed test set recomputes its own rows only."""
         label = label or unit.name
-        self._ahead.pop(id(cand), None)
+        _, made_ahead, ahead_s = self._ahead.pop(id(cand), (cand, [], 0.0))
         if self._writing is not None and self._writing.done():
             self.flush()  # a write that failed stops the run before another evaluation, not after it
         judged = self._rows(unit, params, cand, pool, label)
         self.planned.update(key for key, _ in judged.values())
         identities = self._pending(judged)
         self.skipped += len(judged) - len(identities)
-        if not identities:
-            if cand.recipe is not None:  # made ahead for nothing (another configuration stored these rows)
-                self.pool.drop_weights(cand.recipe.key(self.model_hashes))
+        if not identities:  # made ahead for nothing (an identical configuration stored these rows)
+            for key in made_ahead if cand.recipe is None else [cand.recipe.key(self.model_hashes)]:
+                self.pool.drop_weights(key)
             return
         keys = {pair: judged[pair][0] for pair in identities}
         pairs = list(identities)
         start = time.perf_counter()
         if cand.predict is not None:
             outcome = cand.predict(pairs)
+            for key in made_ahead:  # its evaluation dropped those it reached
+                self.pool.drop_weights(key)
         else:
             weights = cand.recipe or cand.build()
             outcome = Prediction(self.predictions(weights, pairs), merges=dict.fromkeys(pairs, cand.merges))
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + ahead_s
         rows, samples = [], {}
         for pair in pairs:
             labels = self.labels(pair)

@@ -181,9 +181,12 @@ def test_dawin_reads_its_static_reference_from_the_static_methods_cached_scores(
 
 def test_dawins_merges_are_made_ahead_and_phase2_makes_none_of_its_own(mini_pool, ray_local, tmp_path):
     """With mixture mean, phase 2's merges (one per test set: the mean of its per-sample coefficients) are known
-    from phase 1 alone: prefetching the candidate, as a sweep does when it enters the window, starts exactly the
-    merges phase 2 then evaluates, once, and the evaluation makes none of its own."""
+    from phase 1 alone: once that is cached, prefetching the candidate, as a sweep does when it enters the window,
+    starts exactly the merges phase 2 then evaluates, once, and the evaluation makes none of its own. Before it is
+    cached, prefetching evaluates nothing."""
     from raymerge import methods
+
+    from raymerge.methods import dawin as dawin_module
 
     exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / 'out'}"])
     run = pipeline.start_run(exp, cache_dir=tmp_path / "cache")
@@ -197,8 +200,12 @@ def test_dawins_merges_are_made_ahead_and_phase2_makes_none_of_its_own(mini_pool
         wise_params, params = wise.params(lambdas=[0.5]), dawin_unit.params(mixture="mean")
         (static,) = wise.candidates(pool, wise_params)
         run.evaluate(wise, wise_params, static, pool)  # DaWin's reference (λ = 0.5), so that it needs no merge
-        (cand,) = dawin_unit.candidates(pool, params)
         built.clear()
+        asked.clear()
+        (early,) = dawin_unit.candidates(pool, params)  # before its phase 1 is cached: ahead evaluates nothing
+        assert not run.prefetch_candidate(dawin_unit, params, early, pool, "dawin") and not built and not asked
+        dawin_module.runner(pool, dawin_module.candidate_names(pool, None), params.lam0, pool.eval_pairs())  # phase 1
+        (cand,) = dawin_unit.candidates(pool, params)
         assert run.prefetch_candidate(dawin_unit, params, cand, pool, "dawin")
         ahead = list(built)
         assert run.prefetch_candidate(dawin_unit, params, cand, pool, "dawin") and built == ahead  # asked once
@@ -206,6 +213,7 @@ def test_dawins_merges_are_made_ahead_and_phase2_makes_none_of_its_own(mini_pool
         run.evaluate(dawin_unit, params, cand, pool)
         assert built == ahead, "phase 2 made a merge that was not made ahead"
         phase2 = [(key, pair) for call in asked for key, pair, rows, _ in call if rows is not None]
+        assert not {recipe.key(run.model_hashes) for recipe in ahead} & run.pool.registered  # dropped once evaluated
         rows = {r["split"]: r for r in run.store.rows() if r["method"] == "dawin"}
         coefficients = {split: np.array(run.store.samples(r["key"]).to_pydict()["coefficients"], dtype=np.float64)
                         for split, r in rows.items()}

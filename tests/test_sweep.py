@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -57,15 +58,19 @@ def test_after_the_current_candidate_one_svd_build_and_one_predict_candidates_me
     def dawin() -> tuple:
         return (None, None, Candidate({}, predict=lambda pairs: None, ahead=lambda pairs: []), None)
 
-    # the current candidate (with ahead merges too), then SVD, ahead, SVD, ahead: the kinds are counted apart
-    window = [dawin(), svd(), dawin(), svd(), dawin()]
-    position = {id(item[2]): i for i, item in enumerate(window)}
-    started = []
-    make_ahead(window, lambda *item: started.append(position[id(item[2])]) or True)
-    assert started == [0, 1, 2]
-    started.clear()  # a predict candidate with nothing to make ahead leaves the place to the next one
-    make_ahead(window, lambda *item: started.append(position[id(item[2])]) or position[id(item[2])] != 2)
-    assert started == [0, 1, 2, 4]
+    def started(window: list, makes: Callable[[int], bool] = lambda i: True) -> list[int]:
+        position = {id(item[2]): i for i, item in enumerate(window)}
+        out = []
+        make_ahead(window, lambda *item: out.append(position[id(item[2])]) or makes(position[id(item[2])]))
+        return out
+
+    # the current candidate, then SVD, ahead, SVD, ahead: the kinds are counted apart
+    window = [svd(), svd(), dawin(), svd(), dawin()]
+    assert started(window) == [0, 1, 2]
+    # a predict candidate with nothing to make ahead leaves the place to the next one
+    assert started(window, lambda i: i != 2) == [0, 1, 2, 4]
+    # while the current candidate's phase 2 holds its merges, no other one's are made ahead
+    assert started([dawin(), dawin(), svd(), dawin()]) == [0, 2]
     with pytest.raises(ValueError, match="ahead"):
         Candidate({}, recipe=Recipe(dict), ahead=lambda pairs: [])
 
@@ -137,6 +142,49 @@ def test_worker_killed_mid_sweep_completes_identically(tiny_zoo, tmp_path, ray_l
     reference = run_sweep(config.load(sweep_experiment(tiny_zoo, tmp_path / "clean", methods, TASKS)), cache_dir=tmp_path / "cache-b")
     assert _by_key(out) == {r["key"]: r["accuracy"] for r in reference.rows()}
     assert len(_by_key(out)) == _raw_rows(out) == sum(len(s) for s in subsets(range(TASKS))) * len(methods)
+
+
+def test_a_sweep_makes_dawins_first_merges_ahead_and_each_merge_once(tiny_zoo, tmp_path, ray_local, monkeypatch):
+    """Multi-task DaWin (mixture mean: one merge per test set) with one merge in flight and its phase 1 cached:
+    each DaWin candidate's first merge is started before its evaluation, the others by its phase 2, every one
+    exactly once; phase 1 runs once per candidate, and no merged weight set is left registered."""
+    from raymerge.dawin import merge_for
+    from raymerge.methods import dawin as dawin_unit
+    from raymerge.pipeline import start_run
+
+    methods = {"task_arithmetic": {"lambdas": [0.3]}, "dawin": {"k": 1}}
+    run = start_run(config.load(sweep_experiment(tiny_zoo, tmp_path / "out", methods, 3, max_merges_in_flight=1)),
+                    cache_dir=tmp_path / "cache")
+    tasks = run.exp.sweep.tasks  # phase 1 of every (model, task) pair cached, as after a sweep's first subsets
+    pool = run.view([run.tasks[t].finetuned for t in tasks], tasks)
+    dawin_unit.runner(pool, pool.names, 0.3, pool.eval_pairs())
+    phase1, phase1_runs, inside, built = dawin_unit.phase1, [], [], []
+    monkeypatch.setattr(dawin_unit, "phase1", lambda *a, **k: phase1_runs.append(1) or phase1(*a, **k))
+    build = run.pool.build
+    run.pool.build = lambda recipe, models: built.append((recipe, any(inside))) or build(recipe, models)
+    evaluate = run.evaluate
+
+    def evaluating(unit, *args):  # inside: while a DaWin candidate is evaluated
+        inside.append(unit.name == "dawin")
+        try:
+            return evaluate(unit, *args)
+        finally:
+            inside.clear()
+    run.evaluate = evaluating
+    try:
+        sweep_run(run)
+        registered = set(run.pool.registered)
+        rows = run.store.rows()
+    finally:
+        run.pool.shutdown()
+    plan = subsets(range(3))
+    merges = [(recipe.key(run.model_hashes), during) for recipe, during in built if recipe.fn is merge_for]
+    assert len({key for key, _ in merges}) == len(merges) == sum(map(len, plan))  # one per test set, once each
+    assert [during for _, during in merges].count(False) == len(plan)  # the first of each candidate: ahead
+    assert not registered & {key for key, _ in merges}
+    assert len(phase1_runs) == len(plan)  # ahead's, which the evaluation reused
+    assert sum(1 for r in rows if r["method"] == "sweep/dawin") == sum(map(len, plan))
+    assert all(r["merges"] == 1 for r in rows if r["method"] == "sweep/dawin")
 
 
 def test_sampled_subsets_are_seeded_distinct_and_sized():

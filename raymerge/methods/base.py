@@ -240,10 +240,11 @@ class Candidate:
     ``details`` is filled while building (e.g. the λ a selection chose) and stored beside the row.
     ``models``: the pool models the candidate reads (``"base"`` and fine-tuned names); None means all of them.
     ``tasks``: the tasks it is judged on; None means every task of the pool.
-    ``ahead`` (``predict`` candidates only): given the pairs ``predict`` will be asked for, the recipes it will
-    evaluate first, where they can be known before it runs (DaWin's first phase-2 merges, from its cached phase 1),
-    so that a sweep starts making them while earlier candidates are evaluated. It may evaluate what ``predict``
-    would (phase 1), never anything else.
+    ``ahead`` (``predict`` candidates only): given the pairs ``predict`` will be asked for, the merges it will
+    evaluate first, where they can be known before it runs (DaWin's first phase-2 batch, which its phase 1 fixes
+    when no mixture is fitted), so that a sweep starts making them while earlier candidates are evaluated. It runs
+    under :meth:`raymerge.pipeline.Run.cached_only`: it reads what is cached (DaWin's phase 1, after a sweep's
+    first subsets) and evaluates nothing.
     """
 
     params: dict[str, Any]
@@ -254,7 +255,7 @@ class Candidate:
     tasks: list[str] | None = None
     merges: int = 1
     details: dict[str, Any] = field(default_factory=dict)
-    ahead: Callable[[list[Pair]], list[Recipe]] | None = None
+    ahead: Callable[[list[Pair]], list[Recipe | StateDict]] | None = None
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.recipe, self.build, self.predict)) != 1:

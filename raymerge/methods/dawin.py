@@ -12,7 +12,7 @@ from pydantic import Field
 
 from raymerge import dawin as dawin_math
 from raymerge import diagnostics
-from raymerge.dawin_pipeline import CENTRAL_CPUS, DawinRunner, Outcome, phase1
+from raymerge.dawin_pipeline import AHEAD_MIXTURES, CENTRAL_CPUS, DawinRunner, Outcome, phase1
 from raymerge.methods.base import (
     MERGES,
     MULTITASK,
@@ -29,6 +29,7 @@ from raymerge.methods.base import (
 )
 from raymerge.methods import task_arithmetic, wise_ft
 from raymerge.methods.wise_ft import theta1
+from raymerge.statedict import StateDict
 
 
 DAWIN = Paper("Adapting foundation models via training-free dynamic weight interpolation (DaWin)", "2410.03782")
@@ -117,7 +118,7 @@ def dawin(pool: Pool, p: DawinParams) -> Iterator[Candidate]:
             ready[tuple(pairs)] = runner(pool, names, p.lam0, pairs)
         return ready[tuple(pairs)]
 
-    def ahead(pairs: list[tuple[str, str]]) -> list[Recipe]:
+    def ahead(pairs: list[tuple[str, str]]) -> list[Recipe | StateDict]:
         return phase1_for(pairs).ahead(pairs, r["offset"], r["mixture"])
 
     def predict(pairs: list[tuple[str, str]]) -> Prediction:
@@ -130,7 +131,7 @@ def dawin(pool: Pool, p: DawinParams) -> Iterator[Candidate]:
         return _prediction(outcome)
 
     yield Candidate(p.record(**r, models=names), predict=predict, models=["base", *(n for n in names if n != "base")],
-                    ahead=ahead if p.scores == "entropy" else None)
+                    ahead=ahead if p.scores == "entropy" and r["mixture"] in AHEAD_MIXTURES else None)
 
 
 class SelectionParams(Params):
