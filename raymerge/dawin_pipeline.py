@@ -31,7 +31,6 @@ from raymerge.methods.base import Evaluator, Recipe, done
 from raymerge.statedict import StateDict
 
 Pair = tuple[str, str]  # (task, split)
-AHEAD_MIXTURES = ("mean", "none")  # the mixtures whose merges phase 1 fixes, without a fit
 CENTRAL_CPUS = 0.5  # what a central-statistics task (a mixture fit) asks Ray for, beside the actors
 Weights = Mapping[str, np.ndarray]
 
@@ -208,7 +207,7 @@ class DawinRunner:
         """The merges of phase 2's first batch in :meth:`mixture`, where phase 1 alone fixes them (mixture ``mean``
         or ``none``: no fit), for a sweep to start making while earlier candidates are evaluated; none for a fitted
         mixture, whose fit runs as a central task when the variant runs."""
-        if mixture not in AHEAD_MIXTURES:
+        if mixture not in ("mean", "none"):
             return []
         groups = {pair: dawin.merge_groups(self.coefficients(pair, offset), mixture) for pair in pairs}
         return [self.merge(c) for c, _, _ in self._jobs(groups)[: self.max_in_flight]]

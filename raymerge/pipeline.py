@@ -226,26 +226,28 @@ class Run:
         candidate's own work, done early, which its rows count)."""
         start = time.perf_counter()
         pending = list(self.pending(unit, params, cand, pool, label))
+        keys: list[str] = []
         try:
             with self.cached_only():
                 made = cand.ahead(pending) if pending else []
+            for weights in made:
+                keys.append(self._register(self._numpy(weights)))
         except Uncached:  # what is not cached is the evaluation's to compute, in its turn, on idle actors
-            made = []
+            pass
         except Exception:  # a head start only: its evaluation meets the same error, under its own name
             log.debug("%s: making its merges ahead failed; left to its evaluation", unit.name, exc_info=True)
-            made = []
-        return [self._register(self._numpy(weights)) for weights in made], time.perf_counter() - start
+        return keys, time.perf_counter() - start
 
     @contextmanager
     def cached_only(self) -> Iterator[None]:
         """Within it, an output not in the logit cache raises :class:`Uncached` instead of being computed: work
         done ahead, in the sweep loop, must not hold it up with evaluations (they would also compete with the
         merges just started for the CPUs)."""
-        self._cached_only = True
+        outer, self._cached_only = self._cached_only, True
         try:
             yield
         finally:
-            self._cached_only = False
+            self._cached_only = outer
 
     def _cache_parts(self, key: str, pair: Pair, reduce: Reduce | None = None) -> tuple[str, ...]:
         """What a cache entry is keyed by: the weights (or recipe), the head, the data, the evaluation, and what
@@ -439,9 +441,11 @@ class Run:
         pairs = list(identities)
         start = time.perf_counter()
         if cand.predict is not None:
-            outcome = cand.predict(pairs)
-            for key in made_ahead:  # its evaluation dropped those it reached
-                self.pool.drop_weights(key)
+            try:
+                outcome = cand.predict(pairs)
+            finally:
+                for key in made_ahead:  # its evaluation dropped those it reached
+                    self.pool.drop_weights(key)
         else:
             weights = cand.recipe or cand.build()
             outcome = Prediction(self.predictions(weights, pairs), merges=dict.fromkeys(pairs, cand.merges))

@@ -120,20 +120,19 @@ def make_ahead(window: Sequence[tuple[Method, Params, Candidate, Pool]], start: 
     """Start the merges of ``window`` (the candidate being evaluated, then those after it) with ``start``, which
     says whether it started (or had started) one. Two kinds of candidate hold several weight sets in the object store
     while they wait: an SVD-based build (copies of its pool models) and a predict candidate's ``ahead`` merges (up to
-    ``max_merges_in_flight`` of DaWin's). After the current candidate, only the first of each kind that starts is
-    made ahead, and none with ``ahead`` while the current candidate has one: DaWin's merged weight sets alive at once
-    stay within ``max_merges_in_flight``."""
+    ``max_merges_in_flight`` of DaWin's). After the current candidate, only the first SVD build that starts is made
+    ahead, and only the first candidate with ``ahead`` is asked: whatever it answers, its phase 2 holds merges before
+    any later one's, and none is asked while the current candidate has ``ahead``. DaWin's merged weight sets alive at
+    once stay within ``max_merges_in_flight``."""
     held: set[str] = set()
     for j, (_, _, cand, _) in enumerate(window):
         kind = ("svd" if cand.recipe is not None and cand.recipe.where == "task" else
                 "ahead" if cand.ahead is not None else None)
-        if j == 0:
+        if j == 0 or kind is None:
             start(*window[j])
-            if kind == "ahead":  # its phase 2 runs now
+            if j == 0 and kind == "ahead":  # its phase 2 runs now
                 held.add(kind)
-        elif kind is None:
-            start(*window[j])
-        elif kind not in held and start(*window[j]):
+        elif kind not in held and (start(*window[j]) or kind == "ahead"):
             held.add(kind)
 
 

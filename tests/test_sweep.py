@@ -67,8 +67,10 @@ def test_after_the_current_candidate_one_svd_build_and_one_predict_candidates_me
     # the current candidate, then SVD, ahead, SVD, ahead: the kinds are counted apart
     window = [svd(), svd(), dawin(), svd(), dawin()]
     assert started(window) == [0, 1, 2]
-    # a predict candidate with nothing to make ahead leaves the place to the next one
-    assert started(window, lambda i: i != 2) == [0, 1, 2, 4]
+    # a predict candidate with nothing to make ahead still holds its place: its phase 2 comes before the next one's
+    assert started(window, lambda i: i != 2) == [0, 1, 2]
+    # an SVD build with nothing to make leaves the place to the next one
+    assert started(window, lambda i: i != 1) == [0, 1, 2, 3]
     # while the current candidate's phase 2 holds its merges, no other one's are made ahead
     assert started([dawin(), dawin(), svd(), dawin()]) == [0, 2]
     with pytest.raises(ValueError, match="ahead"):

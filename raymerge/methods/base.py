@@ -244,7 +244,8 @@ class Candidate:
     evaluate first, where they can be known before it runs (DaWin's first phase-2 batch, which its phase 1 fixes
     when no mixture is fitted), so that a sweep starts making them while earlier candidates are evaluated. It runs
     under :meth:`raymerge.pipeline.Run.cached_only`: it reads what is cached (DaWin's phase 1, after a sweep's
-    first subsets) and evaluates nothing.
+    first subsets) and evaluates nothing. A candidate whose evaluation makes merges has one even where it can list
+    none (``[]``), so that a sweep counts the merges its evaluation will hold.
     """
 
     params: dict[str, Any]

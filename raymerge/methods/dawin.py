@@ -12,7 +12,7 @@ from pydantic import Field
 
 from raymerge import dawin as dawin_math
 from raymerge import diagnostics
-from raymerge.dawin_pipeline import AHEAD_MIXTURES, CENTRAL_CPUS, DawinRunner, Outcome, phase1
+from raymerge.dawin_pipeline import CENTRAL_CPUS, DawinRunner, Outcome, phase1
 from raymerge.methods.base import (
     MERGES,
     MULTITASK,
@@ -119,7 +119,8 @@ def dawin(pool: Pool, p: DawinParams) -> Iterator[Candidate]:
         return ready[tuple(pairs)]
 
     def ahead(pairs: list[tuple[str, str]]) -> list[Recipe | StateDict]:
-        return phase1_for(pairs).ahead(pairs, r["offset"], r["mixture"])
+        # every variant has one, so that a sweep counts its phase 2's merges; the oracle's come from label losses
+        return [] if p.scores == "oracle" else phase1_for(pairs).ahead(pairs, r["offset"], r["mixture"])
 
     def predict(pairs: list[tuple[str, str]]) -> Prediction:
         run = phase1_for(pairs)
@@ -131,7 +132,7 @@ def dawin(pool: Pool, p: DawinParams) -> Iterator[Candidate]:
         return _prediction(outcome)
 
     yield Candidate(p.record(**r, models=names), predict=predict, models=["base", *(n for n in names if n != "base")],
-                    ahead=ahead if p.scores == "entropy" and r["mixture"] in AHEAD_MIXTURES else None)
+                    ahead=ahead)
 
 
 class SelectionParams(Params):
