@@ -279,6 +279,8 @@ def meaning(rows: list[dict]) -> str:
             f"{r['value']:.2f} copies ({r['case']}" + (f", previously {r['previous']:.0f})" if "previous" in r else ")")
             for r in memory.values())
     return (text + ". A copy is the cheapest thing a merge can do to a model (one read and one write); TIES reads "
-            "T + 1 models and, in eager torch, makes about 17 elementwise passes over each task's chunk (trim, sums, "
-            "counts, bracket listing), so its cost grows with T while the copy's does not. Fresh pages cost every "
-            "call the same page faults, which narrows the ratio.")
+            "T + 1 models and writes one. On a CPU its pass is one compiled loop (raymerge/_ties_kernel.py) that reads "
+            "each task's entries once and keeps the running sums in cache (eager torch made about 17 elementwise "
+            "passes over each task's chunk); then each task's threshold is selected among the few percent of entries "
+            "in its sampled bracket, and those entries are merged again. Its cost still grows with T, the copy's does "
+            "not. Fresh pages cost every call the same page faults, which narrows the ratio.")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import softmax
 
 from raymerge.merge import interpolate, task_arithmetic
 from raymerge.mixture import BetaMixture, DirichletMixture, check_finite_array
@@ -64,8 +64,18 @@ def _as_temperature(temperature: float | ArrayLike, z: np.ndarray) -> np.ndarray
 
 
 def _log_probs(z: np.ndarray, temperature: float | ArrayLike) -> np.ndarray:
-    """Log-softmax over classes of validated logits divided by the temperature (temperature scaling)."""
-    return log_softmax(z / _as_temperature(temperature, z), axis=-1)
+    """Log-softmax over classes of validated logits divided by the temperature (temperature scaling).
+
+    The normaliser is ``log1p`` of the other classes' mass (relative to the largest logit's) rather than the log of
+    1 plus it (scipy's and torch's log-softmax): a confident sample's top log-probability ≈ −ε then keeps its
+    relative precision, and with it a small entropy or loss (log(1 + ε) loses ~1e-12 of it at an entropy of 1e-4).
+    """
+    shifted = z / _as_temperature(temperature, z)
+    top = shifted.argmax(-1)[..., None]
+    shifted -= np.take_along_axis(shifted, top, -1)
+    rest = np.exp(shifted)
+    np.put_along_axis(rest, top, 0.0, -1)  # exp(0) = 1 of the largest, left out of the sum; ties keep theirs
+    return shifted - np.log1p(rest.sum(-1, keepdims=True))
 
 
 def _as_labels(labels: ArrayLike, z: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from raymerge._arith import (
@@ -62,7 +63,7 @@ def weight_average(
 ) -> StateDict:
     """Uniform soup ``θ = (1/T) Σt θt`` of T ≥ 1 state dicts (METHODS §1); ``names`` label them in error messages."""
     validate(models, names)
-    return cast_to(per_key(models, lambda key, tensors: average(tensors), precision), dtypes_of(models[0]))
+    return cast_to(per_key(models, lambda key, tensors: average(tensors), precision), dtypes_of(models[0]), copy=False)
 
 
 def interpolate(
@@ -81,7 +82,7 @@ def interpolate(
     validate([theta0, theta1], ["theta0", "theta1"])
     # METHODS §1 WiSE-FT: θλ = (1−λ)θ0 + λθ1
     merged = per_key([theta0, theta1], lambda key, tensors: (1 - lam) * tensors[0] + lam * tensors[1], precision)
-    return cast_to(merged, dtypes_of(theta0))
+    return cast_to(merged, dtypes_of(theta0), copy=False)
 
 
 def _task_coefficients(lam: float | Sequence[float], count: int) -> list[float]:
@@ -142,11 +143,11 @@ def task_arithmetic(
             tau = _task_vector(theta_t, theta0)
             if key in blocks:
                 tau = low_rank(tau, key, t)
-            total += coefficient * tau
+            total += tau.mul_(coefficient)  # tau is this merge's own
         # METHODS §1 task arithmetic: θ = θ0 + Σt λt τt
-        return theta0 + total
+        return total.add_(theta0)
 
-    return cast_to(per_key([base, *finetuned], merge_key, precision), dtypes_of(base))
+    return cast_to(per_key([base, *finetuned], merge_key, precision), dtypes_of(base), copy=False)
 
 
 # TIES without T flattened task vectors side by side. Each τt's trim threshold stays the exact k-th largest
@@ -157,7 +158,11 @@ def task_arithmetic(
 # sample misses, the exact threshold comes from a full selection and the pass runs again.
 _TIES_SAMPLE_STRIDE = 97  # a prime: the strided sample walks across the columns of every matrix
 _TIES_BRACKET_SIGMAS = 4.0  # bracket half-width, in binomial standard deviations of the k-th largest's sample rank
-_TIES_CHUNK = {"cpu": 1 << 17}  # entries per chunk: on a CPU the chunk's working set stays in cache
+_TIES_CHUNK = {"cpu": 1 << 17}  # entries per chunk of the eager pass: on a CPU the chunk's working set stays in cache
+_TIES_BLOCK = 1 << 12  # entries per block of the compiled pass: its running sums stay in the L1 cache
+# a CPU runs the compiled pass (raymerge._ties_kernel) for models of at least this many entries: below, numba's import
+# and first call in a process (~1-2 s) cost more than the eager pass does
+_TIES_FUSED_MIN = 1 << 20
 _TIES_DEVICE_CHUNK = 1 << 24  # on an accelerator, few large kernels
 _TIES_SUMS = ("sum", "pos", "neg", "n_pos", "n_neg", "listed")
 
@@ -266,8 +271,69 @@ class _TiesPass(NamedTuple):
     listed: dict[str, torch.Tensor]  # per key, the flat positions to compute again
     theta0: torch.Tensor  # θ0 at the listed positions, concatenated in key order, in the compute dtype
     thetas: list[torch.Tensor]  # each θt likewise
-    kept: list[torch.Tensor]  # per task, how many non-zero entries |τt| > keep_above[t] holds (0-dim)
-    votes: torch.Tensor  # Σ elected signs over the entries not listed (0-dim)
+    kept: list[int]  # per task, how many non-zero entries |τt| > keep_above[t] holds
+    votes: int  # Σ elected signs over the entries not listed
+
+
+class _KeyPass(NamedTuple):
+    """:func:`_ties_pass` over one key."""
+
+    out: torch.Tensor  # (n,) θ0 + λ·merged in the compute dtype, except at ``listed``
+    listed: torch.Tensor  # (m,) int64 positions, ascending
+    values: torch.Tensor  # (T + 1, m) θ0 and each θt at ``listed``, in the compute dtype
+    kept: list[int]
+    votes: int
+
+
+def _key_pass_eager(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], keep_above: Sequence[float],
+                    list_above: Sequence[float] | None, lam: float, inputs: _TiesInputs) -> _KeyPass:
+    """Chunk by chunk in torch operations, on any device: what accelerators run."""
+    numel = theta0.numel()
+    chunk = _TIES_CHUNK.get(inputs.device.type, _TIES_DEVICE_CHUNK)
+    scratch = inputs.scratch(min(chunk, numel))
+    kept = [torch.zeros((), dtype=torch.float64, device=inputs.device) for _ in thetas]
+    votes = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    out = torch.empty(numel, dtype=inputs.dtype, device=inputs.device)
+    positions = []
+    for start in range(0, numel, chunk):
+        stop = min(start + chunk, numel)
+        base = _in_dtype(theta0[start:stop], inputs, scratch["base"][: stop - start])
+        sums, counts = _trimmed_sums(base, [theta[start:stop] for theta in thetas], keep_above, list_above, inputs,
+                                     scratch)
+        for t, count in enumerate(counts):
+            kept[t] += count
+        merged, elected = _disjoint_mean(sums, 0.0)
+        n_kept = sums["n_pos"] + sums["n_neg"]
+        redo = n_kept * (1 - elected.abs())  # > 0 where kept values sum to 0
+        if list_above is not None:
+            redo += sums["listed"] - n_kept  # > 0 where some task has the entry in its bracket
+        where = redo.nonzero().squeeze(1)
+        votes += elected.sum() - elected[where].sum()
+        positions.append(where + start)
+        # METHODS §1 TIES: θ = θ0 + λ·merged
+        out[start:stop] = merged.mul_(lam).add_(base)
+    listed = torch.cat(positions)
+    values = torch.stack([tensor.index_select(0, listed).to(inputs.dtype) for tensor in [theta0, *thetas]])
+    return _KeyPass(out, listed, values, [int(count.item()) for count in kept], int(votes.item()))
+
+
+def _key_pass_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], keep_above: Sequence[float],
+                    list_above: Sequence[float] | None, lam: float, inputs: _TiesInputs) -> _KeyPass:
+    """The same pass compiled (:mod:`raymerge._ties_kernel`), on a CPU: each entry of each task read once."""
+    from numba.typed import List
+
+    from raymerge._ties_kernel import ties_tensor
+
+    dtype = inputs.dtype
+    numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    out = torch.empty(theta0.numel(), dtype=dtype)
+    kept = np.zeros(len(thetas), dtype=np.int64)
+    votes, listed, values = ties_tensor(
+        theta0.to(dtype).numpy(), List([theta.to(dtype).numpy() for theta in thetas]),
+        np.asarray(keep_above, dtype=numpy_dtype), np.asarray(keep_above if list_above is None else list_above,
+                                                              dtype=numpy_dtype),
+        list_above is not None, np.array([0.0, 1.0, lam], dtype=numpy_dtype), _TIES_BLOCK, out.numpy(), kept)
+    return _KeyPass(out, torch.from_numpy(listed), torch.from_numpy(values), kept.tolist(), int(votes))
 
 
 def _ties_pass(
@@ -277,45 +343,27 @@ def _ties_pass(
     lam: float,
     dtypes: Mapping[str, torch.dtype],
 ) -> _TiesPass:
-    """One pass over every chunk of every key: trim at ``keep_above``, elect, disjoint mean, θ0 + λ·merged.
+    """One pass over every key: trim at ``keep_above``, elect, disjoint mean, θ0 + λ·merged.
 
     Lists, with their values, the entries that some task has in its bracket (``list_above[t] < |τt| ≤
     keep_above[t]``) and those whose trimmed values sum to 0 without all being 0 (their sign waits for the majority).
     """
-    chunk = _TIES_CHUNK.get(inputs.device.type, _TIES_DEVICE_CHUNK)
-    scratch = inputs.scratch(min(chunk, max(theta0.numel() for theta0 in inputs.base)))
-    kept = [torch.zeros((), dtype=torch.float64, device=inputs.device) for _ in inputs.tasks]
-    votes = torch.zeros((), dtype=torch.float64, device=inputs.device)
-    out, listed, values = {}, {}, [[] for _ in range(len(inputs.tasks) + 1)]
+    fused = inputs.device.type == "cpu" and inputs.numel >= _TIES_FUSED_MIN
+    key_pass = _key_pass_fused if fused else _key_pass_eager
+    kept, votes = [0] * len(inputs.tasks), 0
+    out, listed, values = {}, {}, []
     for i, key in enumerate(inputs.keys):
-        numel = inputs.base[i].numel()
-        out[key] = torch.empty(numel, dtype=dtypes[key], device=inputs.device)
-        positions = []
-        for start in range(0, numel, chunk):
-            stop = min(start + chunk, numel)
-            theta0 = _in_dtype(inputs.base[i][start:stop], inputs, scratch["base"][: stop - start])
-            thetas = [task[i][start:stop] for task in inputs.tasks]
-            sums, counts = _trimmed_sums(theta0, thetas, keep_above, list_above, inputs, scratch)
-            for t, count in enumerate(counts):
-                kept[t] += count
-            merged, elected = _disjoint_mean(sums, 0.0)
-            n_kept = sums["n_pos"] + sums["n_neg"]
-            redo = n_kept * (1 - elected.abs())  # > 0 where kept values sum to 0
-            if list_above is not None:
-                redo += sums["listed"] - n_kept  # > 0 where some task has the entry in its bracket
-            where = redo.nonzero().squeeze(1)
-            if where.numel():
-                votes -= elected[where].sum()
-                positions.append(where + start)
-                for column, tensor in zip(values, [theta0, *thetas]):
-                    column.append(tensor.index_select(0, where).to(inputs.dtype))
-            votes += elected.sum()
-            # METHODS §1 TIES: θ = θ0 + λ·merged
-            out[key][start:stop] = merged.mul_(lam).add_(theta0)
-        if positions:
-            listed[key] = torch.cat(positions)
-    theta0, *thetas = (torch.cat(column) if column else torch.empty(0, dtype=inputs.dtype, device=inputs.device)
-                       for column in values)
+        run = key_pass(inputs.base[i], [task[i] for task in inputs.tasks], keep_above, list_above, lam, inputs)
+        out[key] = run.out.to(dtypes[key])
+        kept = [a + b for a, b in zip(kept, run.kept)]
+        votes += run.votes
+        if run.listed.numel():
+            listed[key] = run.listed
+            values.append(run.values)
+    # row by row: each row's parts are contiguous, so each is one copy
+    theta0, *thetas = (torch.cat([part[row] for part in values]) if values else
+                       torch.empty(0, dtype=inputs.dtype, device=inputs.device)
+                       for row in range(len(inputs.tasks) + 1))
     return _TiesPass(out, listed, theta0, thetas, kept, votes)
 
 
@@ -325,7 +373,8 @@ def _redo_listed(run: _TiesPass, cuts: Sequence[float], lam: float, inputs: _Tie
     sums, _ = _trimmed_sums(run.theta0, run.thetas, cuts, None, inputs, inputs.scratch(run.theta0.numel()))
     # released TIES code (resolve_zero_signs, "majority"): where the sum is exactly 0, the sign of the sum of the
     # elected signs over all entries; if that is 0 too the entry stays 0 and no task agrees with it
-    majority = float(torch.sign(run.votes + torch.sign(sums["sum"]).sum()).item())
+    votes = run.votes + int(torch.sign(sums["sum"]).sum().item())
+    majority = float((votes > 0) - (votes < 0))
     values = _disjoint_mean(sums, majority)[0].mul_(lam).add_(run.theta0)
     offset = 0
     for key, where in run.listed.items():
@@ -349,9 +398,10 @@ def _bracket(sample: torch.Tensor, keep: int, n: int) -> tuple[float, float]:
     rate = keep / n
     spread = _TIES_BRACKET_SIGMAS * math.sqrt(m * rate * (1 - rate)) + 1
     top, bottom = math.floor(rate * m - spread), math.ceil(rate * m + spread)  # sample ranks from the largest
-    hi = sample.kthvalue(m - top + 1).values.item() if top >= 1 else math.inf
-    lo = sample.kthvalue(m - bottom + 1).values.item() if bottom <= m else 0.0
-    return lo, hi
+    # ascending positions of the two order statistics, found by one selection (numpy's takes several kth at once)
+    wanted = [index for index in (m - top, m - bottom) if 0 <= index < m]
+    values = dict(zip(wanted, np.partition(sample.cpu().numpy(), wanted)[wanted].tolist())) if wanted else {}
+    return values.get(m - bottom, 0.0), values.get(m - top, math.inf)
 
 
 def _bracketed_threshold(magnitudes: torch.Tensor, kept: int, keep: int, lo: float, hi: float) -> float | None:
@@ -413,7 +463,7 @@ def ties(
         brackets = [_bracket((_strided_sample(task, precision) - base_sample).abs_(), keep, n) for task in inputs.tasks]
         run = _ties_pass(inputs, [hi for _, hi in brackets], [_below(lo, precision) for lo, _ in brackets], lam, dtypes)
         thresholds = [
-            _bracketed_threshold((theta - run.theta0).abs_(), int(run.kept[t].item()), keep, lo, hi)
+            _bracketed_threshold((theta - run.theta0).abs_(), run.kept[t], keep, lo, hi)
             for t, (theta, (lo, hi)) in enumerate(zip(run.thetas, brackets))
         ]
         if None in thresholds:  # a sample missed: exact selection for those tasks, and a pass without brackets
@@ -462,7 +512,7 @@ def model_stock(
         # METHODS §1 Model Stock: θ = t·θ̄ft + (1−t)·θ0
         return t * average(thetas) + (1 - t) * theta0
 
-    return cast_to(per_key([base, *finetuned], merge_key, precision), dtypes_of(base))
+    return cast_to(per_key([base, *finetuned], merge_key, precision), dtypes_of(base), copy=False)
 
 
 def greedy_soup(

@@ -3,6 +3,7 @@
 import math
 import statistics
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -75,17 +76,35 @@ def test_oracle_losses_match_torch_cross_entropy():
         dawin.oracle_losses(z, np.full(50, 10))
 
 
-def test_sample_scores_match_torch():
+def exact_scores(z: np.ndarray, y: np.ndarray, temperature: float) -> np.ndarray:
+    """(N, 3): entropy at ``temperature``, entropy at 1 and cross-entropy at ``temperature``, in 50-digit mpmath."""
+    mpmath.mp.dps = 50
+
+    def log_probs(row, t):
+        scaled = [mpmath.mpf(float(v)) / mpmath.mpf(t) for v in row]
+        norm = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in scaled))
+        return [v - norm for v in scaled]
+
+    def entropy(logp):
+        return float(-mpmath.fsum(mpmath.exp(v) * v for v in logp))
+
+    return np.array([[entropy(log_probs(row, temperature)), entropy(log_probs(row, 1.0)),
+                      float(-log_probs(row, temperature)[label])] for row, label in zip(z, y)])
+
+
+def test_sample_scores_match_exact_arithmetic():
     rng = np.random.default_rng(3)
     z, y, t = rng.normal(scale=4, size=(50, 7)), rng.integers(0, 7, 50), 1.7
+    # confident samples: entropies and a loss of 1e-4 to 1e-20, where log(1 + ε) in float64 (scipy's and torch's
+    # log-softmax) is off by 1e-12 relative and more
+    z[:3] = [[30.0, 0.0, -5.0, 1.0, 2.0, 0.5, -1.0], [50.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+             [12.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0]]
+    y[:3] = 0
     s = dawin.sample_scores(z, y, t)
     assert s.shape == (50, 4) and s.dtype == np.float64 and dawin.SCORE_COLUMNS[3] == "prediction"
-    zt = torch.from_numpy(z)
-    for column, temperature in ((0, t), (1, 1.0)):
-        logp = torch.log_softmax(zt / temperature, -1)
-        np.testing.assert_allclose(s[:, column], -(logp.exp() * logp).sum(-1).numpy(), rtol=1e-12)
-    ce = torch.nn.functional.cross_entropy(zt / t, torch.from_numpy(y), reduction="none").numpy()
-    np.testing.assert_allclose(s[:, 2], ce, rtol=1e-12)
+    np.testing.assert_allclose(s[:, :3], exact_scores(z, y, t), rtol=1e-14)
+    logp = torch.log_softmax(torch.from_numpy(z) / t, -1)  # torch agrees where the scores are not tiny
+    np.testing.assert_allclose(s[3:, 0], -(logp.exp() * logp).sum(-1).numpy()[3:], rtol=1e-10)
     np.testing.assert_array_equal(dawin.score_predictions(s), z.argmax(1))
     np.testing.assert_array_equal(dawin.sample_scores(z, y, 1.0)[:, 0], dawin.sample_scores(z, y, 1.0)[:, 1])
 

@@ -245,11 +245,44 @@ def test_ties_with_ties_and_zero_sums_matches_float64_reference_in_any_chunking(
     # chunks of 37 entries (keys split across chunks) and a sample of every 3rd entry (a real bracket: at the
     # default stride this small model's sample is too small to bound anything, and every entry near it is listed)
     monkeypatch.setattr(merge, "_TIES_CHUNK", {"cpu": 37})
+    monkeypatch.setattr(merge, "_TIES_BLOCK", 37)
+    monkeypatch.setattr(merge, "_TIES_FUSED_MIN", 0)  # the compiled pass, which ViT-sized models get on a CPU
     monkeypatch.setattr(merge, "_TIES_SAMPLE_STRIDE", 3)
     small = ties(base, fts, lam=0.7, density=density)
     assert_matches(small, reference, base)
     assert all(torch.equal(small[k], default[k]) for k in base)
     assert selections == []  # the brackets held (a threshold of 0 included): no full selection
+    monkeypatch.setattr(merge, "_TIES_FUSED_MIN", math.inf)  # the eager pass, which accelerators and small models run
+    eager = ties(base, fts, lam=0.7, density=density)
+    assert all(torch.equal(eager[k], default[k]) for k in base)
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.float64)])
+def test_ties_compiled_and_eager_passes_give_the_same_bits(monkeypatch, dtype, precision):
+    import raymerge.merge as merge
+
+    # random (not grid) values, so that every sum, division and λ·merged + θ0 rounds; chunks of 37 and a sample
+    # of every 3rd entry, so that the brackets are real and most entries come out of the pass, not its redo
+    monkeypatch.setattr(merge, "_TIES_CHUNK", {"cpu": 37})
+    monkeypatch.setattr(merge, "_TIES_BLOCK", 37)
+    monkeypatch.setattr(merge, "_TIES_FUSED_MIN", 0)
+    monkeypatch.setattr(merge, "_TIES_SAMPLE_STRIDE", 3)
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"w": (256, 96), "b": (256,), "conv": (16, 3, 7, 7)}
+    base = {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
+    fts = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=gen)).to(dtype) for k, v in base.items()}
+           for _ in range(4)]
+    passes = []
+    real_pass = merge._ties_pass
+    monkeypatch.setattr(merge, "_ties_pass", lambda *args: passes.append(real_pass(*args)) or passes[-1])
+    compiled = ties(base, fts, lam=0.7, density=0.3, precision=precision)
+    listed = sum(where.numel() for where in passes[-1].listed.values())
+    assert 0 < listed < sum(v.numel() for v in base.values()) / 4
+    monkeypatch.setattr(merge, "_TIES_FUSED_MIN", math.inf)
+    eager = ties(base, fts, lam=0.7, density=0.3, precision=precision)
+    assert all(torch.equal(eager[k], compiled[k]) for k in base)
+    assert_matches(compiled, ties_reference(base, fts, 0.7, 0.3), base)
 
 
 def test_ties_exact_when_the_sample_misses_the_threshold(monkeypatch):
