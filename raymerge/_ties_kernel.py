@@ -4,7 +4,9 @@ Eager torch makes about 18 elementwise passes per task over each chunk (trim bot
 the bracket listing), which put TIES at 25–100 model copies at ViT-B/32 size. Compiled, each entry of each task is
 read once and the running sums stay in cache, which is what issue 16's "within 10× of one model copy" needs.
 torch.compile would fuse it too, but costs ~17 s per process and task count and a C++ compiler on every node;
-numba compiles this loop once per machine (cached beside this file) for any task count, in ~6 s.
+numba compiles this loop once per machine and compute dtype (cached beside this file, or in numba's user cache
+where this directory is read-only) for any task count, in 6–8 s; a new process loads it in 1–2 s, so small models
+stay eager.
 
 The arithmetic is :func:`raymerge.merge._trimmed_sums` and :func:`raymerge.merge._disjoint_mean` (the eager form,
 which accelerators run) operation for operation, in the same dtype and order, so both give the same bits
