@@ -160,6 +160,7 @@ _TIES_SAMPLE_STRIDE = 97  # a prime: the strided sample walks across the columns
 _TIES_BRACKET_SIGMAS = 4.0  # bracket half-width, in binomial standard deviations of the k-th largest's sample rank
 _TIES_CHUNK = {"cpu": 1 << 17}  # entries per chunk of the eager pass: on a CPU the chunk's working set stays in cache
 _TIES_BLOCK = 1 << 12  # entries per block of the compiled pass: its running sums stay in the L1 cache
+_TIES_SLICE = 1 << 20  # entries per call of the compiled pass: what it converts to the compute dtype at once
 # a CPU runs the compiled pass (raymerge._ties_kernel) for models of at least this many entries: below, numba's import
 # and first call in a process (~1-2 s) cost more than the eager pass does
 _TIES_FUSED_MIN = 1 << 20
@@ -326,14 +327,24 @@ def _key_pass_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], keep_a
 
     dtype = inputs.dtype
     numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    keep_cuts = np.asarray(keep_above, dtype=numpy_dtype)
+    list_cuts = keep_cuts if list_above is None else np.asarray(list_above, dtype=numpy_dtype)  # unread if None
+    consts = np.array([0.0, 1.0, lam], dtype=numpy_dtype)
     out = torch.empty(theta0.numel(), dtype=dtype)
     kept = np.zeros(len(thetas), dtype=np.int64)
-    votes, listed, values = ties_tensor(
-        theta0.to(dtype).numpy(), List([theta.to(dtype).numpy() for theta in thetas]),
-        np.asarray(keep_above, dtype=numpy_dtype), np.asarray(keep_above if list_above is None else list_above,
-                                                              dtype=numpy_dtype),
-        list_above is not None, np.array([0.0, 1.0, lam], dtype=numpy_dtype), _TIES_BLOCK, out.numpy(), kept)
-    return _KeyPass(out, torch.from_numpy(listed), torch.from_numpy(values), kept.tolist(), int(votes))
+    votes, positions, values = 0, [], []
+    # a slice at a time, so that a checkpoint not in the compute dtype (bf16, or precision float64) is converted a
+    # slice at a time rather than T + 1 whole keys; contiguous, as the typed list holds arrays of one layout
+    for start in range(0, theta0.numel(), _TIES_SLICE):
+        part = slice(start, start + _TIES_SLICE)
+        part_votes, listed, listed_values = ties_tensor(
+            theta0[part].to(dtype).contiguous().numpy(),
+            List([theta[part].to(dtype).contiguous().numpy() for theta in thetas]),
+            keep_cuts, list_cuts, list_above is not None, consts, _TIES_BLOCK, out[part].numpy(), kept)
+        votes += part_votes
+        positions.append(torch.from_numpy(listed) + start)
+        values.append(torch.from_numpy(listed_values))
+    return _KeyPass(out, torch.cat(positions), torch.cat(values, 1), kept.tolist(), int(votes))
 
 
 def _ties_pass(
@@ -443,9 +454,10 @@ def ties(
 
     ``density`` in (0, 1] (default 0.2); ``lam`` λ any finite real (default 1.0).
 
-    Runs on θ0's device (where the fine-tuned tensors must be too), chunk by chunk: besides the result it holds a
-    few chunks and the entries near a threshold, never a flattened task vector. Sums over tasks run in task order and the majority counts signs
-    exactly, so every entry is computed the same way whatever the chunking or the device.
+    Runs on θ0's device (where the fine-tuned tensors must be too), chunk by chunk (on a CPU, from 1 M entries, a
+    compiled pass over slices of 1 M entries): besides the result it holds a few chunks or slices of each model and
+    the entries near a threshold, never a flattened task vector. Sums over tasks run in task order and the majority
+    counts signs exactly, so every entry is computed the same way whatever the chunking, the pass or the device.
     """
     lam = check_real("lam", lam)
     if not 0 < check_real("density", density) <= 1:
