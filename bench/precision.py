@@ -10,6 +10,8 @@ batch 32, fresh logit cache and results store each), once with ``resources.preci
 - multi-task setting (8 tasks' test sets): θ0, each fine-tuned model on its own task, weight averaging, task
   arithmetic (λ = 0.3), TIES and DaWin (mean coefficients).
 
+``--quick`` evaluates θ0 and one merge per setting (each run starts its own actors).
+
 Per candidate: its accuracy under each precision (mean over its sets), the difference in percentage points (bf16 −
 fp32; the largest on one set too), and the fraction of its samples whose prediction changed, from the per-sample
 predictions the results store keeps.
@@ -31,6 +33,8 @@ METHODS = {
     "multitask": {"zeroshot": {}, "finetuned": {}, "weight_average": {}, "task_arithmetic": {"lambdas": [0.3]},
                   "ties": {}, "dawin": {"lam0": 0.3}},
 }
+QUICK_METHODS = {"robust": {"zeroshot": {}, "weight_average": {}},
+                 "multitask": {"zeroshot": {}, "task_arithmetic": {"lambdas": [0.3]}}}
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -52,7 +56,8 @@ def _evaluate(ctx: Context, setting: str, precision: str) -> dict[tuple[str, str
 
     out = ctx.scratch(f"precision-{setting}-{precision}")
     exp = config.load(Path(config.__file__).parent / "experiments" / f"{setting}.yaml", [
-        f"zoo={ctx.manifest()}", f"output_dir={out / 'results'}", f"methods={json.dumps(METHODS[setting])}",
+        f"zoo={ctx.manifest()}", f"output_dir={out / 'results'}",
+        f"methods={json.dumps((QUICK_METHODS if ctx.quick else METHODS)[setting])}",
         f"resources.precision={precision}"])
     store = run_experiment(exp, cache_dir=out / "cache")
     rows = {}

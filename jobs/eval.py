@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from raymerge import cluster, config, pipeline, report
+from raymerge import cluster, config
 from raymerge.errors import input_errors
 
 DEFAULT_EXPERIMENTS = ["robust.yaml", "multitask.yaml"]
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         for f in files:
             config.check(f, args.set)
         experiments = [config.load(f, args.set) for f in files]
+        # imported once the files are checked: a typo is answered in 3 s, not after open_clip's and matplotlib's 5 s
+        from raymerge import pipeline, report
         if args.num_cpus and not args.address:
             cluster.connect(None, args.num_cpus)
         stores = [pipeline.run_experiment(exp, args.force, args.cache_dir, args.address) for exp in experiments]

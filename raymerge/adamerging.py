@@ -10,8 +10,9 @@ A :class:`DifferentiableMerge` is a merged state dict as a differentiable functi
 
 :func:`adapt` minimizes the mean prediction entropy of unlabeled test batches of every task, each task through its
 own head, with Adam over λ. The encoder is one resident module evaluated with ``torch.func.functional_call`` on the
-merged tensors (no module is rebuilt), and the loss is computed task by task (:func:`entropy_step`): each batch's
-graph is freed by its own ``backward`` into the merged tensors, then one ``backward`` carries their gradients to λ,
+merged tensors (no module is rebuilt; they are swapped in once per step), and the loss is computed task by task
+(:func:`entropy_step`): each task's batches go through the encoder in one forward, whose graph is freed by its own
+``backward`` into the merged tensors, then one ``backward`` carries their gradients to λ,
 so peak memory does not grow with the number of tasks (the released code keeps every task's graph until one
 ``backward``, about 5.7 GB more per ViT-B/32 task, AdaMerging issue #3).
 
@@ -260,6 +261,19 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
+class _Scope(nn.Module):
+    """``forward(fn)`` is ``fn(encoder)``: one :func:`functional_call` of it swaps the merged tensors into the encoder
+    once for a whole step, where one call per forward swapped them for every batch (for a small encoder the swap cost
+    more than the forward)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, fn: Callable[[nn.Module], float]) -> float:
+        return fn(self.encoder)
+
+
 def entropy_step(
     encoder: nn.Module,
     merge: DifferentiableMerge,
@@ -272,8 +286,9 @@ def entropy_step(
     Loss: the mean over every batch of ``batches`` (task → list of (B, 3, S, S) image batches) of the batch's mean
     prediction entropy, each task's batches through ``heads[task]`` on ``encoder`` with the merged tensors
     (``functional_call``). If ``coefficients`` requires grad, d loss / d λ is accumulated into the leaves it depends
-    on: each batch's graph ends in its own ``backward`` into detached copies of the merged tensors (freed at once),
-    and one final ``backward`` carries their summed gradients through the merge. Returns the loss (a float).
+    on: each task's batches run as one forward whose graph ends in its own ``backward`` into detached copies of the
+    merged tensors (freed at once: memory holds one task's batches, whatever the number of tasks), and one final
+    ``backward`` carries their summed gradients through the merge. Returns the loss (a float).
     """
     track = coefficients.requires_grad
     with torch.set_grad_enabled(track):
@@ -282,15 +297,23 @@ def entropy_step(
     leaves = {key: merged[key].detach().requires_grad_() for key in trainable}
     params = {**{key: value.detach() for key, value in merged.items()}, **leaves}
     count = sum(len(task_batches) for task_batches in batches.values())
-    total = 0.0
-    for task, task_batches in batches.items():
-        for images in task_batches:
+
+    def task_by_task(merged_encoder: nn.Module) -> float:
+        total = 0.0
+        for task, task_batches in batches.items():
+            if not task_batches:
+                continue
             with torch.set_grad_enabled(track):
+                logits = heads[task].logits(merged_encoder(torch.cat(list(task_batches))))
                 # ADA-2: the mean over batches of each batch's mean prediction entropy
-                loss = entropy(heads[task].logits(functional_call(encoder, params, (images,)))).mean() / count
+                loss = sum(entropy(part).mean() for part in logits.split([len(b) for b in task_batches])) / count
             if track:
                 loss.backward()
             total += loss.item()
+        return total
+
+    total = functional_call(_Scope(encoder), {f"encoder.{key}": value for key, value in params.items()},
+                            (task_by_task,))
     if track and trainable:
         grads = [leaves[key].grad if leaves[key].grad is not None else torch.zeros_like(leaves[key])
                  for key in trainable]

@@ -187,7 +187,7 @@ def test_state_dicts_at_learned_coefficients_equal_the_formulas(pool, task_data)
 
 
 def test_task_by_task_gradients_add_up(pool, task_data):
-    # one backward per batch, accumulated: the gradient of a two-task loss is the mean of the one-task gradients
+    # one backward per task, accumulated: the gradient of a two-task loss is the mean of the one-task gradients
     base, fts = pool
     heads, images = task_data
     merge = TaskVectorMerge(base, fts, precision=torch.float64)
