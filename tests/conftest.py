@@ -14,6 +14,14 @@ from raymerge import models
 from raymerge.data import ImageDataset, write_parquet
 
 ARCH = "raymerge-tiny-vit"
+# the files whose tests take minutes (pytest --durations), handed out first: with two xdist workers (pyproject's
+# addopts) the many short files then fill in beside them, where one of them left to the end would run alone
+LONGEST_FIRST = ("test_job_submit.py", "test_bench.py", "test_sweep.py", "test_multinode.py", "test_keys.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: other files keep their order
 
 
 @pytest.fixture(scope="session")
