@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import Context, progress, row
@@ -120,6 +120,10 @@ def _measure(manifest: str, method: str, tasks: int, style: str, steps: int) -> 
             "seconds_per_step": seconds / steps}
 
 
+def _in_fresh_process(*args) -> dict:
+    """:func:`measure` in a process of its own: its peak resident set only sees memory that process had not touched."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as process:
+        return process.submit(measure, *args).result()
 
 
 def run(ctx: Context) -> list[dict]:
@@ -127,14 +131,17 @@ def run(ctx: Context) -> list[dict]:
     steps, counts = (1, TASK_COUNTS[:2]) if ctx.quick else (3, TASK_COUNTS)
     cases = [(method, tasks, style) for method in METHODS for tasks in counts
              for style in ("task by task", "all graphs then one backward")]
+    progress(f"adamerging: {len(cases)} measurements of {steps} step(s), each in a fresh process"
+             + (", two at a time (quick)" if ctx.quick else ""))
     results = {}
-    # one process per measurement: the peak resident set only sees memory the process had not touched before
-    with ProcessPoolExecutor(max_workers=2 if ctx.quick else 1, mp_context=multiprocessing.get_context("spawn"),
-                             max_tasks_per_child=1) as processes:
-        running = {case: processes.submit(measure, manifest, *case, steps) for case in cases}
+    threads = ThreadPoolExecutor(2 if ctx.quick else 1)
+    try:
+        running = {case: threads.submit(_in_fresh_process, manifest, *case, steps) for case in cases}
         for case, future in running.items():
             results[case] = future.result()
-            progress(f"adamerging: {case[0]}, {case[1]} tasks, {case[2]}, {steps} step(s): done")
+            progress(f"adamerging: {case[0]}, {case[1]} tasks, {case[2]}: done")
+    finally:
+        threads.shutdown(cancel_futures=True)  # a failed measurement does not wait for the ones not started
     rows = []
     for method in METHODS:
         flat = results[method, counts[0], "task by task"]["peak_mib"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,17 @@ ARCH = "raymerge-tiny-vit"
 # the files whose tests take minutes (pytest --durations), handed out first: with two xdist workers (pyproject's
 # addopts) the many short files then fill in beside them, where one of them left to the end would run alone
 LONGEST_FIRST = ("test_job_submit.py", "test_bench.py", "test_sweep.py", "test_multinode.py", "test_keys.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Ray's first local ray.init() writes ~/.ray/auth_token where there is none, unlocked: two xdist workers starting
+    # their Rays at once could each write a different token under the other's cluster. The controller, before any
+    # worker starts, makes it the way the README does, readable by its owner only.
+    token = Path.home() / ".ray" / "auth_token"
+    if not hasattr(config, "workerinput") and not token.exists():
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "get-auth-token", "--generate"], check=True,
+                       capture_output=True, timeout=120)
+        token.chmod(0o600)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
