@@ -42,7 +42,7 @@ from raymerge.statedict import StateDict, check_compatible, numpy_views, state_d
 from raymerge.cluster import connect
 from raymerge.dawin_pipeline import CENTRAL_CPUS
 from raymerge.errors import InputError
-from raymerge.workers import MERGE_CPUS, Reduce, Request, WorkerPool
+from raymerge.workers import MERGE_CPUS, Pending, Reduce, Request, WorkerPool
 
 log = logging.getLogger("raymerge")
 
@@ -177,6 +177,7 @@ class Run:
     evaluated: int = 0
     done: set[str] = field(default_factory=set)
     planned: set[str] = field(default_factory=set)  # every row key this run evaluated or found stored
+    evaluations_ahead: int = 1  # static candidates whose evaluation queues on the actors behind the one in flight
     # one writer thread: a candidate's rows are written while the next one is evaluated (Parquet releases the GIL)
     _writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "raymerge-results"),
                                         init=False, repr=False)
@@ -185,6 +186,10 @@ class Run:
     # predict candidates whose ``ahead`` was asked, by id: the keys of the merges it started and its seconds
     _ahead: dict[int, tuple[Candidate, list[str], float]] = field(default_factory=dict, init=False, repr=False)
     _cached_only: bool = field(default=False, init=False, repr=False)  # inside cached_only()
+    # evaluations submitted before their turn (:meth:`submit_ahead`), by the cache entry they fill: its pending
+    # parts on the actors and its output's shape
+    _submitted: dict[tuple[str, ...], tuple[Pending, tuple[int, int, type]]] = field(
+        default_factory=dict, init=False, repr=False)
 
     # --- weights: recipes built off the driver -------------------------------------------------------------------
 
@@ -321,17 +326,41 @@ class Run:
         if missing:
             if self._cached_only:
                 raise Uncached(f"{len(missing)} output(s) of {key} not cached, first on {'/'.join(next(iter(missing)))}")
-            registered = self._register(weights)
-            got = self._evaluate([(registered, pair, None, reduce) for pair, (_, reduce) in missing.items()])
+            fresh = [(pair, reduce) for pair, (parts, reduce) in missing.items() if parts not in self._submitted]
+            if fresh:
+                registered = self._register(weights)
+                submitted = iter(self._submit([(registered, pair, None, reduce) for pair, reduce in fresh]))
+            got = self._gather([self._submitted.pop(parts) if parts in self._submitted else next(submitted)
+                                for parts, _ in missing.values()])
             for (pair, (parts, _)), value in zip(missing.items(), got):
                 out[pair] = value
                 self.cache.put(value, *parts)
         self.pool.drop_weights(key)
         return out
 
-    def _evaluate(self, requests: Sequence[tuple[str, Pair, np.ndarray | None, Reduce | None]]) -> list[np.ndarray]:
-        """Per (weights key, pair, global rows or None, reduce): the (N, width) outputs over the whole set (rows not
-        asked for are NaN), every request submitted at once and gathered in one round."""
+    def submit_ahead(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> None:
+        """Submit the evaluations a static candidate's pending rows need now, before its turn: each actor queues
+        them behind the calls already submitted and starts on them as soon as it is done with those, while the
+        driver is still busy with the candidate before (its rows, DaWin's coefficients). :meth:`evaluate` then
+        gathers them. Outputs already cached or submitted are not asked again; other candidates need nothing."""
+        if cand.recipe is None or cand.predict is not None:
+            return
+        key = cand.recipe.key(self.model_hashes)
+        todo = []
+        for pair in self.pending(unit, params, cand, pool, label):
+            reduce = Reduce(self.labels(pair))
+            parts = self._cache_parts(key, pair, reduce)
+            if parts not in self._submitted and not self.cache.has(*parts):
+                todo.append((parts, pair, reduce))
+        if todo:
+            registered = self.prefetch(cand.recipe)
+            sent = self._submit([(registered, pair, None, reduce) for _, pair, reduce in todo])
+            self._submitted.update(zip((parts for parts, _, _ in todo), sent))
+
+    def _submit(self, requests: Sequence[tuple[str, Pair, np.ndarray | None, Reduce | None]]
+                ) -> list[tuple[Pending, tuple[int, int, type]]]:
+        """Per (weights key, pair, global rows or None, reduce): its parts submitted to the actors, every request
+        at once, and the shape of its (N, width) output over the whole set."""
         shapes, sent = [], []
         for key, pair, rows, reduce in requests:
             t = self.tasks[pair[0]]
@@ -339,7 +368,16 @@ class Run:
             shapes.append((n, t.heads[pair[1]].num_classes, np.float32) if reduce is None else
                           (n, reduce.width, np.float64))
             sent.append(Request(key, t.head_name(pair[1]), "/".join(pair), rows, reduce))
-        return self.pool.gather(self.pool.submit(sent), shapes)
+        return list(zip(self.pool.submit(sent), shapes))
+
+    def _gather(self, submitted: Sequence[tuple[Pending, tuple[int, int, type]]]) -> list[np.ndarray]:
+        """The outputs of :meth:`_submit`'s requests (rows not asked for are NaN), gathered in one round."""
+        return self.pool.gather([pending for pending, _ in submitted], [shape for _, shape in submitted])
+
+    def _evaluate(self, requests: Sequence[tuple[str, Pair, np.ndarray | None, Reduce | None]]) -> list[np.ndarray]:
+        """Per (weights key, pair, global rows or None, reduce): the (N, width) outputs over the whole set (rows not
+        asked for are NaN), every request submitted at once and gathered in one round."""
+        return self._gather(self._submit(requests))
 
     def scores_rows(self, assignments: Sequence[tuple[Recipe | Mapping[str, Any], Pair, np.ndarray]]
                     ) -> list[np.ndarray]:
@@ -582,7 +620,9 @@ def run_methods(run: Run, configs: MethodConfigs) -> None:
             with phase(f"method {name}"):
                 for params in params_list:
                     candidates = list(unit.candidates(pool, params))
-                    for cand in tqdm(candidates, desc=name, unit="model", leave=False):
+                    for i, cand in enumerate(tqdm(candidates, desc=name, unit="model", leave=False)):
+                        for ahead in candidates[i:i + run.evaluations_ahead + 1]:  # as sweep_run does
+                            run.submit_ahead(unit, params, ahead, pool, name)
                         run.evaluate(unit, params, cand, pool)
 
 

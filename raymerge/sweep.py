@@ -158,6 +158,10 @@ def sweep_run(run: Run) -> None:
         for i, (unit, params, cand, pool) in enumerate(tqdm(todo, desc="sweep", unit="merge")):
             # the next merges are made (Ray tasks, in parallel where CPUs are free) while this one is evaluated
             make_ahead(todo[i:i + MERGES_AHEAD + 1], lambda u, p, c, pl: run.prefetch_candidate(u, p, c, pl, label(u.name)))
+            # the next candidate's evaluation queues on the actors behind this one's: they go on to it while the driver
+            # gathers this one and writes its rows, instead of idling until its call comes
+            for u, p, c, pl in todo[i:i + run.evaluations_ahead + 1]:
+                run.submit_ahead(u, p, c, pl, label(u.name))
             run.evaluate(unit, params, cand, pool, label(unit.name))
     minutes = (time.perf_counter() - start) / 60
     done = len({tuple(c.params["subset"]) for _, _, c, _ in todo})

@@ -159,8 +159,8 @@ def test_dawin_reads_its_static_reference_from_the_static_methods_cached_scores(
     exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / 'out'}",
                                                        "methods={wise_ft: {lambdas: [0.5]}, dawin: {k: 1}}"])
     run = pipeline.start_run(exp, cache_dir=tmp_path / "cache")
-    evaluate, asked = run._evaluate, []
-    run._evaluate = lambda requests: asked.append(list(requests)) or evaluate(requests)
+    submit, asked = run._submit, []
+    run._submit = lambda requests: asked.append(list(requests)) or submit(requests)
     try:
         pipeline.run_methods(run, exp.methods)
         calls = list(asked)
@@ -192,8 +192,8 @@ def test_dawins_merges_are_made_ahead_and_phase2_makes_none_of_its_own(mini_pool
     run = pipeline.start_run(exp, cache_dir=tmp_path / "cache")
     build, built = run.pool.build, []
     run.pool.build = lambda recipe, models: built.append(recipe) or build(recipe, models)
-    evaluate, asked = run._evaluate, []
-    run._evaluate = lambda requests: asked.append(list(requests)) or evaluate(requests)
+    submit, asked = run._submit, []
+    run._submit = lambda requests: asked.append(list(requests)) or submit(requests)
     try:
         pool = run.view()
         wise, dawin_unit = methods.get("wise_ft"), methods.get("dawin")

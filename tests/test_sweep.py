@@ -222,3 +222,41 @@ def test_a_resumed_sweep_continues_its_stored_sample(tmp_path, monkeypatch):
     exp.sweep = config.Sweep(2, None, None, {})
     assert sweep.sweep_plan(exp, tasks[:10]) == subsets(tasks[:10])
     assert len(sweep.sweep_plan(exp, tasks)) == sweep.DEFAULT_SUBSETS_PER_SIZE * 11 + 14 + 1  # C(14,13) = 14 < 20
+
+
+def test_the_next_candidates_evaluation_is_queued_before_the_current_one_is_gathered(tiny_zoo, tmp_path, ray_local):
+    """With one evaluation ahead, each static candidate's requests reach the actors before the candidate before it
+    is gathered (the actors go on to it while the driver writes rows); with none, every gather finds nothing else
+    in flight. Both give the same rows."""
+    from raymerge.pipeline import start_run
+
+    methods = {"weight_average": {}, "task_arithmetic": {"lambdas": [0.3]}}
+    queued = {}
+    for ahead in (1, 0):
+        run = start_run(config.load(sweep_experiment(tiny_zoo, tmp_path / f"ahead-{ahead}", methods, 3)),
+                        cache_dir=tmp_path / f"cache-{ahead}")
+        run.evaluations_ahead = ahead
+        submit, gather, sent, waiting = run._submit, run._gather, {}, []
+
+        def submitting(requests, submit=submit, sent=sent):
+            out = submit(requests)
+            sent.update({id(s): (s, key) for s, (key, *_) in zip(out, requests)})
+            return out
+
+        def gathering(submitted, gather=gather, sent=sent, waiting=waiting):
+            keys = {sent.pop(id(s))[1] for s in submitted}
+            waiting.append({key for _, key in sent.values()} - keys)  # other weights in flight at this gather
+            return gather(submitted)
+
+        run._submit, run._gather = submitting, gathering
+        try:
+            sweep_run(run)
+        finally:
+            run.pool.shutdown()
+        queued[ahead] = waiting
+    candidates = len(subsets(range(3))) * len(methods)
+    assert len(queued[1]) == len(queued[0]) == candidates
+    assert all(len(w) == 1 for w in queued[1][:-1]) and not queued[1][-1]
+    assert not any(queued[0])
+    assert _by_key(tmp_path / "ahead-1") == _by_key(tmp_path / "ahead-0")
+    assert len(_by_key(tmp_path / "ahead-1")) == sum(len(s) for s in subsets(range(3))) * len(methods)
