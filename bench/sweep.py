@@ -15,8 +15,9 @@ hidden behind evaluation.
 
 Estimate for the full ViT-B/32 sweep on 16 GPUs, a model of what the current code runs where (raymerge/sweep.py,
 pipeline.py, workers.py, methods/): the driver plans every row key, then walks the candidates in order (per subset
-weight_average, task_arithmetic, ties, cart, dawin: ``config.DEFAULT_SWEEP_METHODS``), evaluating one at a time on
-all actors. The elementwise merges (weight_average, task_arithmetic, ties) are recipes that Ray tasks build up to
+weight_average, task_arithmetic, ties, cart, dawin: ``config.DEFAULT_SWEEP_METHODS``), gathering one at a time
+from all actors while the next static candidate's evaluation waits on the actors' queues behind it
+(``Run.evaluations_ahead``; each actor runs its calls in the order submitted). The elementwise merges (weight_average, task_arithmetic, ties) are recipes that Ray tasks build up to
 ``MERGES_AHEAD`` candidates ahead (``resources.merge_on: task``, the default) or that every actor builds on its GPU
 from its resident models when it evaluates them (``merge_on: actor``). CART's recipe runs its SVDs as Ray tasks of
 its own; its build starts when it enters the same window (``sweep.make_ahead``: one SVD-based build ahead at a
@@ -25,7 +26,8 @@ phase 1) is made ahead too (merge_on task), its first ``max_merges_in_flight`` w
 (``Candidate.ahead``: one such candidate's merges alive at a time), the rest side by side when its phase 2 reaches them (its reference merge is task
 arithmetic's candidate, whose scores are cached); what the GPUs still wait for adds to the sweep's wall time, as does
 the driver's own work per candidate (keys, Ray calls, gathering outputs, the logit cache, the results store, and
-DaWin's coefficients), which runs between one candidate's evaluation and the next one's; DaWin's diagnostics are
+DaWin's coefficients), which runs after a candidate's gather, beside the actors' passes over the next one; DaWin's
+diagnostics are
 central Ray tasks beside its phase 2 and add only where they would outlast it. Each test
 set's shards start on the actor after the previous set's (``raymerge.data.Sharder``), so the sets a candidate
 submits at once share the actors.
@@ -474,10 +476,30 @@ def _shard_batches() -> dict[tuple[str, str], np.ndarray]:
 SHARD_BATCHES = _shard_batches()
 
 
+def _actor_s(sets: list[tuple[str, str]]) -> np.ndarray:
+    """(GPUS,) GPU seconds each actor spends on one pass over ``sets`` (task, split), as the pool shards them: every
+    batch padded to BATCH, each actor running its batches of every set in turn."""
+    return sum(SHARD_BATCHES[pair] for pair in sets) * BATCH / GPU_IMAGES_PER_S
+
+
 def _sharded_s(sets: list[tuple[str, str]]) -> float:
-    """GPU seconds of one pass over ``sets`` (task, split), submitted at once, as the pool shards them: every batch
-    padded to BATCH, each actor running its batches of every set in turn; the busiest actor sets the time."""
-    return float(sum(SHARD_BATCHES[pair] for pair in sets).max()) * BATCH / GPU_IMAGES_PER_S
+    """GPU seconds of one pass over ``sets`` submitted at once, waited for alone: the busiest actor sets the time."""
+    return float(_actor_s(sets).max())
+
+
+class _Actors:
+    """The actors' clocks: each runs the calls queued on it in submission order, one after the other."""
+
+    def __init__(self) -> None:
+        self.free = np.zeros(GPUS)
+
+    def call(self, at: float, seconds: np.ndarray, before: float = 0.0) -> float:
+        """Queue a call submitted at ``at`` (or whose weights are ready then) with ``seconds`` (GPUS,) of passes,
+        each actor with a part first spending ``before`` (loading or merging its weights); when its last part ends."""
+        busy = seconds > 0
+        end = np.maximum(self.free, at) + before + seconds
+        self.free = np.where(busy, end, self.free)
+        return float(end[busy].max()) if busy.any() else at
 
 
 def _makespan(jobs: list[float], sources_s: float) -> float:
@@ -491,21 +513,28 @@ def _makespan(jobs: list[float], sources_s: float) -> float:
     return max(cores)
 
 
-def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: bool) -> dict[str, float]:
-    """Seconds of the full sweep by component, walking the candidates in the order sweep_run evaluates them.
+def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: bool, ahead: int = 1
+              ) -> dict[str, float]:
+    """Seconds of the full sweep, walking the candidates in the order sweep_run evaluates them, with ``ahead``
+    static candidates' evaluations queued on the actors behind the one the driver gathers
+    (``Run.evaluations_ahead``): each actor runs the calls queued on it in the order they were submitted, and the
+    driver's own work on a candidate overlaps the actors' work on the next one, queued once its merge is made.
+    ``total``, and by component what
+    each costs when nothing is queued ahead (with ``ahead`` 0 the components add up to ``total``).
 
     merge_on task: each elementwise merge is submitted as a Ray task when it enters the window of MERGES_AHEAD + 1
-    candidates and is ready after its build, its ``ray.put`` and its transfer to the other node; a candidate waits
-    for it if it is not. merge_on actor: every actor builds it on its GPU when it evaluates it (the same on all 16,
-    at once). Either way CART's build starts when it enters the window (θavg plan, its sources put, SVD jobs on both
-    nodes' free cores, assembly, put, transfer). DaWin's merges (one per test set, and its reference merge where that
-    is not cached): merge_on task, the first batch of MAX_IN_FLIGHT is submitted when the candidate enters the window
-    if its phase 1 is cached by then (``Candidate.ahead`` reads the cache only), each later batch built, moved and
-    loaded before its pass;
-    merge_on actor, every actor builds each on its GPU before its pass. Every weight set an actor
-    loads from the object store costs a host copy and a host → GPU copy. The driver loop's CPU per candidate (measured,
-    as a fraction of the candidate's GPU time) runs between candidates; the results store's writes run on the
-    run's writer thread beside the next candidate (the head has cores to spare), so they add no time."""
+    candidates and is ready after its build, its ``ray.put`` and its transfer to the other node; its evaluation
+    starts on an actor when the merge is ready and the actor is free. merge_on actor: every actor builds it on its
+    GPU when it evaluates it. Either way CART's build starts when it enters the window (θavg plan, its sources put,
+    SVD jobs on both nodes' free cores, assembly, put, transfer). DaWin's merges (one per test set, and its
+    reference merge where that is not cached): merge_on task, the first batch of MAX_IN_FLIGHT is submitted when the
+    candidate enters the window if its phase 1 is cached by then (``Candidate.ahead`` reads the cache only), each
+    later batch built, moved and loaded before its pass; merge_on actor, every actor builds each on its GPU before
+    its pass. DaWin's calls queue behind the next static candidate's evaluation, submitted before them. Every
+    weight set an actor loads from the object store costs a host copy and a host → GPU copy. The driver loop's CPU
+    per candidate (measured, as a fraction of the candidate's GPU time) runs after its gather; the results store's
+    writes run on the run's writer thread beside the next candidate (the head has cores to spare), so they add no
+    time."""
     from raymerge.config import DEFAULT_SWEEP_METHODS
     from raymerge.sweep import MERGES_AHEAD
 
@@ -528,11 +557,20 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
                            "DaWin's merges", "elementwise merges on the GPUs", "driver CPU for DaWin",
                            "driver CPU for the other methods"), 0.0)
     parts["driver CPU for the other methods"], parts["driver CPU for DaWin"] = driver["planning"], driver["phase1"]
-    t = driver["planning"] + driver["phase1"]
+    t = driver["planning"] + driver["phase1"]  # the driver's clock
+    actors, ends = _Actors(), {}  # static candidates' evaluations queued: when their last part ends
+
     def cart_build(T: int) -> float:
         # θavg and the T fine-tuned models: put by the build task, pulled by the other node for its SVD jobs
         svds = _makespan(model["cart_jobs"] * T, (T + 1) * VITB32_BYTES / NETWORK_BYTES_PER_S)
         return cpu("cart_plan", T) + (T + 1) * model["put"] + svds + cpu("cart_assemble", T) + move
+
+    def queue(j: int) -> None:  # a static candidate's evaluation, submitted now (Run.submit_ahead)
+        (s, m), tests = order[j], [(task, "test") for task in order[j][0]]
+        if m in STATIC and on_actor:
+            ends[j] = actors.call(t, _actor_s(tests), on_gpu(m, len(s)))
+        else:
+            ends[j] = actors.call(max(t, ready[j]), _actor_s(tests), load)
 
     ready: dict[int, float] = {}
     asked: set[int] = set()  # DaWin candidates asked for their merges ahead
@@ -549,30 +587,51 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
                 asked.add(j)
                 if all((model_task, task) in cached for model_task in order[j][0] for task in order[j][0]):
                     ready[j] = t + cpu("task_arithmetic", size) + move  # its first batch, side by side
+        now = t
+        # this candidate's evaluation, and the next ones' whose merges are made (Run.submit_ahead's only_ready)
+        for j in range(i, min(i + ahead + 1, len(order))):
+            if order[j][1] != "dawin" and j not in ends and (
+                    j == i or (on_actor and order[j][1] in STATIC) or ready[j] <= t):
+                queue(j)
         gpu = _sharded_s([(task, "test") for task in s])
         if m in STATIC and on_actor:
             spent["GPU passes"], spent["elementwise merges on the GPUs"] = gpu, on_gpu(m, T)
         elif m in STATIC or m == "cart":
             waited = "CART builds" if m == "cart" else wait
-            spent["GPU passes"], spent[waited], spent[loads] = gpu, max(0.0, ready[i] - t), load
-        else:  # dawin: phase 1 where a (model, task) pair is new, then phase 2
+            spent["GPU passes"], spent[waited], spent[loads] = gpu, max(0.0, ready[i] - now), load
+        phase2 = 0.0
+        if m != "dawin":
+            t = max(t, ends.pop(i))
+        else:  # dawin: phase 1 where a (model, task) pair is new, then phase 2, each call gathered before the next
             new = [(model_task, task) for model_task in s for task in s if (model_task, task) not in cached]
             cached.update(new)
             # phase 1: one temperature fit (a validation pass) at a time, then each model's new test sets at once
-            phase1 = sum(_sharded_s([(task, "validation")]) for _, task in new) + sum(
-                _sharded_s([(task, "test") for mt, task in new if mt == model_task])
-                for model_task in dict.fromkeys(mt for mt, _ in new))
+            phase1 = sum(_sharded_s([(task, "validation")]) for _, task in new)
+            for _, task in new:
+                t = actors.call(t, _actor_s([(task, "validation")]))
+            for model_task in dict.fromkeys(mt for mt, _ in new):
+                tests = [(task, "test") for mt, task in new if mt == model_task]
+                phase1 += _sharded_s(tests)
+                t = actors.call(t, _actor_s(tests), load)
             # phase 2: one merge per set (and the reference merge on every set, unless cached), in batches of
             # MAX_IN_FLIGHT merges, each batch's merges made side by side, then its sets evaluated at once
             jobs = [*([] if reference else [[(task, "test") for task in s]]), *([(task, "test")] for task in s)]
             batches = [jobs[k:k + MAX_IN_FLIGHT] for k in range(0, len(jobs), MAX_IN_FLIGHT)]
-            phase2 = sum(_sharded_s([p for job in b for p in job]) for b in batches)
+            for k, b in enumerate(batches):
+                passes = _actor_s([p for job in b for p in job])
+                phase2 += float(passes.max())
+                if on_actor:  # every actor builds each merge of a batch on its GPU, one after the other
+                    t = actors.call(t, passes, len(b) * on_gpu("task_arithmetic", T))
+                elif k == 0 and i in ready:  # the first batch made ahead: what is left of it
+                    t = actors.call(max(t, ready[i]), passes, load)
+                else:
+                    t = actors.call(t + cpu("task_arithmetic", T) + move, passes, load)
             spent["GPU passes"] = phase1 + phase2
             spent[loads] = load * len({model_task for model_task, _ in new})
-            if on_actor:  # every actor builds each merge of a batch on its GPU, one after the other
+            if on_actor:
                 spent["DaWin's merges"] = len(jobs) * on_gpu("task_arithmetic", T)
-            elif i in ready:  # the first batch made ahead: the wait for what is left of it, then the others
-                spent["DaWin's merges"] = max(0.0, ready[i] - t) + load + (len(batches) - 1) * (
+            elif i in ready:  # the wait for what is left of the first batch, then the others
+                spent["DaWin's merges"] = max(0.0, ready[i] - now) + load + (len(batches) - 1) * (
                     cpu("task_arithmetic", T) + move + load)
             else:
                 spent["DaWin's merges"] = len(batches) * (cpu("task_arithmetic", T) + move + load)
@@ -580,11 +639,11 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
         # DaWin's diagnostics run as central tasks on the cluster's cores beside phase 2: only what outlasts its GPU
         # passes adds (their seconds summed, as if one core ran them all)
         beside = driver["beside"][m] * ideal_s
-        spent["driver CPU for DaWin" if m == "dawin" else "driver CPU for the other methods"] = (
-            driver["fraction"][m] * ideal_s + max(0.0, beside - (phase2 if m == "dawin" else 0.0)))
+        driver_s = driver["fraction"][m] * ideal_s + max(0.0, beside - phase2)
+        spent["driver CPU for DaWin" if m == "dawin" else "driver CPU for the other methods"] = driver_s
+        t += driver_s
         for key, value in spent.items():
             parts[key] += value
-        t += sum(spent.values())
     parts["total"] = t
     return parts
 
@@ -606,6 +665,8 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
     issue16 = _ideal_s(sum(images.values()) - images.get("DaWin's reference merge", 0)
                        - len(TEST_SIZES) * sum(VAL_SIZES.values()))
     task, actor = _simulate(model, driver, plan, on_actor=False), _simulate(model, driver, plan, on_actor=True)
+    serial = {False: _simulate(model, driver, plan, on_actor=False, ahead=0),
+              True: _simulate(model, driver, plan, on_actor=True, ahead=0)}
     sharded = task["GPU passes"]
     h = 3600.0
     assumed = (f"ASSUMED: {NODES} nodes × {GPUS_PER_NODE} GPUs (cluster.yaml's 8-GPU type, p4d.24xlarge: "
@@ -643,31 +704,32 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
             value=sharded / h, unit="hours", estimate=True, ratio_means="seconds / ideal seconds",
             gap=f"{sharded / ideal:.2f}× the ideal", ideal_value=1.0),
     ]
-    def hidden(p: dict[str, float]) -> str:
-        ahead = p["total"] - p["DaWin's merges"]
-        off = ahead - p["driver CPU for DaWin"]
-        return (f"not the current code: with all of DaWin's merges hidden behind evaluation it would take "
-                f"{ahead / h:.2f} h ({ahead / ideal:.2f}×), and with all of DaWin's loop work (its samples columns, "
-                f"coefficients and Ray calls) overlapped as well {off / h:.2f} h ({off / ideal:.2f}×)")
+    def queued(p: dict[str, float], alone: dict[str, float]) -> str:
+        return (f"the next static candidate's evaluation queued on the actors behind the one gathered "
+                f"(Run.evaluations_ahead 1): the driver's work on a candidate and the GPUs' waits for merges overlap "
+                f"the next candidate's passes (the shards' imbalance does not: a subset's candidates share its shards, "
+                f"so the same actor is the busiest for each); with nothing queued (evaluations_ahead 0) "
+                f"{alone['total'] / h:.2f} h ({alone['total'] / ideal:.2f}×), the sum of its components: "
+                f"{parts(alone)}")
 
-    for name, p, how in (
+    for name, p, how, on in (
             ("merge_on: task (the default)", task,
              f"elementwise merges as Ray tasks up to {MERGES_AHEAD} candidates ahead, each put in the store and "
              "moved to the other node, each actor copying it to its GPU; DaWin's merge per test set likewise, the "
              f"first {MAX_IN_FLIGHT} made ahead when it enters the window (once its phase 1 is cached), the others "
-             f"when its phase 2 reaches them, {MAX_IN_FLIGHT} side by side"),
+             f"when its phase 2 reaches them, {MAX_IN_FLIGHT} side by side", False),
             ("merge_on: actor", actor,
              "elementwise and DaWin merges built by every actor on its GPU from its resident models when it "
-             f"evaluates them (DaWin's {MAX_IN_FLIGHT} at a time)")):
+             f"evaluates them (DaWin's {MAX_IN_FLIGHT} at a time)", True)):
         rows.append(row(
             "Full ViT-B/32 sweep estimate", f"{name}: estimated wall time", p["total"], ideal,
             "GPU evaluation (ideal)", p["total"] / ideal, "≤ 1.2× the GPU-bound ideal (issue 16)",
             f"{how}; CART's build started as a Ray task when it enters that window (its SVDs on both nodes' free "
             "cores), its wait counted under CART builds; DaWin's reference merge is task arithmetic's candidate "
-            f"(scores cached); by component: {parts(p)}; {hidden(p)}; ASSUMED figures as in the ideal's row; {measured}",
+            f"(scores cached); {queued(p, serial[on])}; ASSUMED figures as in the ideal's row; {measured}",
             value=p["total"] / h, unit="hours", estimate=True, ratio_means="estimate / GPU-bound ideal",
             gap=verdict(p["total"] / ideal), ideal_value=1.2,
-            components={k: v / h for k, v in p.items()}))
+            components={k: v / h for k, v in serial[on].items()}))
     return rows
 
 
@@ -694,13 +756,18 @@ def meaning(rows: list[dict]) -> str:
                                                       for on, r in walls.items())
              + f" against {ideal['value']:.2f} h of GPU work: issue 16's ≤ 1.2× is "
              + ("met" if all(r["ratio"] <= 1.2 for r in walls.values()) else "not met")
-             + f". The GPU passes themselves take {sharded['value']:.2f} h as the pool shards them "
-             f"({sharded['ratio']:.2f}×: 256-image batches over 16 actors; what a candidate submits at once shares the "
-             "actors, but DaWin's temperature fits pass over one small validation set at a time).")
+             + ". The next static candidate's evaluation is queued on the actors behind the one the driver gathers, "
+             "so the driver's work per candidate and the GPUs' waits for merges overlap the next passes. The GPU "
+             f"passes alone take {sharded['value']:.2f} h as the pool shards them ({sharded['ratio']:.2f}×: 256-image "
+             "batches over 16 actors, the busiest one setting each candidate's time, and the same one for every "
+             "candidate of a subset, so queueing does not even it out; DaWin's temperature fits pass over one small "
+             "validation set at a time)")
     for on, r in walls.items():
         beyond = sorted(((k, v) for k, v in r["components"].items() if k not in ("total", "GPU passes") and v >= 0.005),
                         key=lambda kv: -kv[1])
-        text += (f" Beyond them, with merge_on: {on}: " + ", ".join(f"{k} {v:.2f} h" for k, v in beyond) + ".")
+        text += (f"; with merge_on: {on}, nothing queued ahead would take {r['components']['total']:.2f} h, of it "
+                 + ", ".join(f"{k} {v:.2f} h" for k, v in beyond))
+    text += "."
     if drivers:
         over = [case for case, r in drivers.items() if r["ratio"] > 0.05]
         text += (" The driver's own CPU per candidate is "

@@ -167,7 +167,8 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
         # that CPU is counted for the candidate whose rows it wrote, apart from the loop's own (its critical path)
         written: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
         clock: list[int] = []  # the writer thread's CPU clock, once it has run
-        evaluate, prefetch, diagnose = run.evaluate, run.prefetch_candidate, dawin_pipeline.diagnostics.diagnose
+        evaluate, prefetch, submit = run.evaluate, run.prefetch_candidate, run.submit_ahead
+        diagnose = dawin_pipeline.diagnostics.diagnose
         append = run.store.append
 
         def writer_s() -> float:
@@ -190,10 +191,10 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
             return sum(map(float, diagnosed.read_text().split())) if diagnosed.exists() else 0.0
 
         def timed(fn):
-            def wrapper(unit, params, cand, p, lbl=None):
+            def wrapper(unit, params, cand, p, lbl=None, **kwargs):
                 start, before, wrote = time.process_time(), diagnosed_s(), writer_s()
                 try:
-                    return fn(unit, params, cand, p, lbl)
+                    return fn(unit, params, cand, p, lbl, **kwargs)
                 finally:
                     key = (unit.name, tuple(cand.params["subset"]))
                     cpu[key] += time.process_time() - start - (writer_s() - wrote)
@@ -208,7 +209,8 @@ def measure(ctx: Context, test_sizes: dict[str, int], classes: dict[str, int], v
                 with open(diagnosed, "a") as f:
                     f.write(f"{time.process_time() - start}\n")
 
-        run.evaluate, run.prefetch_candidate, run.store.append = timed(evaluate), timed(prefetch), timed_append
+        run.evaluate, run.prefetch_candidate, run.submit_ahead = timed(evaluate), timed(prefetch), timed(submit)
+        run.store.append = timed_append
         dawin_pipeline.diagnostics.diagnose = timed_diagnose
         progress(f"sweep driver: sweep_run over {len(chosen)} of {len(plan)} subsets, {actors} canned actors, batch "
                  f"{batch}")

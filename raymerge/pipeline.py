@@ -338,11 +338,16 @@ class Run:
         self.pool.drop_weights(key)
         return out
 
-    def submit_ahead(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str) -> None:
+    def submit_ahead(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str,
+                     only_ready: bool = False) -> None:
         """Submit the evaluations a static candidate's pending rows need now, before its turn: each actor queues
         them behind the calls already submitted and starts on them as soon as it is done with those, while the
         driver is still busy with the candidate before (its rows, DaWin's coefficients). :meth:`evaluate` then
-        gathers them. Outputs already cached or submitted are not asked again; other candidates need nothing."""
+        gathers them. Outputs already cached or submitted are not asked again; other candidates need nothing.
+
+        ``only_ready``: not while its merge is still being made. An actor runs its calls in the order they were
+        submitted, so a call waiting for its weights would hold up every call queued behind it (the current
+        candidate's DaWin phases, say) for the whole build."""
         if cand.recipe is None or cand.predict is not None:
             return
         key = cand.recipe.key(self.model_hashes)
@@ -354,8 +359,16 @@ class Run:
                 todo.append((parts, pair, reduce))
         if todo:
             registered = self.prefetch(cand.recipe)
+            if only_ready and not self.pool.ready(registered):
+                return
             sent = self._submit([(registered, pair, None, reduce) for _, pair, reduce in todo])
             self._submitted.update(zip((parts for parts, _, _ in todo), sent))
+
+    def queue(self, items: Sequence[tuple[Method, Params, Candidate, Pool, str]], i: int) -> None:
+        """Before ``items[i]`` is evaluated: submit its evaluation, then those of the :attr:`evaluations_ahead`
+        items after it whose merges are made, each queued on the actors behind the one before."""
+        for j, item in enumerate(items[i:i + self.evaluations_ahead + 1]):
+            self.submit_ahead(*item, only_ready=j > 0)
 
     def _submit(self, requests: Sequence[tuple[str, Pair, np.ndarray | None, Reduce | None]]
                 ) -> list[tuple[Pending, tuple[int, int, type]]]:
@@ -619,11 +632,10 @@ def run_methods(run: Run, configs: MethodConfigs) -> None:
             unit = methods.get(name)
             with phase(f"method {name}"):
                 for params in params_list:
-                    candidates = list(unit.candidates(pool, params))
-                    for i, cand in enumerate(tqdm(candidates, desc=name, unit="model", leave=False)):
-                        for ahead in candidates[i:i + run.evaluations_ahead + 1]:  # as sweep_run does
-                            run.submit_ahead(unit, params, ahead, pool, name)
-                        run.evaluate(unit, params, cand, pool)
+                    candidates = [(unit, params, c, pool, name) for c in unit.candidates(pool, params)]
+                    for i, item in enumerate(tqdm(candidates, desc=name, unit="model", leave=False)):
+                        run.queue(candidates, i)
+                        run.evaluate(*item)
 
 
 def run_experiment(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> ResultStore:

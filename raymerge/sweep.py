@@ -153,16 +153,16 @@ def sweep_run(run: Run) -> None:
     evaluations = sum(len(pool.eval_pairs(c.tasks)) for _, _, c, pool in todo)
     log.info("sweep work: %d merged models, %d test-set evaluations (each one forward pass over a test split)",
              len(todo), evaluations)
+    labelled = [(*item, label(item[0].name)) for item in todo]
     start = time.perf_counter()
     with phase("sweep"), run.evaluating():
-        for i, (unit, params, cand, pool) in enumerate(tqdm(todo, desc="sweep", unit="merge")):
+        for i, item in enumerate(tqdm(labelled, desc="sweep", unit="merge")):
             # the next merges are made (Ray tasks, in parallel where CPUs are free) while this one is evaluated
             make_ahead(todo[i:i + MERGES_AHEAD + 1], lambda u, p, c, pl: run.prefetch_candidate(u, p, c, pl, label(u.name)))
-            # the next candidate's evaluation queues on the actors behind this one's: they go on to it while the driver
-            # gathers this one and writes its rows, instead of idling until its call comes
-            for u, p, c, pl in todo[i:i + run.evaluations_ahead + 1]:
-                run.submit_ahead(u, p, c, pl, label(u.name))
-            run.evaluate(unit, params, cand, pool, label(unit.name))
+            # the next candidate's evaluation queues on the actors behind this one's, once its merge is made: they go
+            # on to it while the driver gathers this one and writes its rows, instead of idling until its call comes
+            run.queue(labelled, i)
+            run.evaluate(*item)
     minutes = (time.perf_counter() - start) / 60
     done = len({tuple(c.params["subset"]) for _, _, c, _ in todo})
     if minutes > 0 and todo:

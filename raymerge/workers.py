@@ -314,6 +314,12 @@ class WorkerPool:
             self._weights[key] = ray.put(dict(weights))
         return key
 
+    def ready(self, key: str) -> bool:
+        """Whether the weights under ``key`` can be evaluated without waiting: made (a merge task finished), or
+        made by the actors themselves."""
+        weights = self._weights[key]
+        return not isinstance(weights, ray.ObjectRef) or bool(ray.wait([weights], timeout=0)[0])
+
     def drop_weights(self, key: str) -> None:
         self._weights.pop(key, None)
 

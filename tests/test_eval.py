@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -72,6 +75,32 @@ def test_requests_submitted_together_make_one_call_per_actor(pool):
     assert np.array_equal(got[1][rows], local[1][rows]) and np.isnan(np.delete(got[1], rows, axis=0)).all()
     assert np.array_equal(got[2][:, dawin.SCORE_COLUMNS.index("prediction")], local[1].argmax(1))
     assert all(len(ray.get(call)) == len([p for parts in pending for p in parts if p[1] == call]) for call in calls)
+
+
+def test_weights_are_ready_once_their_merge_task_has_finished(pool, tmp_path):
+    """What :meth:`WorkerPool.ready` tells the sweep before it queues an evaluation ahead: a merge still being made
+    is not ready (its evaluation would hold up the actors' later calls), one made is, and so is a recipe the actors
+    build themselves."""
+    import ray
+
+    from raymerge.methods import Recipe
+    from raymerge.workers import OnActors
+
+    @ray.remote(num_cpus=0)
+    def merge(release: str) -> dict:
+        while not Path(release).exists():
+            time.sleep(0.01)
+        return {"w": np.zeros(1, np.float32)}
+
+    release = tmp_path / "release"
+    made = merge.remote(str(release))
+    pool.put_built("merging", made)
+    pool.put_built("on actors", OnActors(Recipe(dict), {}))
+    assert not pool.ready("merging") and pool.ready("on actors")
+    release.touch()
+    ray.get(made)
+    assert pool.ready("merging")
+
 
 def test_run_experiment_writes_rows_and_resumes(mini_pool, ray_local, tmp_path):
     exp = config.load(mini_pool / "experiment.yaml", [f"output_dir={tmp_path / 'out'}", "methods={zeroshot: {}, finetuned: {}}"])

@@ -226,16 +226,16 @@ def test_a_resumed_sweep_continues_its_stored_sample(tmp_path, monkeypatch):
 
 def test_the_next_candidates_evaluation_is_queued_before_the_current_one_is_gathered(tiny_zoo, tmp_path, ray_local):
     """With one evaluation ahead, each static candidate's requests reach the actors before the candidate before it
-    is gathered (the actors go on to it while the driver writes rows); with none, every gather finds nothing else
-    in flight. Both give the same rows."""
+    is gathered (the actors go on to it while the driver writes rows); never while its merge is still being made
+    (it would hold up the calls queued behind it), when every gather finds nothing else in flight. The rows are the
+    same either way. The actors build the merges (merge_on: actor), so that they are ready at once."""
     from raymerge.pipeline import start_run
 
     methods = {"weight_average": {}, "task_arithmetic": {"lambdas": [0.3]}}
     queued = {}
-    for ahead in (1, 0):
-        run = start_run(config.load(sweep_experiment(tiny_zoo, tmp_path / f"ahead-{ahead}", methods, 3)),
-                        cache_dir=tmp_path / f"cache-{ahead}")
-        run.evaluations_ahead = ahead
+    for made in (True, False):
+        run = start_run(config.load(sweep_experiment(tiny_zoo, tmp_path / f"made-{made}", methods, 3,
+                                                     merge_on="actor")), cache_dir=tmp_path / f"cache-{made}")
         submit, gather, sent, waiting = run._submit, run._gather, {}, []
 
         def submitting(requests, submit=submit, sent=sent):
@@ -249,14 +249,16 @@ def test_the_next_candidates_evaluation_is_queued_before_the_current_one_is_gath
             return gather(submitted)
 
         run._submit, run._gather = submitting, gathering
+        if not made:
+            run.pool.ready = lambda key: False
         try:
             sweep_run(run)
         finally:
             run.pool.shutdown()
-        queued[ahead] = waiting
+        queued[made] = waiting
     candidates = len(subsets(range(3))) * len(methods)
-    assert len(queued[1]) == len(queued[0]) == candidates
-    assert all(len(w) == 1 for w in queued[1][:-1]) and not queued[1][-1]
-    assert not any(queued[0])
-    assert _by_key(tmp_path / "ahead-1") == _by_key(tmp_path / "ahead-0")
-    assert len(_by_key(tmp_path / "ahead-1")) == sum(len(s) for s in subsets(range(3))) * len(methods)
+    assert len(queued[True]) == len(queued[False]) == candidates
+    assert all(len(w) == 1 for w in queued[True][:-1]) and not queued[True][-1]
+    assert not any(queued[False])
+    assert _by_key(tmp_path / "made-True") == _by_key(tmp_path / "made-False")
+    assert len(_by_key(tmp_path / "made-True")) == sum(len(s) for s in subsets(range(3))) * len(methods)
