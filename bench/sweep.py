@@ -519,8 +519,7 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
     static candidates' evaluations queued on the actors behind the one the driver gathers
     (``Run.evaluations_ahead``): each actor runs the calls queued on it in the order they were submitted, and the
     driver's own work on a candidate overlaps the actors' work on the next one, queued once its merge is made.
-    ``total``, and by component what
-    each costs when nothing is queued ahead (with ``ahead`` 0 the components add up to ``total``).
+    ``total``, and by component what each costs, which with ``ahead`` 0 (nothing queued) add up to ``total``.
 
     merge_on task: each elementwise merge is submitted as a Ray task when it enters the window of MERGES_AHEAD + 1
     candidates and is ready after its build, its ``ray.put`` and its transfer to the other node; its evaluation
@@ -538,6 +537,8 @@ def _simulate(model: dict, driver: dict, plan: list[tuple[str, ...]], on_actor: 
     from raymerge.config import DEFAULT_SWEEP_METHODS
     from raymerge.sweep import MERGES_AHEAD
 
+    if ahead > MERGES_AHEAD:
+        raise ValueError(f"ahead {ahead}: at most MERGES_AHEAD ({MERGES_AHEAD}), whose merges are started")
     methods = list(DEFAULT_SWEEP_METHODS)
     order = [(s, m) for s in plan for m in methods]
     reference = reference_cached(_default_methods())
@@ -667,6 +668,8 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
     task, actor = _simulate(model, driver, plan, on_actor=False), _simulate(model, driver, plan, on_actor=True)
     serial = {False: _simulate(model, driver, plan, on_actor=False, ahead=0),
               True: _simulate(model, driver, plan, on_actor=True, ahead=0)}
+    for p in serial.values():  # the event model, with nothing queued, is the sum of its parts
+        assert np.isclose(p["total"], sum(v for k, v in p.items() if k != "total"), rtol=1e-9), p
     sharded = task["GPU passes"]
     h = 3600.0
     assumed = (f"ASSUMED: {NODES} nodes × {GPUS_PER_NODE} GPUs (cluster.yaml's 8-GPU type, p4d.24xlarge: "

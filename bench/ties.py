@@ -197,15 +197,20 @@ def run(ctx: Context) -> list[dict]:
     architecture = "raymerge-tiny-vit" if ctx.quick else "ViT-B-32"
     rounds = 1 if ctx.quick else 3
     progress(f"ties: {architecture}, T = {', '.join(map(str, TASKS))}, {rounds} round(s) in a fresh process "
-             "(building the models takes a minute; the previous implementation runs once per T at the end)")
-    m = _in_fresh_process(measure, architecture, rounds)
-    m["old"] = {}
-    for T in TASKS:
-        progress(f"ties: the previous implementation, T = {T}, in a process of its own")
-        try:
-            m["old"][T] = _in_fresh_process(measure_previous, architecture, T)
-        except concurrent.futures.process.BrokenProcessPool:
-            m["old"][T] = "killed before it finished (out of memory?)"
+             "(building the models takes a minute; the previous implementation runs once per T, in a process of its "
+             "own, after it" + ("; quick: all at once" if ctx.quick else "") + ")")
+    # one after the other, so that no measurement shares the machine; --quick measures nothing worth that time
+    with concurrent.futures.ThreadPoolExecutor(1 + len(TASKS) if ctx.quick else 1) as threads:
+        current = threads.submit(_in_fresh_process, measure, architecture, rounds)
+        previous = {T: threads.submit(_in_fresh_process, measure_previous, architecture, T) for T in TASKS}
+        m = current.result()
+        m["old"] = {}
+        for T, future in previous.items():
+            progress(f"ties: the previous implementation, T = {T}, in a process of its own")
+            try:
+                m["old"][T] = future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                m["old"][T] = "killed before it finished (out of memory?)"
     size = f"{m['params'] / 1e6:.1f} M parameters, {_gib(m['model_bytes'])}" + (
         "; quick: the tiny ViT, meaningless as a measurement" if ctx.quick else "")
     common = (f"{architecture} state dict ({size}) float32, fine-tuned = θ0 + 1e-3·std·N(0,1) per key; λ={LAM}, "

@@ -323,10 +323,12 @@ class Run:
                 missing[pair] = (parts, reduce)
             else:
                 out[pair] = cached
+                self._submitted.pop(parts, None)  # cached since it was submitted (another run sharing the cache)
         if missing:
             if self._cached_only:
                 raise Uncached(f"{len(missing)} output(s) of {key} not cached, first on {'/'.join(next(iter(missing)))}")
             fresh = [(pair, reduce) for pair, (parts, reduce) in missing.items() if parts not in self._submitted]
+            submitted: Iterator[tuple[Pending, tuple[int, int, type]]] = iter(())
             if fresh:
                 registered = self._register(weights)
                 submitted = iter(self._submit([(registered, pair, None, reduce) for pair, reduce in fresh]))
@@ -339,17 +341,18 @@ class Run:
         return out
 
     def submit_ahead(self, unit: Method, params: Params, cand: Candidate, pool: Pool, label: str,
-                     only_ready: bool = False) -> None:
+                     only_ready: bool = False) -> bool:
         """Submit the evaluations a static candidate's pending rows need now, before its turn: each actor queues
         them behind the calls already submitted and starts on them as soon as it is done with those, while the
         driver is still busy with the candidate before (its rows, DaWin's coefficients). :meth:`evaluate` then
-        gathers them. Outputs already cached or submitted are not asked again; other candidates need nothing.
+        gathers them. Outputs already cached or submitted are not asked again. Whether nothing of it is left to
+        submit; a candidate that is not a recipe (DaWin, the output-space methods) submits in its own turn.
 
-        ``only_ready``: not while its merge is still being made. An actor runs its calls in the order they were
-        submitted, so a call waiting for its weights would hold up every call queued behind it (the current
-        candidate's DaWin phases, say) for the whole build."""
+        ``only_ready``: not while its merge is still being made (the merge is started). An actor runs its calls
+        in the order they were submitted, so a call waiting for its weights would hold up every call queued
+        behind it (the current candidate's DaWin phases, say) for the whole build."""
         if cand.recipe is None or cand.predict is not None:
-            return
+            return False
         key = cand.recipe.key(self.model_hashes)
         todo = []
         for pair in self.pending(unit, params, cand, pool, label):
@@ -360,15 +363,18 @@ class Run:
         if todo:
             registered = self.prefetch(cand.recipe)
             if only_ready and not self.pool.ready(registered):
-                return
+                return False
             sent = self._submit([(registered, pair, None, reduce) for _, pair, reduce in todo])
             self._submitted.update(zip((parts for parts, _, _ in todo), sent))
+        return True
 
     def queue(self, items: Sequence[tuple[Method, Params, Candidate, Pool, str]], i: int) -> None:
         """Before ``items[i]`` is evaluated: submit its evaluation, then those of the :attr:`evaluations_ahead`
-        items after it whose merges are made, each queued on the actors behind the one before."""
+        items after it, each queued on the actors behind the one before, up to the first that is not a recipe or
+        whose merge is still being made (none overtakes another on the actors)."""
         for j, item in enumerate(items[i:i + self.evaluations_ahead + 1]):
-            self.submit_ahead(*item, only_ready=j > 0)
+            if not self.submit_ahead(*item, only_ready=j > 0) and j > 0:
+                break
 
     def _submit(self, requests: Sequence[tuple[str, Pair, np.ndarray | None, Reduce | None]]
                 ) -> list[tuple[Pending, tuple[int, int, type]]]:
@@ -487,6 +493,8 @@ class Run:
         if not identities:  # made ahead for nothing (an identical configuration stored these rows)
             for key in made_ahead if cand.recipe is None else [cand.recipe.key(self.model_hashes)]:
                 self.pool.drop_weights(key)
+                for parts in [parts for parts in self._submitted if parts[1] == key]:
+                    del self._submitted[parts]
             return
         keys = {pair: judged[pair][0] for pair in identities}
         pairs = list(identities)

@@ -316,9 +316,9 @@ class WorkerPool:
 
     def ready(self, key: str) -> bool:
         """Whether the weights under ``key`` can be evaluated without waiting: made (a merge task finished), or
-        made by the actors themselves."""
+        made by the actors themselves. Made on another node counts: nothing is pulled to the driver's."""
         weights = self._weights[key]
-        return not isinstance(weights, ray.ObjectRef) or bool(ray.wait([weights], timeout=0)[0])
+        return not isinstance(weights, ray.ObjectRef) or bool(ray.wait([weights], timeout=0, fetch_local=False)[0])
 
     def drop_weights(self, key: str) -> None:
         self._weights.pop(key, None)

@@ -94,12 +94,16 @@ def test_weights_are_ready_once_their_merge_task_has_finished(pool, tmp_path):
 
     release = tmp_path / "release"
     made = merge.remote(str(release))
-    pool.put_built("merging", made)
-    pool.put_built("on actors", OnActors(Recipe(dict), {}))
-    assert not pool.ready("merging") and pool.ready("on actors")
-    release.touch()
+    try:
+        pool.put_built("merging", made)
+        pool.put_built("on actors", OnActors(Recipe(dict), {}))
+        assert not pool.ready("merging") and pool.ready("on actors")
+    finally:
+        release.touch()  # the task ends whatever the assertion found
     ray.get(made)
     assert pool.ready("merging")
+    for key in ("merging", "on actors"):
+        pool.drop_weights(key)
 
 
 def test_run_experiment_writes_rows_and_resumes(mini_pool, ray_local, tmp_path):

@@ -77,6 +77,26 @@ def test_after_the_current_candidate_one_svd_build_and_one_predict_candidates_me
         Candidate({}, recipe=Recipe(dict), ahead=lambda pairs: [])
 
 
+def test_evaluations_are_queued_ahead_up_to_the_first_not_ready():
+    """Run.queue submits the current item whatever it answers, then the next ones while each is queued: one whose
+    merge is still being made (or that is not a recipe) stops it, so nothing overtakes it on the actors."""
+    from types import SimpleNamespace
+
+    from raymerge.pipeline import Run
+
+    def queued(answers: list[bool], ahead: int, i: int = 0) -> list[tuple[int, bool]]:
+        asked = []
+        run = SimpleNamespace(evaluations_ahead=ahead, submit_ahead=lambda item, only_ready: asked.append(
+            (item, only_ready)) or answers[item])
+        Run.queue(run, [(k,) for k in range(len(answers))], i)
+        return asked
+
+    assert queued([False, True, True, True], 2) == [(0, False), (1, True), (2, True)]
+    assert queued([True, False, True, True], 3) == [(0, False), (1, True)]
+    assert queued([True, True, True], 1, i=2) == [(2, False)]
+    assert queued([True, True], 0) == [(0, False)]
+
+
 def _raw_rows(out: Path) -> int:
     import pyarrow.parquet as pq
 
@@ -253,9 +273,11 @@ def test_the_next_candidates_evaluation_is_queued_before_the_current_one_is_gath
             run.pool.ready = lambda key: False
         try:
             sweep_run(run)
+            left = dict(run._submitted)
         finally:
             run.pool.shutdown()
         queued[made] = waiting
+        assert not left, "an evaluation submitted ahead was never gathered"
     candidates = len(subsets(range(3))) * len(methods)
     assert len(queued[True]) == len(queued[False]) == candidates
     assert all(len(w) == 1 for w in queued[True][:-1]) and not queued[True][-1]
