@@ -15,20 +15,20 @@ hidden behind evaluation.
 
 Estimate for the full ViT-B/32 sweep on 16 GPUs, a model of what the current code runs where (raymerge/sweep.py,
 pipeline.py, workers.py, methods/): the driver plans every row key, then walks the candidates in order (per subset
-weight_average, task_arithmetic, ties, cart, dawin: ``config.DEFAULT_SWEEP_METHODS``), gathering one at a time
-from all actors while the next static candidate's evaluation waits on the actors' queues behind it
-(``Run.evaluations_ahead``; each actor runs its calls in the order submitted). The elementwise merges (weight_average, task_arithmetic, ties) are recipes that Ray tasks build up to
-``MERGES_AHEAD`` candidates ahead (``resources.merge_on: task``, the default) or that every actor builds on its GPU
-from its resident models when it evaluates them (``merge_on: actor``). CART's recipe runs its SVDs as Ray tasks of
-its own; its build starts when it enters the same window (``sweep.make_ahead``: one SVD-based build ahead at a
-time) and the GPUs wait only for what is left of it. DaWin's one merge per test set (mixture mean: fixed by its
-phase 1) is made ahead too (merge_on task), its first ``max_merges_in_flight`` when it enters the window
-(``Candidate.ahead``: one such candidate's merges alive at a time), the rest side by side when its phase 2 reaches them (its reference merge is task
-arithmetic's candidate, whose scores are cached); what the GPUs still wait for adds to the sweep's wall time, as does
-the driver's own work per candidate (keys, Ray calls, gathering outputs, the logit cache, the results store, and
-DaWin's coefficients), which runs after a candidate's gather, beside the actors' passes over the next one; DaWin's
-diagnostics are
-central Ray tasks beside its phase 2 and add only where they would outlast it. Each test
+weight_average, task_arithmetic, ties, cart, dawin: ``config.DEFAULT_SWEEP_METHODS``), gathering one at a time from
+all actors while the next static candidate's evaluation waits on the actors' queues behind it
+(``Run.evaluations_ahead``; each actor runs its calls in the order submitted). The elementwise merges
+(weight_average, task_arithmetic, ties) are recipes that Ray tasks build up to ``MERGES_AHEAD`` candidates ahead
+(``resources.merge_on: task``, the default) or that every actor builds on its GPU from its resident models when it
+evaluates them (``merge_on: actor``). CART's recipe runs its SVDs as Ray tasks of its own; its build starts when it
+enters the same window (``sweep.make_ahead``: one SVD-based build ahead at a time) and the GPUs wait only for what
+is left of it. DaWin's one merge per test set (mixture mean: fixed by its phase 1) is made ahead too (merge_on
+task), its first ``max_merges_in_flight`` when it enters the window (``Candidate.ahead``: one such candidate's
+merges alive at a time), the rest side by side when its phase 2 reaches them (its reference merge is task
+arithmetic's candidate, whose scores are cached); what the GPUs still wait for adds to the sweep's wall time, as
+does the driver's own work per candidate (keys, Ray calls, gathering outputs, the logit cache, the results store,
+and DaWin's coefficients), which runs after a candidate's gather, beside the actors' passes over the next one;
+DaWin's diagnostics are central Ray tasks beside its phase 2 and add only where they would outlast it. Each test
 set's shards start on the actor after the previous set's (``raymerge.data.Sharder``), so the sets a candidate
 submits at once share the actors.
 Inputs: merge costs measured here on ViT-B/32-sized tensors (the first residual block of ``build_encoder("ViT-B-32")``,
