@@ -29,8 +29,8 @@ arithmetic's candidate, whose scores are cached); what the GPUs still wait for a
 does the driver's own work per candidate (keys, Ray calls, gathering outputs, the logit cache, the results store,
 and DaWin's coefficients), which runs after a candidate's gather, beside the actors' passes over the next one;
 DaWin's diagnostics are central Ray tasks beside its phase 2 and add only where they would outlast it. Each test
-set's shards start on the actor after the previous set's (``raymerge.data.Sharder``), so the sets a candidate
-submits at once share the actors.
+set's shards start on the actor after the previous set's, and their leftover batches are then spread so that each
+subset's test sets share the actors evenly (``raymerge.data.Sharder`` given the sweep's plan, as ``start_run`` is).
 Inputs: merge costs measured here on ViT-B/32-sized tensors (the first residual block of ``build_encoder("ViT-B-32")``,
 scaled by parameter count; one core), the driver's CPU per candidate measured here at the benchmark's real test-set
 sizes with the actors stood in for (:mod:`bench.sweep_driver`), and ASSUMED cluster figures (stated in the rows).
@@ -464,13 +464,16 @@ def _driver(ctx: Context) -> tuple[list[dict], dict]:
 
 
 def _shard_batches() -> dict[tuple[str, str], np.ndarray]:
-    """Batches (GPUS,) each actor holds of each (task, split), as :class:`raymerge.data.Sharder` assigns them in
-    the order the pipeline registers the sets (each task's test split, then its validation split)."""
+    """Batches (GPUS,) each actor holds of each (task, split), as the pool shards them for the full sweep
+    (``raymerge.pipeline.start_run`` given the sweep's plan): the sets in the order the pipeline registers them
+    (each task's test split, then its validation split), their extra batches spread over each subset's test sets."""
     from raymerge.data import Sharder
+    from raymerge.sweep import subsets
 
-    sharder = Sharder(GPUS, BATCH)
-    sizes = {(t, split): n for t in TEST_SIZES for split, n in (("test", TEST_SIZES[t]), ("validation", VAL_SIZES[t]))}
-    return {pair: np.array([-(-len(p) // BATCH) for p in sharder(n)]) for pair, n in sizes.items()}
+    sizes = {f"{t}/{split}": n for t in TEST_SIZES
+             for split, n in (("test", TEST_SIZES[t]), ("validation", VAL_SIZES[t]))}
+    parts = Sharder(GPUS, BATCH)(sizes, [[f"{t}/test" for t in s] for s in subsets(list(TEST_SIZES))])
+    return {tuple(key.split("/")): np.array([-(-len(p) // BATCH) for p in shards]) for key, shards in parts.items()}
 
 
 SHARD_BATCHES = _shard_batches()
@@ -700,8 +703,9 @@ def _estimate(model: dict, driver: dict) -> list[dict]:
             value=ideal / h, unit="hours", estimate=True, ratio_means="—", gap="—", ideal_value=1.0),
         row("Full ViT-B/32 sweep estimate", "GPU evaluation as the pool shards it", sharded, ideal,
             "GPU evaluation (ideal)", sharded / ideal, "1× (every GPU busy with real images)",
-            f"batch-aligned shards over {GPUS} actors (raymerge.data.Sharder: each set starts on the actor after the "
-            f"last one the previous set used), every batch padded to {BATCH}; the sets a call submits at once (a "
+            f"batch-aligned shards over {GPUS} actors (raymerge.data.Sharder: each set's extra batches start on the "
+            "actor after the last one the previous set used, then are spread so that each subset's test sets keep the "
+            f"actors about equally busy), every batch padded to {BATCH}; the sets a call submits at once (a "
             "candidate's test sets, a batch of DaWin's phase 2) take as long as their busiest actor's batches; DaWin's "
             "temperature fits one validation set at a time; ASSUMED figures as in the ideal's row",
             value=sharded / h, unit="hours", estimate=True, ratio_means="seconds / ideal seconds",
@@ -763,8 +767,9 @@ def meaning(rows: list[dict]) -> str:
              "so the driver's work per candidate and the GPUs' waits for merges overlap the next passes. The GPU "
              f"passes alone take {sharded['value']:.2f} h as the pool shards them ({sharded['ratio']:.2f}×: 256-image "
              "batches over 16 actors, the busiest one setting each candidate's time, and the same one for every "
-             "candidate of a subset, so queueing does not even it out; DaWin's temperature fits pass over one small "
-             "validation set at a time)")
+             "candidate of a subset, so queueing does not even it out; the pool, handed the sweep's plan, spreads the "
+             "sets' leftover batches so that each subset's sets share the actors as evenly as it finds; DaWin's "
+             "temperature fits pass over one small validation set at a time)")
     for on, r in walls.items():
         beyond = sorted(((k, v) for k, v in r["components"].items() if k not in ("total", "GPU passes") and v >= 0.005),
                         key=lambda kv: -kv[1])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 from raymerge.errors import InputError
 
+MAX_GROUPS = 2048  # groups of datasets evaluated together that spread_extra_blocks balances (~5 s on one core)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
@@ -249,36 +250,120 @@ def write_parquet(dataset: ImageDataset, path: str | Path, shard_rows: int = 409
             pq.write_table(table.replace_schema_metadata(meta), tmp / f"part-{i:05d}.parquet")
 
 
-def shard_indices(n: int, num_shards: int, align: int = 1, start: int = 0) -> list[np.ndarray]:
-    """Split ``range(n)`` into ``num_shards`` contiguous index arrays whose boundaries are multiples of ``align``,
-    as even as whole blocks of ``align`` allow; the s-th piece of the split is element ``(start + s) % num_shards``.
+def shard_indices(n: int, num_shards: int, align: int = 1, extra_on: Sequence[int] | None = None) -> list[np.ndarray]:
+    """Split ``range(n)`` into ``num_shards`` contiguous index arrays, one per shard in order, whose boundaries are
+    multiples of ``align``, as even as whole blocks of ``align`` allow.
 
     Aligning shards to the evaluation batch size makes every batch of a sharded run identical to the
-    corresponding batch of a single-process run, so their logits agree bit for bit. The first
-    ``blocks % num_shards`` pieces hold one block more than the others (a set of fewer blocks than shards leaves
-    some empty): ``start`` chooses which shards, so that consecutive sets, given consecutive starts
-    (:class:`Sharder`), put their extra blocks on different actors.
+    corresponding batch of a single-process run, so their logits agree bit for bit, whichever shard holds it. Every
+    shard holds ``blocks // num_shards`` blocks and the shards in ``extra_on`` (``blocks % num_shards`` of them,
+    default the first ones) one block more; a set of fewer blocks than shards leaves the others empty.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     per, extra = divmod(-(-n // align), num_shards)
-    edges = np.minimum(np.cumsum([0] + [per + (s < extra) for s in range(num_shards)]) * align, n)
-    split = [np.arange(edges[s], edges[s + 1]) for s in range(num_shards)]
-    return [split[(i - start) % num_shards] for i in range(num_shards)]
+    on = np.arange(extra) if extra_on is None else np.unique(np.asarray(extra_on, dtype=np.int64))
+    if len(on) != extra or (extra and not 0 <= on[0] <= on[-1] < num_shards):
+        raise ValueError(f"{n} samples in blocks of {align} over {num_shards} shards leave {extra} extra blocks, "
+                         f"one each on {extra} distinct shards, not on {[] if extra_on is None else list(extra_on)}")
+    counts = np.full(num_shards, per)
+    counts[on] += 1
+    edges = np.minimum(np.concatenate([[0], np.cumsum(counts)]) * align, n)
+    return [np.arange(edges[s], edges[s + 1]) for s in range(num_shards)]
+
+
+def spread_extra_blocks(extra: np.ndarray, together: np.ndarray, tries: int = 64, seed: int = 0) -> np.ndarray:
+    """Move datasets' extra blocks between shards so that the groups of datasets evaluated together are balanced.
+
+    ``extra`` (D, S) bool: dataset d's extra block lies on shard s (see :func:`shard_indices`); ``together`` (G, D):
+    how many times group g's call evaluates dataset d. A call takes as long as its busiest shard, and every shard
+    holds the same whole blocks of each dataset but for the extras, so a group's cost above its even share is its
+    shards' largest count of extra blocks; their sum over groups is what this lowers. Iterated local search from
+    ``extra``: descend by single moves (:func:`_descend`), then ``tries`` times re-place two datasets' extras at
+    random (seeded) and descend again, keeping the result unless it is worse. Of more than :data:`MAX_GROUPS`
+    groups, an evenly spaced sample is balanced (all 16,383 subsets of 14 tasks would take ~40 s on one core).
+    Returns the (D, S) placement; each dataset keeps its number of extra blocks. The placement decides only which
+    actor evaluates a batch, never the batch, so it changes no result.
+    """
+    weight = np.asarray(together, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if len(weight) > MAX_GROUPS:  # a thinned, evenly spaced sample of the groups: the search's time is linear in G
+        weight = weight[np.linspace(0, len(weight) - 1, MAX_GROUPS).astype(np.int64)]
+    best = _descend(extra, weight)
+    cost = (weight @ best).max(axis=1).sum()
+    movable = np.flatnonzero(best.any(axis=1) & ~best.all(axis=1) & weight.any(axis=0))
+    for _ in range(tries if len(movable) else 0):
+        trial = best.copy()
+        for d in rng.choice(movable, min(2, len(movable)), replace=False):
+            trial[d] = np.isin(np.arange(trial.shape[1]), rng.choice(trial.shape[1], trial[d].sum(), replace=False))
+        trial = _descend(trial, weight)
+        trial_cost = (weight @ trial).max(axis=1).sum()
+        if trial_cost <= cost:
+            best, cost = trial, trial_cost
+    return best
+
+
+def _descend(extra: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Local search for :func:`spread_extra_blocks`: make the move of one extra block to another shard that lowers
+    the sum over groups of their largest count most (ties: the sum of squared counts, a smoother measure of the
+    same balance) until none lowers it."""
+    extra = extra.copy()
+    load = weight @ extra  # (G, S): extra blocks each group's call puts on each shard
+    while True:
+        best = (0, 0, None)
+        for d in np.flatnonzero(extra.any(axis=1) & ~extra.all(axis=1)):
+            c = weight[:, d]
+            groups = np.flatnonzero(c)
+            if not len(groups):
+                continue
+            cg, lg = c[groups, None, None], load[groups]
+            src, dst = np.flatnonzero(extra[d]), np.flatnonzero(~extra[d])
+            # every move src -> dst at once, (g, src, dst): the loads of the two shards after it, and the largest of
+            # the others (the first of the top three loads that is neither's)
+            a, b = lg[:, src, None], lg[:, None, dst]
+            top = np.sort(np.pad(lg, ((0, 0), (2, 0)), constant_values=-1), axis=1)  # padded: S may be under 3
+            top1, top2, top3 = top[:, -1, None, None], top[:, -2, None, None], top[:, -3, None, None]
+            rest = np.where((a == top1) | (b == top1),
+                            np.where(((a == top1) & (b == top2)) | ((b == top1) & (a == top2)), top3, top2), top1)
+            gain_max = (np.maximum(rest, np.maximum(a - cg, b + cg)) - top1).sum(axis=0)
+            gain_sq = (2 * cg * (b - a + cg)).sum(axis=0)
+            i, j = np.unravel_index(np.lexsort((gain_sq.ravel(), gain_max.ravel()))[0], gain_max.shape)
+            if (gain_max[i, j], gain_sq[i, j]) < best[:2]:
+                best = (gain_max[i, j], gain_sq[i, j], (d, src[i], dst[j]))
+        if best[2] is None:
+            return extra
+        d, s, t = best[2]
+        extra[d, s], extra[d, t] = False, True
+        load[:, s] -= weight[:, d]
+        load[:, t] += weight[:, d]
 
 
 @dataclass
 class Sharder:
-    """Shards consecutive datasets (:func:`shard_indices`) over ``num_shards`` actors, each starting on the actor
-    after the last one that took an extra block of the previous dataset: the sets of one candidate, evaluated at
-    once, then share the actors evenly instead of queueing on the first ones."""
+    """Shards datasets (:func:`shard_indices`) over ``num_shards`` actors. Each dataset's extra blocks start on the
+    actor after the last one that took an extra block of the dataset before it, so the datasets registered together
+    share the actors evenly; given the groups of datasets that are evaluated together (a sweep's subsets), the
+    extras are then spread so that each group is balanced too (:func:`spread_extra_blocks`)."""
 
     num_shards: int
     align: int = 1
     start: int = 0
 
-    def __call__(self, n: int) -> list[np.ndarray]:
-        """The shards (one index array per actor, some maybe empty) of the next dataset, of ``n`` samples."""
-        parts = shard_indices(n, self.num_shards, self.align, self.start)
-        self.start = (self.start + -(-n // self.align)) % self.num_shards
-        return parts
+    def __call__(self, sizes: Mapping[str, int], together: Sequence[Sequence[str]] = ()) -> dict[str, list[np.ndarray]]:
+        """The shards (one index array per actor, some maybe empty) of each dataset of ``sizes`` (name: samples),
+        ``together`` listing groups of their names evaluated at once."""
+        names = list(sizes)
+        extra = np.zeros((len(names), self.num_shards), dtype=bool)
+        for d, name in enumerate(names):
+            blocks = -(-sizes[name] // self.align)
+            extra[d, (self.start + np.arange(blocks % self.num_shards)) % self.num_shards] = True
+            self.start = (self.start + blocks) % self.num_shards
+        if together:
+            index = {name: d for d, name in enumerate(names)}
+            counts = np.zeros((len(together), len(names)), dtype=np.int64)
+            for g, group in enumerate(together):
+                for name in group:
+                    counts[g, index[name]] += 1
+            extra = spread_extra_blocks(extra, counts)
+        return {name: shard_indices(sizes[name], self.num_shards, self.align, np.flatnonzero(extra[d]))
+                for d, name in enumerate(names)}

@@ -586,8 +586,11 @@ def _probe_writable(directory: Path) -> None:
     probe.unlink()
 
 
-def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> Run:
-    """Load and check every input, then (and only then) join Ray and start the worker pool."""
+def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None,
+              subsets: Sequence[Sequence[str]] = ()) -> Run:
+    """Load and check every input, then (and only then) join Ray and start the worker pool, its test sets sharded
+    so that the sets evaluated together (each of ``subsets``, lists of task names, or else all tasks at once) keep
+    every actor about equally busy."""
     store = ResultStore(exp.output_dir)
     problems = []
     try:
@@ -623,9 +626,12 @@ def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
         task_cpus = max([merges, *(methods.get(name).task_cpus for name in configs)])
         pool = WorkerPool(exp.architecture, exp.resources, cpu_fallback=local, task_cpus=task_cpus)
         for name, task in tasks.items():
-            for split, ds in task.sets.items():
+            for split in task.sets:
                 pool.add_head(task.head_name(split), task.heads[split])
-                pool.add_dataset(f"{name}/{split}", ds)
+        together = [[f"{t}/{split}" for t in subset for split in tasks[t].sets if split != "validation"]
+                    for subset in subsets or [list(tasks)]]
+        pool.add_datasets({f"{name}/{split}": ds for name, task in tasks.items() for split, ds in task.sets.items()},
+                          together)
         pool.prepare()
     cache = LogitCache((cache_dir or default_cache_dir()) / "logits", bypass_reads=force)
     return Run(exp, base, finetuned, tasks, pool, cache, store, force=force, model_hashes=hashes, model_refs=refs,

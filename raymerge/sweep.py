@@ -64,10 +64,11 @@ def sample_subsets(tasks: Sequence[str], min_size: int, max_size: int | None, pe
     return plan
 
 
-def sweep_plan(exp: Experiment, tasks: Sequence[str]) -> list[tuple[str, ...]]:
+def sweep_plan(exp: Experiment, tasks: Sequence[str], store: bool = True) -> list[tuple[str, ...]]:
     """The subsets a sweep evaluates: every one up to :data:`FULL_ENUMERATION_UP_TO` tasks unless
     ``sweep.subsets_per_size`` asks for a sample, a seeded sample beyond. A sample is stored with its parameters in
-    ``<output_dir>/sweep-plan.json``, and a resumed sweep with the same parameters continues that very sample."""
+    ``<output_dir>/sweep-plan.json`` (with ``store``), and a resumed sweep with the same parameters continues that
+    very sample."""
     cfg = exp.sweep
     per_size = cfg.subsets_per_size
     if per_size is None and len(tasks) > FULL_ENUMERATION_UP_TO:
@@ -84,6 +85,8 @@ def sweep_plan(exp: Experiment, tasks: Sequence[str]) -> list[tuple[str, ...]]:
             return [tuple(s) for s in saved["subsets"]]
         log.info("sweep: %s was drawn with other settings; drawing a new sample", stored)
     plan = sample_subsets(tasks, cfg.min_size, cfg.max_size, per_size, exp.seed)
+    if not store:
+        return plan
     stored.parent.mkdir(parents=True, exist_ok=True)
     write_text(stored, json.dumps({"spec": spec, "subsets": [list(s) for s in plan]}, indent=1))
     return plan
@@ -106,7 +109,9 @@ def run_sweep(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
     """Run the experiment's ``sweep`` section over every task subset; rows already stored are skipped."""
     if not exp.sweep:
         raise ValueError(f"{exp.source}: no sweep section")
-    run = start_run(exp, force, cache_dir, address)
+    # drawn again, and stored, once the inputs are checked and the pool started (sweep_run): the same seeded sample
+    plan = sweep_plan(exp, exp.sweep.tasks or list(exp.tasks), store=False)
+    run = start_run(exp, force, cache_dir, address, subsets=plan)
     try:
         sweep_run(run)
         run.store.write_current(exp.name, "sweep", run.planned)

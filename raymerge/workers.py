@@ -264,13 +264,19 @@ class WorkerPool:
         self.head_specs[name] = [ray.put((head.to_arrays(), head.class_names, head.normalize))]
         self.head_classes[name] = head.num_classes
 
+    def add_datasets(self, datasets: Mapping[str, ImageDataset], together: Sequence[Sequence[str]] = ()) -> None:
+        """Assign each actor a batch-aligned shard of each dataset and put each shard in the object store once
+        (encoded files stay encoded: the actors decode them). The extra batches of a dataset go to the actors after
+        the ones the dataset before it used, then, given the groups of dataset names evaluated together (a
+        sweep's subsets), are spread so that each group's call keeps every actor about equally busy
+        (:class:`raymerge.data.Sharder`)."""
+        parts = self._sharder({key: len(ds) for key, ds in datasets.items()}, together)
+        for key, ds in datasets.items():
+            self.shards[key] = parts[key]
+            self.shard_specs[key] = [[ray.put(ds.subset(idx))] for idx in parts[key]]
+
     def add_dataset(self, key: str, dataset: ImageDataset) -> None:
-        """Assign each actor a batch-aligned shard of ``dataset``, the first on the actor after the last one the
-        previous dataset used, and put each shard in the object store once (encoded files stay encoded: the actors
-        decode them)."""
-        parts = self._sharder(len(dataset))
-        self.shards[key] = parts
-        self.shard_specs[key] = [[ray.put(dataset.subset(idx))] for idx in parts]
+        self.add_datasets({key: dataset})
 
     def prepare(self) -> None:
         """Have every actor build its heads and shards now rather than inside the first timed evaluation.

@@ -134,18 +134,63 @@ def test_shard_indices_cover_and_align():
         assert all(len(p) == 0 or p[0] % align == 0 for p in parts)
 
 
-def test_shard_indices_start_places_the_first_block():
-    # 3 batches over 5 shards: blocks [0, 64), [64, 128), [128, 150) on shards 3, 4, 0; shards 1 and 2 empty
-    parts = shard_indices(150, 5, 64, start=3)
-    assert [p.tolist() for p in parts] == [list(range(128, 150)), [], [], list(range(64)), list(range(64, 128))]
-    assert [len(p) for p in shard_indices(150, 5, 64, start=8)] == [len(p) for p in parts]  # start is mod 5
+def test_shard_indices_put_the_extra_blocks_where_asked():
+    # 3 batches over 5 shards, extras on shards 0, 3, 4: [0, 64) on 0, [64, 128) on 3, [128, 150) on 4; 1, 2 empty
+    parts = shard_indices(150, 5, 64, extra_on=[4, 0, 3])
+    assert [p.tolist() for p in parts] == [list(range(64)), [], [], list(range(64, 128)), list(range(128, 150))]
+    for wrong in ([0, 1], [0, 0, 1], [0, 1, 5], [-1, 0, 1]):  # too few, a shard twice, out of range
+        with pytest.raises(ValueError, match="3 extra blocks"):
+            shard_indices(150, 5, 64, extra_on=wrong)
 
     # consecutive datasets continue where the last one stopped: 3 batches on shards 0-2, 4 on 3, 4, 0, 1, 2 on 2, 3
     sharder = Sharder(5, 64)
-    busy = [[i for i, p in enumerate(sharder(n)) if len(p)] for n in (150, 256, 100)]
-    assert busy == [[0, 1, 2], [0, 1, 3, 4], [2, 3]] and sharder.start == 4
+    parts = sharder({"a": 150, "b": 256, "c": 100})
+    assert {k: [i for i, p in enumerate(v) if len(p)] for k, v in parts.items()} == {
+        "a": [0, 1, 2], "b": [0, 1, 3, 4], "c": [2, 3]} and sharder.start == 4
     # 7 batches over 5 shards: one each, and the 2 left over on the next actors (4, then 0); the next set starts on 1
-    assert [len(p) // 64 for p in sharder(7 * 64)] == [2, 1, 1, 1, 2] and sharder.start == 1
+    assert [len(p) // 64 for p in sharder({"d": 7 * 64})["d"]] == [2, 1, 1, 1, 2] and sharder.start == 1
+
+
+def _extra_cost(extra: np.ndarray, together: np.ndarray) -> int:
+    """Sum over groups of their busiest shard's extra blocks, summed by hand over the group's datasets."""
+    return sum(max(sum(int(n) * int(extra[d, s]) for d, n in enumerate(row)) for s in range(extra.shape[1]))
+               for row in together)
+
+
+def test_spread_extra_blocks_finds_the_best_placement_of_small_cases():
+    import itertools
+
+    from raymerge.data import spread_extra_blocks
+
+    rng = np.random.default_rng(0)
+    shards, datasets = 4, 4
+    together = np.array([[d in g for d in range(datasets)] for k in (2, 3, 4)
+                         for g in itertools.combinations(range(datasets), k)], dtype=np.int64)  # every subset
+    for case in range(5):
+        counts = rng.integers(1, shards, size=datasets)  # extra blocks of each dataset: 1 to 3 of the 4 shards
+        start = np.zeros((datasets, shards), dtype=bool)
+        for d, r in enumerate(counts):
+            start[d, :r] = True  # all piled on the first shards
+        # the optimum by enumerating every placement
+        choices = [list(itertools.combinations(range(shards), r)) for r in counts]
+        best = min(_extra_cost(np.array([[s in c for s in range(shards)] for c in combo]), together)
+                   for combo in itertools.product(*choices))
+        spread = spread_extra_blocks(start, together)
+        assert spread.sum(axis=1).tolist() == counts.tolist(), case  # each dataset keeps its extra blocks
+        assert _extra_cost(spread, together) == best < _extra_cost(start, together), case
+
+
+def test_a_sharder_given_groups_balances_each_group():
+    # 5 datasets of 5 samples over 4 shards, 1 extra each: in turn on shards 0, 1, 2, 3, 0, so "a" and "e" both
+    # have theirs on shard 0; evaluated together, one of them moves
+    sizes = dict.fromkeys("abcde", 5)
+    alone = Sharder(4)(sizes)
+    assert [len(p) for p in alone["a"]] == [len(p) for p in alone["e"]] == [2, 1, 1, 1]
+    parts = Sharder(4)(sizes, [["a", "e"], ["b", "c"]])
+    busiest = [max(len(x) + len(y) for x, y in zip(parts[g], parts[h])) for g, h in ("ae", "bc")]
+    assert busiest == [3, 3]  # 10 samples over 4 shards: at best 3, 3, 2, 2
+    for name, shards in parts.items():  # still a cover of the set in batch order
+        assert np.array_equal(np.concatenate(shards), np.arange(5)), name
 
 
 def test_preprocess_normalizes_known_pixels():

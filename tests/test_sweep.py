@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import sweep_experiment
 from raymerge import config
@@ -284,3 +285,31 @@ def test_the_next_candidates_evaluation_is_queued_before_the_current_one_is_gath
     assert not any(queued[False])
     assert _by_key(tmp_path / "made-True") == _by_key(tmp_path / "made-False")
     assert len(_by_key(tmp_path / "made-True")) == sum(len(s) for s in subsets(range(3))) * len(methods)
+
+
+def test_a_sweeps_pool_shards_its_sets_for_the_subsets_it_evaluates(tiny_zoo, tmp_path, ray_local, monkeypatch):
+    """run_sweep hands the pool its plan before the pool shards the sets: each subset's test sets form one group
+    whose extra batches are spread over the actors (validation sets, evaluated alone, in none), and nothing is
+    stored yet of a sampled plan."""
+    from raymerge import sweep
+    from raymerge.workers import WorkerPool
+
+    groups = []
+    add = WorkerPool.add_datasets
+    monkeypatch.setattr(WorkerPool, "add_datasets", lambda self, sets, together=(): groups.append(
+        (sorted(sets), [sorted(g) for g in together])) or add(self, sets, together))
+    stored = []
+    monkeypatch.setattr(sweep, "sweep_run",
+                        lambda run: stored.append((run.exp.output_dir / "sweep-plan.json").exists()))
+    path = sweep_experiment(tiny_zoo, tmp_path / "out", {"weight_average": {}}, 3)
+    spec = yaml.safe_load(path.read_text())
+    spec["sweep"]["subsets_per_size"] = 2  # a sample: 2 of the C(3, 2) = 3 pairs, and the one triple
+    path.write_text(yaml.safe_dump(spec))
+    exp = config.load(path)
+    run_sweep(exp, cache_dir=tmp_path / "cache")
+    tasks = exp.sweep.tasks
+    plan = sweep.sample_subsets(tasks, 2, None, 2, exp.seed)
+    assert len(plan) == 3 and stored == [False]
+    (sets, together), = groups
+    assert sets == sorted(f"{t}/{split}" for t in exp.tasks for split in ("test", "validation"))
+    assert together == [sorted(f"{t}/test" for t in subset) for subset in plan]
