@@ -90,6 +90,11 @@ class Resources(Spec):
         "auto", description="evaluation under autocast in this dtype (merges stay float32); auto: bf16 on a GPU, "
                             "fp32 on a CPU (part of row keys)")
     max_merges_in_flight: int = Field(4, ge=1, description="merged weight sets alive at once in DaWin's phase 2")
+    adaptations_in_flight: int = Field(
+        1, ge=1, description="test-time adaptations (AdaMerging, CART++) run at once, on different actors (at most "
+                             "one each), the next ones started at an adaptation's turn; each holds θ0 and its task "
+                             "vectors on the driver while it adapts, then its learned weights until they are "
+                             "evaluated")
     merge_on: Literal["task", "actor"] = Field(
         "task", description="where merges are built: Ray tasks (once per merge, read by every actor from the object "
                             "store) or the actors themselves from the models they keep resident (the recipe travels, "

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 from raymerge.errors import InputError
 
 MAX_GROUPS = 2048  # groups of datasets evaluated together that spread_extra_blocks balances (~5 s on one core)
+SEARCH_BUDGET = 2**25  # G·D·S² of spread_extra_blocks' tries: 64 tries for 16 actors and 8 tasks' 247 subsets
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
@@ -250,7 +251,8 @@ def write_parquet(dataset: ImageDataset, path: str | Path, shard_rows: int = 409
             pq.write_table(table.replace_schema_metadata(meta), tmp / f"part-{i:05d}.parquet")
 
 
-def shard_indices(n: int, num_shards: int, align: int = 1, extra_on: Sequence[int] | None = None) -> list[np.ndarray]:
+def shard_indices(n: int, num_shards: int, align: int = 1, extra_on: Sequence[int] | np.ndarray | None = None
+                  ) -> list[np.ndarray]:
     """Split ``range(n)`` into ``num_shards`` contiguous index arrays, one per shard in order, whose boundaries are
     multiples of ``align``, as even as whole blocks of ``align`` allow.
 
@@ -280,8 +282,9 @@ def spread_extra_blocks(extra: np.ndarray, together: np.ndarray, tries: int = 64
     holds the same whole blocks of each dataset but for the extras, so a group's cost above its even share is its
     shards' largest count of extra blocks; their sum over groups is what this lowers. Iterated local search from
     ``extra``: descend by single moves (:func:`_descend`), then ``tries`` times re-place two datasets' extras at
-    random (seeded) and descend again, keeping the result unless it is worse. Of more than :data:`MAX_GROUPS`
-    groups, an evenly spaced sample is balanced (all 16,383 subsets of 14 tasks would take ~40 s on one core).
+    random (seeded) and descend again, keeping the result unless it is worse; fewer tries where G·D·S² exceeds
+    :data:`SEARCH_BUDGET` / ``tries``. Of more than :data:`MAX_GROUPS` groups, an evenly spaced sample is balanced
+    (all 16,383 subsets of 14 tasks would take ~40 s on one core).
     Returns the (D, S) placement; each dataset keeps its number of extra blocks. The placement decides only which
     actor evaluates a batch, never the batch, so it changes no result.
     """
@@ -289,6 +292,9 @@ def spread_extra_blocks(extra: np.ndarray, together: np.ndarray, tries: int = 64
     rng = np.random.default_rng(seed)
     if len(weight) > MAX_GROUPS:  # a thinned, evenly spaced sample of the groups: the search's time is linear in G
         weight = weight[np.linspace(0, len(weight) - 1, MAX_GROUPS).astype(np.int64)]
+    # a descent weighs G·S² moves per dataset: past 16 actors and 247 groups of 8, fewer tries (from the sizes
+    # alone, so the placement stays the same run to run)
+    tries = min(tries, SEARCH_BUDGET // max(1, weight.size * extra.shape[1] ** 2))
     best = _descend(extra, weight)
     cost = (weight @ best).max(axis=1).sum()
     movable = np.flatnonzero(best.any(axis=1) & ~best.all(axis=1) & weight.any(axis=0))

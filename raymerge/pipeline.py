@@ -190,6 +190,10 @@ class Run:
     # parts on the actors and its output's shape
     _submitted: dict[tuple[str, ...], tuple[Pending, tuple[int, int, type]]] = field(
         default_factory=dict, init=False, repr=False)
+    # adapting candidates looked at by adapt_ahead, by id: the candidate (held, so that its id stays its own) and its
+    # build running on a thread of _adapter, or None where its rows were all stored
+    _adapting: dict[int, tuple[Candidate, Future | None]] = field(default_factory=dict, init=False, repr=False)
+    _adapter: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     # --- weights: recipes built off the driver -------------------------------------------------------------------
 
@@ -368,6 +372,37 @@ class Run:
             self._submitted.update(zip((parts for parts, _, _ in todo), sent))
         return True
 
+    def adapt_ahead(self, items: Sequence[tuple[Method, Params, Candidate, Pool, str]], i: int) -> None:
+        """At the turn of a test-time adaptation (``Candidate.adapts``) ``items[i]``: start it and the next
+        adaptations after it whose rows are not all stored, in order, each on a thread of its own (and so on an actor
+        of its own: :meth:`WorkerPool.adapt`), while fewer than ``resources.adaptations_in_flight`` (at most one per
+        actor) are started and not yet evaluated. An actor runs its calls in order, so while one adapts, the
+        evaluations queued behind wait for it: the rows evaluated meanwhile count its time in their ``seconds``."""
+        if not items[i][2].adapts:
+            return
+        limit = min(self.exp.resources.adaptations_in_flight, len(self.pool.actors))
+        started = sum(future is not None for _, future in self._adapting.values())
+        for unit, params, cand, pool, label in items[i:]:
+            if started >= limit:
+                return
+            if cand.adapts and id(cand) not in self._adapting:
+                future = None
+                if self.pending(unit, params, cand, pool, label):
+                    if self._adapter is None:
+                        self._adapter = ThreadPoolExecutor(limit, "raymerge-adapt")
+                    future, started = self._adapter.submit(_timed, cand.build), started + 1
+                self._adapting[id(cand)] = (cand, future)
+
+    def _built(self, cand: Candidate) -> tuple[StateDict | Recipe, float]:
+        """``cand``'s weights from its build, and the seconds of that build that ran before its turn: started ahead
+        (:meth:`adapt_ahead`), or built now."""
+        _, future = self._adapting.pop(id(cand), (cand, None))
+        if future is None:
+            return cand.build(), 0.0
+        waited = time.perf_counter()
+        weights, seconds = future.result()
+        return weights, seconds - (time.perf_counter() - waited)
+
     def queue(self, items: Sequence[tuple[Method, Params, Candidate, Pool, str]], i: int) -> None:
         """Before ``items[i]`` is evaluated: submit its evaluation, then those of the :attr:`evaluations_ahead`
         items after it, each queued on the actors behind the one before, up to the first that is not a recipe or
@@ -491,6 +526,7 @@ class Run:
         identities = self._pending(judged)
         self.skipped += len(judged) - len(identities)
         if not identities:  # made ahead for nothing (an identical configuration stored these rows)
+            self._adapting.pop(id(cand), None)  # an adaptation started ahead finishes on its thread, unused
             for key in made_ahead if cand.recipe is None else [cand.recipe.key(self.model_hashes)]:
                 self.pool.drop_weights(key)
                 for parts in [parts for parts in self._submitted if parts[1] == key]:
@@ -506,7 +542,8 @@ class Run:
                 for key in made_ahead:  # its evaluation dropped those it reached
                     self.pool.drop_weights(key)
         else:
-            weights = cand.recipe or cand.build()
+            weights, built_s = (cand.recipe, 0.0) if cand.recipe is not None else self._built(cand)
+            ahead_s += built_s
             outcome = Prediction(self.predictions(weights, pairs), merges=dict.fromkeys(pairs, cand.merges))
         seconds = time.perf_counter() - start + ahead_s
         rows, samples = [], {}
@@ -534,6 +571,14 @@ class Run:
         else:
             self.store.append(rows, samples=samples, replace=self.force)
         self.evaluated += len(rows)
+
+    def close(self) -> None:
+        """End the run: adaptations not yet started never start (those running end with the actors), then the
+        worker pool's actors are stopped."""
+        if self._adapter is not None:
+            self._adapter.shutdown(wait=False, cancel_futures=True)
+        self._adapting.clear()
+        self.pool.shutdown()
 
     def flush(self) -> None:
         """Wait until the rows :meth:`evaluate` handed to the writer thread are in the store; raise its error."""
@@ -569,6 +614,12 @@ class Run:
             self._loops -= 1
             if freeze:
                 gc.unfreeze()
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()`` and the seconds it took."""
+    start = time.perf_counter()
+    return fn(), time.perf_counter() - start
 
 
 def _probe_writable(directory: Path) -> None:
@@ -641,15 +692,20 @@ def start_run(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
 def run_methods(run: Run, configs: MethodConfigs) -> None:
     """Evaluate every configuration of every method in ``configs`` on the whole experiment's pool."""
     pool = run.view()
+    # every configuration's candidates first, so that test-time adaptations can start ahead of their turn
+    lists = {name: [[(methods.get(name), params, c, pool, name) for c in methods.get(name).candidates(pool, params)]
+                    for params in params_list] for name, params_list in configs.items()}
+    everything = [item for per_params in lists.values() for candidates in per_params for item in candidates]
+    at = 0
     with run.evaluating():
-        for name, params_list in configs.items():
-            unit = methods.get(name)
+        for name, per_params in lists.items():
             with phase(f"method {name}"):
-                for params in params_list:
-                    candidates = [(unit, params, c, pool, name) for c in unit.candidates(pool, params)]
+                for candidates in per_params:
                     for i, item in enumerate(tqdm(candidates, desc=name, unit="model", leave=False)):
+                        run.adapt_ahead(everything, at)
                         run.queue(candidates, i)
                         run.evaluate(*item)
+                        at += 1
 
 
 def run_experiment(exp: Experiment, force: bool = False, cache_dir: Path | None = None, address: str | None = None) -> ResultStore:
@@ -662,7 +718,7 @@ def run_experiment(exp: Experiment, force: bool = False, cache_dir: Path | None 
         run_methods(run, exp.methods)
         run.store.write_current(exp.name, "eval", run.planned)
     finally:
-        run.pool.shutdown()
+        run.close()
         run.store.write_summary()
     log.info("%d rows evaluated, %d rows already present skipped (use --force to recompute)", run.evaluated, run.skipped)
     return run.store

@@ -866,8 +866,9 @@ def write_report(results_dir: str | Path) -> Path:
         if table_rows(exp_rows):
             parts += ["Accuracy in percent on each test set; seconds = the run's wall time on the candidate over all "
                       "its test sets, from its turn to its rows (each row stores it; the next static candidate's "
-                      "passes are queued behind the current one's, so they overlap); merges/set = merged weight "
-                      "sets evaluated per test set.", "",
+                      "passes are queued behind the current one's, so they overlap; adaptations started ahead "
+                      "count their own time, and a candidate evaluated while one holds an actor its wait); "
+                      "merges/set = merged weight sets evaluated per test set.", "",
                       format_table(exp_rows, markdown=True), ""]
         for section in SECTIONS:
             parts += section(store, name, exp_rows, root)

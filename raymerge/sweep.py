@@ -116,7 +116,7 @@ def run_sweep(exp: Experiment, force: bool = False, cache_dir: Path | None = Non
         sweep_run(run)
         run.store.write_current(exp.name, "sweep", run.planned)
     finally:
-        run.pool.shutdown()
+        run.close()
         run.store.write_summary()
     return run.store
 
@@ -164,6 +164,8 @@ def sweep_run(run: Run) -> None:
         for i, item in enumerate(tqdm(labelled, desc="sweep", unit="merge")):
             # the next merges are made (Ray tasks, in parallel where CPUs are free) while this one is evaluated
             make_ahead(todo[i:i + MERGES_AHEAD + 1], lambda u, p, c, pl: run.prefetch_candidate(u, p, c, pl, label(u.name)))
+            # at a subset's AdaMerging or CART++: the next subsets' adaptations beside it, each on an actor of its own
+            run.adapt_ahead(labelled, i)
             # the next candidate's evaluation queues on the actors behind this one's, once its merge is made: they go
             # on to it while the driver gathers this one and writes its rows, instead of idling until its call comes
             run.queue(labelled, i)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -259,6 +260,8 @@ class WorkerPool:
         self.head_classes: dict[str, int] = {}
         self._weights: dict[str, ray.ObjectRef] = {}
         self._sharder = Sharder(len(self.actors), resources.batch_size)
+        self._adapting = [0] * len(self.actors)  # test-time adaptations running on each actor
+        self._adapting_lock = threading.Lock()
 
     def add_head(self, name: str, head: models.Head) -> None:
         self.head_specs[name] = [ray.put((head.to_arrays(), head.class_names, head.normalize))]
@@ -276,6 +279,7 @@ class WorkerPool:
             self.shard_specs[key] = [[ray.put(ds.subset(idx))] for idx in parts[key]]
 
     def add_dataset(self, key: str, dataset: ImageDataset) -> None:
+        """:meth:`add_datasets` of one dataset."""
         self.add_datasets({key: dataset})
 
     def prepare(self) -> None:
@@ -378,11 +382,22 @@ class WorkerPool:
 
     def adapt(self, merge: DifferentiableMerge, datasets: Mapping[str, ImageDataset], settings: AdaptSettings, seed: int,
               label: str) -> AdaptResult:
-        """Test-time adaptation of ``merge`` on the first actor (:meth:`EvalWorker.adapt`), whose device and resident
-        encoder it uses; ``datasets`` the unlabeled test set of each task, by head name."""
-        call = self.actors[0].adapt.remote([ray.put(merge)], {t: self.head_specs[t] for t in datasets},
-                                           {t: [ray.put(ds)] for t, ds in datasets.items()}, settings, seed, label)
-        return ray.get(call)
+        """Test-time adaptation of ``merge`` on one actor (:meth:`EvalWorker.adapt`), whose device and resident
+        encoder it uses: the first of those running the fewest adaptations, so that adaptations started side by side
+        (from threads) run on different actors. ``datasets``: the unlabeled test set of each task, by head name.
+        Which one adapts changes nothing learned where the actors run on the same kind of device (a cluster mixing
+        GPU models could differ in rounding: the row keys name the precision, not the device)."""
+        with self._adapting_lock:
+            actor = self._adapting.index(min(self._adapting))
+            self._adapting[actor] += 1
+        try:
+            call = self.actors[actor].adapt.remote([ray.put(merge)], {t: self.head_specs[t] for t in datasets},
+                                                   {t: [ray.put(ds)] for t, ds in datasets.items()}, settings, seed,
+                                                   label)
+            return ray.get(call)
+        finally:
+            with self._adapting_lock:
+                self._adapting[actor] -= 1
 
     def shutdown(self) -> None:
         for actor in self.actors:

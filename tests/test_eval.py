@@ -129,3 +129,43 @@ def test_run_experiment_writes_rows_and_resumes(mini_pool, ray_local, tmp_path):
     assert len(again.rows()) == 9 and len(list((tmp_path / "out" / "rows").glob("*.parquet"))) == len(
         list((tmp_path / "out" / "rows").glob("*.parquet"))
     )
+
+
+def test_adaptations_side_by_side_go_to_different_actors(monkeypatch):
+    """WorkerPool.adapt picks the first actor running the fewest adaptations: two started together from threads
+    run on actors 0 and 1, and once both are done the next goes to actor 0 again. The actors are stand-ins whose
+    adapt call waits until the test releases it."""
+    import threading
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from raymerge import workers
+
+    release = threading.Event()
+    used = []
+
+    class Method:
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def remote(self, *args) -> Future:
+            used.append(self.index)
+            done: Future = Future()
+            threading.Thread(target=lambda: release.wait(10) and done.set_result(self.index)).start()
+            return done
+
+    pool = WorkerPool.__new__(WorkerPool)
+    pool.actors = [type("Actor", (), {"adapt": Method(i)})() for i in range(3)]
+    pool.head_specs = {"h": ["spec"]}
+    pool._adapting, pool._adapting_lock = [0, 0, 0], threading.Lock()
+    monkeypatch.setattr(workers.ray, "put", lambda value: value)
+    monkeypatch.setattr(workers.ray, "get", lambda future: future.result())
+    with ThreadPoolExecutor(2) as threads:
+        started = [threads.submit(pool.adapt, "merge", {"h": "data"}, None, 0, "x") for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while len(used) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(used) == [0, 1] and pool._adapting == [1, 1, 0]
+        release.set()
+        assert sorted(f.result(timeout=20) for f in started) == [0, 1]
+    assert pool._adapting == [0, 0, 0]
+    assert pool.adapt("merge", {"h": "data"}, None, 0, "x") == 0

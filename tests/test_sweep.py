@@ -313,3 +313,33 @@ def test_a_sweeps_pool_shards_its_sets_for_the_subsets_it_evaluates(tiny_zoo, tm
     (sets, together), = groups
     assert sets == sorted(f"{t}/{split}" for t in exp.tasks for split in ("test", "validation"))
     assert together == [sorted(f"{t}/test" for t in subset) for subset in plan]
+
+
+def test_adaptations_run_side_by_side_with_the_same_results(tiny_zoo, tmp_path, ray_local, monkeypatch):
+    """A sweep's AdaMerging candidates with adaptations_in_flight 2 adapt two at a time (their adaptations overlap)
+    and store the same rows, learned coefficients included, as one at a time."""
+    from raymerge.workers import WorkerPool
+
+    spans = []
+    adapt = WorkerPool.adapt
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return adapt(self, *args, **kwargs)
+        finally:
+            spans.append((start, time.perf_counter()))
+    monkeypatch.setattr(WorkerPool, "adapt", timed)
+    methods = {"adamerging": {"steps": 3, "batch_size": 8, "batches_per_step": 1}}
+    rows = {}
+    for flight in (1, 2):
+        spans.clear()
+        out = tmp_path / f"flight-{flight}"
+        stores = run_sweep(config.load(sweep_experiment(tiny_zoo, out, methods, 3, adaptations_in_flight=flight)),
+                           cache_dir=tmp_path / f"cache-{flight}")
+        rows[flight] = {r["key"]: (r["accuracy"], r["details"]) for r in stores.rows()}
+        spans.sort()
+        overlapping = sum(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+        assert len(spans) == len(subsets(range(3)))
+        assert (overlapping > 0) == (flight == 2), (flight, spans)
+    assert rows[1] == rows[2] and len(rows[1]) == sum(len(s) for s in subsets(range(3)))

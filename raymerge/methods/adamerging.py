@@ -1,6 +1,7 @@
 """Coefficients learned at test time: AdaMerging (task vectors from θ0) and CART++ (CART's rank-reduced centered task
-vectors). The adaptation runs on one evaluation actor (its GPU when it has one); the learned merge is then
-evaluated like any other candidate."""
+vectors). The adaptation runs on one evaluation actor (its GPU when it has one), up to
+``resources.adaptations_in_flight`` of them at once on different actors; the learned merge is then evaluated like any
+other candidate."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def adamerging_unit(pool: Pool, p: AdaMergingParams) -> Iterator[Candidate]:
         merge = TaskVectorMerge(pool.base, pool.models, granularity=p.granularity, names=pool.names)
         return _learned(pool, cand, merge, AdaptSettings(init=p.init, **_common(p)))
 
-    cand = Candidate(p.record(), build=build)
+    cand = Candidate(p.record(), build=build, adapts=True)
     yield cand
 
 
@@ -80,5 +81,5 @@ def cart_pp(pool: Pool, p: CartPPParams) -> Iterator[Candidate]:
         merge = LowRankMerge(plan, run_svd_jobs(plan), granularity=p.granularity)
         return _learned(pool, cand, merge, AdaptSettings.for_cart_pp(p.lam, **_common(p)))
 
-    cand = Candidate(p.record(), build=build, models=pool.names)
+    cand = Candidate(p.record(), build=build, models=pool.names, adapts=True)
     yield cand

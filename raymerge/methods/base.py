@@ -240,6 +240,10 @@ class Candidate:
     ``details`` is filled while building (e.g. the λ a selection chose) and stored beside the row.
     ``models``: the pool models the candidate reads (``"base"`` and fine-tuned names); None means all of them.
     ``tasks``: the tasks it is judged on; None means every task of the pool.
+    ``adapts`` (``build`` candidates only): its build is test-time adaptation, one actor's work (``Evaluator.adapt``)
+    that asks the evaluator for no outputs (logits, predictions, scores, temperatures: the run's own state, kept by
+    its loop's thread), so it may start ahead of its turn on a thread of its own, beside others
+    (:attr:`raymerge.config.Resources.adaptations_in_flight`).
     ``ahead`` (``predict`` candidates only): given the pairs ``predict`` will be asked for, the merges it will
     evaluate first, where they can be known before it runs (DaWin's first phase-2 batch, which its phase 1 fixes
     when no mixture is fitted), so that a sweep starts making them while earlier candidates are evaluated. It runs
@@ -257,10 +261,13 @@ class Candidate:
     merges: int = 1
     details: dict[str, Any] = field(default_factory=dict)
     ahead: Callable[[list[Pair]], list[Recipe | StateDict]] | None = None
+    adapts: bool = False
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.recipe, self.build, self.predict)) != 1:
             raise ValueError("a candidate has exactly one of recipe, build (a weight set) and predict (output-space)")
+        if self.adapts and self.build is None:
+            raise ValueError("adapts marks a build that is test-time adaptation; this candidate has no build")
         if self.ahead is not None and self.predict is None:
             raise ValueError("ahead lists the merges a predict candidate makes; a recipe is made ahead as it is")
         if self.recipe is not None and self.models is None:
